@@ -1,0 +1,216 @@
+"""The one Arrow schema of a rollout sample, and a plain-Python view of it.
+
+Every other part of slime-rl reads the layout of a sample from here:
+
+    rollout worker --(RecordBatch, SAMPLE_SCHEMA)--> ReplayBuffer --(pa.Table)--> trainer
+                         ^ Sample.to_arrow()                 rewards see Sample views
+
+One row is one sample; a *group* is the rows sharing ``group_id`` (one prompt x
+``n_samples_per_prompt``). Token columns are ``list<int32>``, per-token float columns
+``list<float32>``; every per-token column has exactly ``len(response_ids)`` entries.
+
+>>> s = Sample(sample_id="g0-0", group_id="g0", prompt_ids=[1, 2], response_ids=[3, 4],
+...            response_logprobs=[-0.1, -0.2], reward=1.0)
+>>> batch = samples_to_batch([s])
+>>> validate_batch(batch)
+>>> batch_to_samples(batch)[0].response_ids
+[3, 4]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+"""Bumped whenever a column is added, removed or changes type."""
+
+
+class Status(str, enum.Enum):
+    """How a sample's generation ended."""
+
+    COMPLETED = "completed"
+    TRUNCATED = "truncated"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+
+class Mode(str, enum.Enum):
+    """Whether the sample was generated with a reasoning block (think) or a direct answer."""
+
+    THINK = "think"
+    NON_THINK = "non_think"
+
+
+_TOKENS = pa.list_(pa.int32())
+_FLOATS = pa.list_(pa.float32())
+
+SAMPLE_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("group_id", pa.string(), nullable=False),
+        pa.field("prompt_ids", _TOKENS, nullable=False),
+        pa.field("response_ids", _TOKENS, nullable=False),
+        pa.field("response_logprobs", _FLOATS, nullable=False),
+        pa.field("loss_mask", _TOKENS, nullable=False),
+        pa.field("token_versions", _TOKENS, nullable=False),
+        pa.field("reward", pa.float32(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("policy_version", pa.int64(), nullable=False),
+        pa.field("policy_version_end", pa.int64(), nullable=False),
+        pa.field("mode", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=True),
+        pa.field("metadata", pa.string(), nullable=False),
+        pa.field("created_at", pa.float64(), nullable=False),
+        pa.field("gen_seconds", pa.float32(), nullable=False),
+        pa.field("reward_seconds", pa.float32(), nullable=False),
+    ],
+    metadata={"slime_rl.schema_version": str(SCHEMA_VERSION)},
+)
+"""Arrow schema of one sample row (``SCHEMA_VERSION`` is in its metadata)."""
+
+PER_TOKEN_COLUMNS = ("response_logprobs", "loss_mask", "token_versions")
+"""Columns that carry one entry per response token."""
+
+_ENUM_COLUMNS = {"status": {s.value for s in Status}, "mode": {m.value for m in Mode}}
+
+
+@dataclasses.dataclass
+class Sample:
+    """A Python view of one sample row, for code that wants objects (reward functions).
+
+    Defaults fill in what a freshly generated sample does not know yet: an all-ones
+    ``loss_mask``, ``token_versions`` equal to ``policy_version``, and so on.
+    ``prompt``/``response``/``messages``/``tool_calls`` are decoded text that rewards
+    read; they are not Arrow columns (rollout decodes them, ``metadata`` may keep them).
+    """
+
+    sample_id: str
+    group_id: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_logprobs: list[float] | None = None
+    loss_mask: list[int] | None = None
+    token_versions: list[int] | None = None
+    reward: float = 0.0
+    status: str = Status.COMPLETED.value
+    policy_version: int = 0
+    policy_version_end: int | None = None
+    mode: str = Mode.NON_THINK.value
+    label: str | None = None
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    created_at: float = 0.0
+    gen_seconds: float = 0.0
+    reward_seconds: float = 0.0
+    # Decoded views, not stored as columns.
+    prompt: str = ""
+    response: str = ""
+    messages: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    tool_calls: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.response_ids)
+        if self.response_logprobs is None:
+            self.response_logprobs = [0.0] * n
+        if self.loss_mask is None:
+            self.loss_mask = [1] * n
+        if self.token_versions is None:
+            self.token_versions = [self.policy_version] * n
+        if self.policy_version_end is None:
+            self.policy_version_end = self.policy_version
+        if isinstance(self.status, Status):
+            self.status = self.status.value
+        if isinstance(self.mode, Mode):
+            self.mode = self.mode.value
+
+    def to_row(self) -> dict[str, Any]:
+        """The sample as one Arrow row (a dict keyed by ``SAMPLE_SCHEMA`` names)."""
+        row = {name: getattr(self, name) for name in SAMPLE_SCHEMA.names}
+        row["metadata"] = json.dumps(self.metadata, default=str)
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Sample:
+        """Build a view from one Arrow row (``Table.to_pylist()`` element)."""
+        kwargs = {name: row[name] for name in SAMPLE_SCHEMA.names if name in row}
+        kwargs["metadata"] = json.loads(row.get("metadata") or "{}")
+        return cls(**kwargs)
+
+
+def samples_to_batch(samples: Sequence[Sample]) -> pa.RecordBatch:
+    """Convert Sample views to one RecordBatch of ``SAMPLE_SCHEMA``."""
+    rows = [s.to_row() for s in samples]
+    return pa.RecordBatch.from_pylist(rows, schema=SAMPLE_SCHEMA)
+
+
+def batch_to_samples(data: pa.RecordBatch | pa.Table) -> list[Sample]:
+    """Convert a RecordBatch or Table of ``SAMPLE_SCHEMA`` to Sample views."""
+    return [Sample.from_row(r) for r in data.to_pylist()]
+
+
+def empty_table() -> pa.Table:
+    """A zero-row table with the sample schema."""
+    return SAMPLE_SCHEMA.empty_table()
+
+
+def validate_batch(data: pa.RecordBatch | pa.Table) -> None:
+    """Refuse data that does not match the sample schema, naming the column and row.
+
+    Checks: the exact set of columns and their types, no nulls in non-nullable columns,
+    per-token columns as long as ``response_ids`` in every row, finite rewards, and known
+    ``status``/``mode`` values.
+
+    Raises:
+        ValueError: on the first problem found, with the column and (where it applies)
+            the row index.
+    """
+    names = set(data.schema.names)
+    expected = set(SAMPLE_SCHEMA.names)
+    missing = [n for n in SAMPLE_SCHEMA.names if n not in names]
+    extra = sorted(names - expected)
+    if missing:
+        raise ValueError(f"sample batch is missing column(s) {missing}; expected schema v{SCHEMA_VERSION}: {SAMPLE_SCHEMA.names}")
+    if extra:
+        raise ValueError(f"sample batch has unknown column(s) {extra}; expected schema v{SCHEMA_VERSION}: {SAMPLE_SCHEMA.names}")
+    for field in SAMPLE_SCHEMA:
+        got = data.schema.field(field.name).type
+        if got != field.type:
+            raise ValueError(f"column '{field.name}' has type {got}, expected {field.type}")
+        col = data.column(field.name)
+        if not field.nullable and col.null_count:
+            row = _first_null(col)
+            raise ValueError(f"column '{field.name}' row {row} is null; the column is required")
+    if data.num_rows == 0:
+        return
+    resp_len = _list_lengths(data.column("response_ids"))
+    for name in PER_TOKEN_COLUMNS:
+        lens = _list_lengths(data.column(name))
+        for row, (a, b) in enumerate(zip(lens, resp_len)):
+            if a != b:
+                raise ValueError(f"column '{name}' row {row} has {a} entries but response_ids has {b}; per-token columns need one entry per response token")
+    for row, r in enumerate(data.column("reward").to_pylist()):
+        if not math.isfinite(r):
+            raise ValueError(f"column 'reward' row {row} is {r}; rewards must be finite numbers")
+    for name, allowed in _ENUM_COLUMNS.items():
+        for row, v in enumerate(data.column(name).to_pylist()):
+            if v not in allowed:
+                raise ValueError(f"column '{name}' row {row} is {v!r}; allowed: {sorted(allowed)}")
+
+
+def _list_lengths(col: pa.ChunkedArray | pa.Array) -> list[int]:
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(col).to_pylist()
+
+
+def _first_null(col: pa.ChunkedArray | pa.Array) -> int:
+    import pyarrow.compute as pc
+
+    mask = pc.is_null(col).to_pylist()
+    return mask.index(True)

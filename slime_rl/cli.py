@@ -1,0 +1,125 @@
+"""The `slime-rl` command line.
+
+    slime-rl train CONFIG [key=value ...]     run an RL job on this machine / cluster
+    slime-rl submit CONFIG [key=value ...]    submit the same as a Ray job
+    slime-rl config CONFIG [key=value ...]    print the resolved config (or --defaults)
+    slime-rl make-tiny-model OUT_DIR          build the offline tiny model + `arith` data
+
+A config problem prints one line on stderr and exits with code 2, before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from slime_rl.config import Config, ConfigError, load_config, save_config, to_yaml
+
+EXIT_USAGE = 2
+
+
+class NotYetAvailable(RuntimeError):
+    """A subcommand whose implementation has not landed yet."""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run config YAML (see configs/base.yaml for every key)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. rollout.temperature=0.7")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slime-rl",
+        description="Asynchronous RL post-training for LLMs: rollout engines and trainer joined by an Arrow replay buffer.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="run an RL job", description="Validate the config, write it to the run directory and run the RL job.")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("submit", help="submit an RL job to a Ray cluster", description="Submit `slime-rl train` with this config as a Ray job.")
+    _add_config_args(p)
+    p.add_argument("--address", default=None, help="Ray dashboard address (default: $RAY_ADDRESS or ray.address)")
+    p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser("config", help="print the resolved config", description="Print the config after YAML and overrides are applied and validated.")
+    p.add_argument("config", nargs="?", help="run config YAML")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    p.add_argument("--defaults", action="store_true", help="print every key with its default and doc (configs/base.yaml)")
+    p.add_argument("--no-check-paths", action="store_true", help="do not require model/data paths to exist")
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser(
+        "make-tiny-model",
+        help="build the offline tiny model and its task data",
+        description="Build a tokenizer, the `arith` train/eval data and a warm-started tiny Qwen2 model into OUT_DIR (an HF model folder; data under OUT_DIR/data). Prints its eval accuracy.",
+    )
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--task", default="arith", choices=["arith"], help="synthetic task (default: arith)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data, tokenizer and weights (default: 0)")
+    p.add_argument("--steps", type=int, default=None, help="supervised warm-start steps (default: the builder's)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_cmd_make_tiny_model)
+    return parser
+
+
+def _load(args: argparse.Namespace, check_paths: bool = True) -> Config:
+    return load_config(args.config, args.overrides, check_paths=check_paths)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    path = save_config(cfg, cfg.run_dir / "config.yaml")
+    raise NotYetAvailable(
+        f"config is valid and was written to {path}, but the RL training loop has not landed yet; "
+        "build the model with `slime-rl make-tiny-model` in the meantime"
+    )
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    _load(args)
+    raise NotYetAvailable("config is valid, but Ray job submission has not landed yet; it comes with the RL loop")
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    if args.defaults:
+        from slime_rl.config_docs import render_defaults
+
+        sys.stdout.write(render_defaults())
+        return 0
+    cfg = load_config(args.config, args.overrides, check_paths=not args.no_check_paths)
+    sys.stdout.write(to_yaml(cfg))
+    return 0
+
+
+def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from slime_rl.tiny import build_tiny_model
+
+    kwargs = {} if args.steps is None else {"steps": args.steps}
+    report = build_tiny_model(args.out_dir, task=args.task, seed=args.seed, progress=not args.no_progress, **kwargs)
+    by_mode = ", ".join(f"{m} {a:.1%}" for m, a in report.eval_accuracy_by_mode.items())
+    print(f"tiny model: {report.model_dir} ({report.num_parameters / 1e6:.2f}M parameters, {report.train_steps} warm-start steps, loss {report.final_loss:.3f})")
+    print(f"data: {report.train_path}, {report.eval_path}")
+    print(f"eval accuracy (greedy): {report.eval_accuracy:.1%} ({by_mode})")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"slime-rl: config error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except NotYetAvailable as e:
+        print(f"slime-rl {args.command}: not yet available: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

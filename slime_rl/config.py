@@ -1,0 +1,341 @@
+"""The typed run configuration: dataclasses are the OmegaConf schema.
+
+    YAML file ─► key=value overrides ─► unknown-key check ─► typed merge ─► range checks
+                                                                    └─► <output_dir>/<name>/config.yaml
+
+Each component owns its section's dataclass (``buffers/config.py`` and friends); this
+module composes them, loads and validates. Allowed values are declared in field metadata
+(``ge``, ``gt``, ``le``, ``choices``, ``path_exists``) and checked once here, so every error
+names the full key path, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from slime_rl.buffers.config import BufferConfig
+from slime_rl.rewards.config import RewardConfig
+from slime_rl.rollout.config import RolloutConfig
+from slime_rl.trainer.config import TrainerConfig
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message names the key and what is allowed."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "slime-run"
+    """Run name; the run directory is `<output_dir>/<name>`."""
+    output_dir: str = "runs"
+    """Parent folder of run directories (config, metrics, checkpoints)."""
+    seed: int = 0
+    """Seed for data order, sampling and initialisation."""
+    mode: str = field(default="async", metadata={"choices": ("async", "sync")})
+    """`async`: rollout keeps generating while the trainer trains; `sync`: the baseline that alternates."""
+    num_steps: int = field(default=20, metadata={"ge": 1})
+    """Trainer steps (optimizer updates) to run."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = MISSING
+    """HF model folder (config.json, weights, tokenizer) of the policy to train."""
+    tokenizer_path: str | None = None
+    """Tokenizer folder if not the model folder."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code shipped with the model."""
+
+
+@dataclass
+class DataConfig:
+    train_path: str = MISSING
+    """Prompts for RL: JSONL or Parquet with `prompt`, `label` and optional `mode` fields."""
+    eval_path: str | None = None
+    """Held-out prompts for periodic evaluation (same format)."""
+    prompt_key: str = "prompt"
+    """Field holding the user prompt (text, or a list of chat messages)."""
+    label_key: str = "label"
+    """Field holding the reference answer passed to the reward."""
+    mode_key: str = "mode"
+    """Field holding `think` / `non_think`; rows without it use `default_mode`."""
+    default_mode: str = field(default="non_think", metadata={"choices": ("think", "non_think")})
+    """Mode of rows that do not say."""
+    system_prompt: str | None = None
+    """System message prepended to every prompt."""
+    shuffle: bool = True
+    """Shuffle prompts each epoch (seeded by `run.seed`)."""
+
+
+@dataclass
+class WeightSyncConfig:
+    interval: int = field(default=1, metadata={"ge": 1})
+    """Push weights to the engines every this many trainer steps."""
+    transport: str = field(default="object_store", metadata={"choices": ("object_store", "distributed", "disk")})
+    """Ray object store (single node), a torch.distributed broadcast group, or safetensors on disk."""
+    bucket_mb: float = field(default=256.0, metadata={"gt": 0})
+    """Size of one transfer bucket of named tensors."""
+    timeout_s: float = field(default=300.0, metadata={"gt": 0})
+    """A sync that takes longer fails with the engine and step named, never hangs."""
+
+
+@dataclass
+class EvalConfig:
+    interval: int = field(default=0, metadata={"ge": 0})
+    """Evaluate every this many trainer steps (0 = only at the end, if `data.eval_path` is set)."""
+    max_prompts: int = field(default=200, metadata={"ge": 1})
+    """Evaluate on at most this many prompts."""
+    temperature: float = field(default=0.0, metadata={"ge": 0})
+    """Sampling temperature for evaluation (0 = greedy)."""
+    max_new_tokens: int = field(default=64, metadata={"ge": 1})
+    """Most tokens generated per evaluation reply."""
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = field(default="offline", metadata={"choices": ("offline", "online", "disabled")})
+    """wandb mode; `offline` writes under the run directory, `online` needs WANDB_API_KEY."""
+    wandb_project: str = "slime-rl"
+    """wandb project name."""
+    progress: bool = True
+    """Show a progress bar on the console."""
+    level: str = field(default="INFO", metadata={"choices": ("DEBUG", "INFO", "WARNING", "ERROR")})
+    """Log level of slime-rl's loggers."""
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = field(default=0, metadata={"ge": 0})
+    """Save a checkpoint every this many trainer steps (0 = only at the end)."""
+    keep_last: int = field(default=2, metadata={"ge": 1})
+    """Checkpoints kept on disk; older ones are deleted."""
+    resume: str | None = None
+    """`auto` (latest in the run directory), a checkpoint folder, or None for a fresh run."""
+    save_hf: bool = True
+    """Also export the final policy as an HF model folder (loadable by transformers and vLLM)."""
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None
+    """Ray cluster to join (`auto`, `ray://host:port`); None starts a local one."""
+    num_cpus: int | None = field(default=None, metadata={"ge": 1})
+    """CPUs of a local cluster (None = all)."""
+    placement: str = field(default="colocate", metadata={"choices": ("colocate", "disaggregate")})
+    """Share devices between rollout and trainer, or give each side its own."""
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    """Ray runtime_env for all actors (env_vars, working_dir, pip...)."""
+
+
+@dataclass
+class Config:
+    """Root config of one slime-rl run."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        """`<run.output_dir>/<run.name>`."""
+        return Path(self.run.output_dir) / self.run.name
+
+
+REQUIRED_PATHS = ("model.path", "data.train_path")
+"""Keys that must name an existing file or folder when `check_paths` is on."""
+OPTIONAL_PATHS = ("model.tokenizer_path", "data.eval_path")
+"""Keys that, when set, must name an existing file or folder."""
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    check_paths: bool = True,
+) -> Config:
+    """Load YAML ``path`` (or the defaults), apply ``key=value`` overrides, validate.
+
+    Relative paths in the config stay relative to the working directory.
+
+    Raises:
+        ConfigError: unknown key (with the nearest valid keys), wrong type, value out of
+            range, a required value not set, or a path that does not exist.
+    """
+    layers: list[tuple[str, Any]] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = OmegaConf.load(path)
+        except Exception as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+        if not isinstance(raw, DictConfig):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
+        layers.append((str(path), raw))
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. rollout.temperature=0.7)")
+        try:
+            layers.append((f"override {item!r}", OmegaConf.from_dotlist([item])))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override {item!r} could not be parsed: {e}") from e
+
+    merged = OmegaConf.structured(Config)
+    for source, layer in layers:
+        _check_known_keys(OmegaConf.to_container(layer, resolve=False), Config, prefix="", source=source)
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            raise _type_error(e, source) from None
+    _check_values(merged, Config, prefix="")
+    missing = _missing_keys(merged)
+    if missing:
+        raise ConfigError(f"{missing[0]} is required but not set; set it in the YAML file or pass {missing[0]}=...")
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    _check_cross_field(cfg, prefix="")
+    if check_paths:
+        _check_paths(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (creating folders)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))
+    return path
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _field_types(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _nested_dataclass(cls: type, name: str) -> type | None:
+    f = _field_types(cls)[name]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+    return type(default) if dataclasses.is_dataclass(default) else None
+
+
+def _check_known_keys(data: Any, cls: type, prefix: str, source: str) -> None:
+    if not isinstance(data, Mapping):
+        return
+    known = _field_types(cls)
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in known:
+            near = difflib.get_close_matches(str(key), list(known), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(prefix + n for n in near)}?" if near else ""
+            valid = ", ".join(prefix + n for n in known)
+            raise ConfigError(f"unknown config key {full!r} (from {source}){hint} valid keys here: {valid}")
+        sub = _nested_dataclass(cls, key)
+        if sub is not None:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{full} must be a mapping of {sub.__name__} fields, got {value!r}")
+            _check_known_keys(value, sub, prefix=f"{full}.", source=source)
+
+
+def _schema_field(dotted: str) -> dataclasses.Field | None:
+    cls: type | None = Config
+    found = None
+    for part in dotted.split("."):
+        if cls is None or part not in _field_types(cls):
+            return found if cls is None else None
+        found = _field_types(cls)[part]
+        cls = _nested_dataclass(cls, part)
+    return found
+
+
+def _type_error(e: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(e, "full_key", None) or "?"
+    value = getattr(e, "value", None)
+    f = _schema_field(key) if key != "?" else None
+    expected = f"; expected {f.type}" if f is not None else ""
+    msg = str(e).splitlines()[0]
+    return ConfigError(f"{key}={value!r} (from {source}) has the wrong type: {msg}{expected}")
+
+
+def _missing_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for key in node:
+        full = f"{prefix}{key}"
+        if OmegaConf.is_missing(node, key):
+            out.append(full)
+        else:
+            child = node[key]
+            if isinstance(child, DictConfig) and OmegaConf.get_type(child) not in (dict, None):
+                out += _missing_keys(child, prefix=f"{full}.")
+    return out
+
+
+def _check_values(node: DictConfig, cls: type, prefix: str) -> None:
+    for f in dataclasses.fields(cls):
+        full = f"{prefix}{f.name}"
+        if OmegaConf.is_missing(node, f.name):
+            continue
+        sub = _nested_dataclass(cls, f.name)
+        if sub is not None:
+            _check_values(node[f.name], sub, prefix=f"{full}.")
+        else:
+            _check_field(full, node[f.name], f.metadata)
+
+
+def _check_cross_field(obj: Any, prefix: str) -> None:
+    """Run each section's optional `validate()` (rules that involve several fields)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_cross_field(value, prefix=f"{prefix}{f.name}.")
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(f"{prefix}{e}") from None
+
+
+def _check_field(key: str, value: Any, meta: Mapping[str, Any]) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(repr, choices))}")
+    bounds = [("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b), ("le", "<=", lambda v, b: v <= b)]
+    for name, sym, ok in bounds:
+        if name in meta and not ok(value, meta[name]):
+            rule = " and ".join(f"{s} {meta[n]}" for n, s, _ in bounds if n in meta)
+            raise ConfigError(f"{key}={value!r} is out of range; it must be {rule}")
+
+
+def _lookup(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_paths(cfg: Config) -> None:
+    for key in REQUIRED_PATHS + OPTIONAL_PATHS:
+        value = _lookup(cfg, key)
+        if value is not None and not Path(value).exists():
+            raise ConfigError(f"{key}={value!r} does not exist; point it at an existing {'folder' if key.startswith('model') else 'file'}")

@@ -1,0 +1,151 @@
+"""Config section ``trainer`` (composed into the root config by slime_rl.config).
+
+Field metadata declares the allowed values (``ge``/``gt``/``le``/``choices``); the root
+loader checks them and names the full key path on error. Sub-sections:
+
+    trainer.advantage   how rewards become per-token advantages (grpo, rloo, reinforce_pp, gae)
+    trainer.loss        policy loss (ppo / gspo), clipping, aggregation, entropy, SFT, value loss
+    trainer.kl          KL to a reference model (k1/k2/k3, as loss or reward penalty)
+    trainer.off_policy  proximal policy and importance weights for stale samples
+    trainer.optim       AdamW, LR schedule, gradient clipping
+    trainer.batching    micro-batches by token budget, precision, gradient checkpointing
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AdvantageConfig:
+    estimator: str = field(
+        default="grpo", metadata={"choices": ("grpo", "rloo", "reinforce_pp", "gae")}
+    )
+    """`grpo`: group-mean baseline; `rloo`: leave-one-out baseline; `reinforce_pp`: discounted returns whitened over the global batch; `gae`: PPO with a critic."""
+    norm_std: bool = True
+    """grpo only: divide by the group's reward std (false = Dr.GRPO)."""
+    gamma: float = field(default=1.0, metadata={"ge": 0, "le": 1})
+    """Discount over response tokens (reinforce_pp, gae)."""
+    lam: float = field(default=1.0, metadata={"ge": 0, "le": 1})
+    """GAE lambda."""
+    whiten: bool = True
+    """gae only: normalise advantages to zero mean / unit std over the global batch."""
+    eps: float = field(default=1e-6, metadata={"gt": 0})
+    """Added to standard deviations before dividing."""
+
+
+@dataclass
+class LossConfig:
+    policy_loss: str = field(default="ppo", metadata={"choices": ("ppo", "gspo")})
+    """`ppo`: token-level clipped surrogate; `gspo`: sequence-level ratio (geometric mean over the response)."""
+    eps_low: float = field(default=0.2, metadata={"ge": 0})
+    """Lower clip range: the ratio is clipped at 1 - eps_low."""
+    eps_high: float = field(default=0.28, metadata={"ge": 0})
+    """Upper clip range (clip-higher): the ratio is clipped at 1 + eps_high."""
+    dual_clip: float | None = field(default=3.0, metadata={"gt": 1})
+    """Dual-clip constant c > 1: for negative advantages the loss is capped at -c*A. None = off."""
+    aggregation: str = field(
+        default="token_mean",
+        metadata={"choices": ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")},
+    )
+    """How per-token losses become one number: mean over all tokens of the global batch, mean over sequences of per-sequence means, or mean over sequences of per-sequence sums."""
+    entropy_coef: float = field(default=0.0, metadata={"ge": 0})
+    """Weight of the entropy bonus (subtracted from the loss)."""
+    sft_coef: float = field(default=0.0, metadata={"ge": 0})
+    """Weight of an extra negative log-likelihood term on the response tokens."""
+    sft_min_reward: float | None = None
+    """The SFT term only uses samples with reward >= this (None = all samples)."""
+    value_coef: float = field(default=0.5, metadata={"ge": 0})
+    """gae only: weight of the critic's value loss."""
+    value_clip: float | None = field(default=0.2, metadata={"gt": 0})
+    """gae only: clip new values to old +- this (None = no value clipping)."""
+
+
+@dataclass
+class KLConfig:
+    coef: float = field(default=0.0, metadata={"ge": 0})
+    """KL weight; 0 = no KL and no reference model is loaded."""
+    estimator: str = field(default="k3", metadata={"choices": ("k1", "k2", "k3")})
+    """Per-token estimator of KL(policy || reference) from sampled tokens."""
+    mode: str = field(default="loss", metadata={"choices": ("loss", "reward")})
+    """`loss`: add coef * KL to the loss; `reward`: subtract coef * KL from per-token rewards before advantages."""
+    ref_path: str | None = None
+    """Reference model folder (None = the policy's initial weights, model.path)."""
+
+
+@dataclass
+class OffPolicyConfig:
+    proximal: str = field(default="trainer", metadata={"choices": ("trainer", "engine")})
+    """Anchor of the PPO ratio: `trainer` = the trainer's own pre-update log-probs (decoupled objective), `engine` = the engine's behaviour log-probs."""
+    is_mode: str = field(default="truncate", metadata={"choices": ("truncate", "mask", "none")})
+    """Behaviour importance weight pi_proximal/pi_engine per token (only with proximal=trainer): `truncate` = min(w, is_cap), `mask` = drop tokens with w > is_cap, `none` = no weight."""
+    is_cap: float = field(default=2.0, metadata={"gt": 0})
+    """Cap C of the importance weight."""
+
+
+@dataclass
+class OptimConfig:
+    weight_decay: float = field(default=0.0, metadata={"ge": 0})
+    """AdamW weight decay."""
+    beta1: float = field(default=0.9, metadata={"ge": 0, "le": 1})
+    """AdamW beta1."""
+    beta2: float = field(default=0.999, metadata={"ge": 0, "le": 1})
+    """AdamW beta2."""
+    adam_eps: float = field(default=1e-8, metadata={"gt": 0})
+    """AdamW epsilon."""
+    warmup_steps: int = field(default=0, metadata={"ge": 0})
+    """Linear LR warm-up from 0 over this many optimizer steps."""
+    schedule: str = field(default="constant", metadata={"choices": ("constant", "cosine")})
+    """LR after warm-up: constant, or cosine decay to `min_lr_ratio * lr` at `total_steps`."""
+    total_steps: int = field(default=1000, metadata={"ge": 1})
+    """Optimizer steps of the cosine schedule."""
+    min_lr_ratio: float = field(default=0.0, metadata={"ge": 0, "le": 1})
+    """Final LR of the cosine schedule, as a fraction of `lr`."""
+    grad_clip: float | None = field(default=1.0, metadata={"gt": 0})
+    """Clip the global gradient norm to this (None = no clipping; the norm is still logged)."""
+    critic_lr: float = field(default=1e-5, metadata={"gt": 0})
+    """gae only: learning rate of the critic."""
+
+
+@dataclass
+class BatchingConfig:
+    max_tokens_per_micro_batch: int = field(default=8192, metadata={"ge": 1})
+    """Token budget of one micro-batch (rows x padded length); gradients accumulate over micro-batches."""
+    updates_per_batch: int = field(default=1, metadata={"ge": 1})
+    """Optimizer updates per train step: the global batch is cut into this many mini-batches of whole groups."""
+    precision: str = field(default="auto", metadata={"choices": ("auto", "fp32", "bf16")})
+    """`auto`: bf16 autocast on GPU, fp32 on CPU."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    temperature: float = field(default=1.0, metadata={"gt": 0})
+    """Logits are divided by this before log-probs; must equal the rollout sampling temperature."""
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = field(default=1, metadata={"ge": 1})
+    """Trainer workers (Ray actors forming one torch.distributed group)."""
+    global_batch_groups: int = field(default=8, metadata={"ge": 1})
+    """Groups (prompts x n_samples_per_prompt) per optimizer step."""
+    lr: float = field(default=1e-5, metadata={"gt": 0})
+    """Peak learning rate (AdamW)."""
+    num_gpus_per_worker: float = field(default=0.0, metadata={"ge": 0})
+    """GPUs per trainer worker (0 = CPU, gloo; >0 = CUDA, NCCL)."""
+    num_threads: int = field(default=1, metadata={"ge": 1})
+    """torch CPU threads per worker."""
+    timeout_s: float = field(default=600.0, metadata={"gt": 0})
+    """Limit for every collective and remote call; beyond it the step fails naming the worker."""
+    seed: int = 0
+    """Seed of torch RNGs in the workers."""
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    """Advantage estimator."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Policy (and value) loss."""
+    kl: KLConfig = field(default_factory=KLConfig)
+    """KL regularisation to a reference model."""
+    off_policy: OffPolicyConfig = field(default_factory=OffPolicyConfig)
+    """Off-policy correction for stale samples."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and LR schedule."""
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    """Micro-batching and precision."""
