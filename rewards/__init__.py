@@ -1,1 +1,44 @@
-"""slime_rl.rewards"""
+"""slime_rl.rewards: the reward-function plug-in API, its loader and runner, and built-ins.
+
+    from slime_rl.rewards import RewardRunner
+    runner = RewardRunner.from_config(cfg.reward)     # loads + checks every term at start-up
+    outcomes = await runner.score(group)              # per group, in the rollout worker
+    metrics = runner.end_step().metrics()             # per step; raises if a term always failed
+
+Nothing here imports Ray, rollout or trainer code.
+"""
+
+from slime_rl.rewards.config import RewardComponentConfig, RewardConfig
+from slime_rl.rewards.loader import (
+    RewardComponent,
+    RewardLoadError,
+    components_from_config,
+    load_reward,
+    resolve_config,
+    resolve_reference,
+)
+from slime_rl.rewards.outcome import AllRewardsFailedError, RewardOutcome, RewardStepStats
+from slime_rl.rewards.protocol import BatchedRewardFn, RewardFn, RewardResult, batched, is_batched
+from slime_rl.rewards.registry import BUILTINS
+from slime_rl.rewards.runner import RewardRunner
+
+__all__ = [
+    "BUILTINS",
+    "AllRewardsFailedError",
+    "BatchedRewardFn",
+    "RewardComponent",
+    "RewardComponentConfig",
+    "RewardConfig",
+    "RewardFn",
+    "RewardLoadError",
+    "RewardOutcome",
+    "RewardResult",
+    "RewardRunner",
+    "RewardStepStats",
+    "batched",
+    "components_from_config",
+    "is_batched",
+    "load_reward",
+    "resolve_config",
+    "resolve_reference",
+]

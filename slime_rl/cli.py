@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from slime_rl.config import Config, ConfigError, load_config, save_config, to_yaml
+from slime_rl.rewards import RewardLoadError
 
 EXIT_USAGE = 2
 
@@ -66,8 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace, check_paths: bool = True) -> Config:
-    return load_config(args.config, args.overrides, check_paths=check_paths)
+def _load(args: argparse.Namespace) -> Config:
+    """Load and validate everything that can be checked before an actor starts."""
+    from slime_rl.rewards import resolve_config
+
+    cfg = load_config(args.config, args.overrides)
+    cfg.reward = resolve_config(cfg.reward)  # imports every reward fn, checks its signature
+    return cfg
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -115,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"slime-rl: config error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except RewardLoadError as e:
+        print(f"slime-rl: reward error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except NotYetAvailable as e:
         print(f"slime-rl {args.command}: not yet available: {e}", file=sys.stderr)

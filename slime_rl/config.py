@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,6 +238,16 @@ def _nested_dataclass(cls: type, name: str) -> type | None:
     return type(default) if dataclasses.is_dataclass(default) else None
 
 
+def _list_item_dataclass(cls: type, name: str) -> type | None:
+    """The element type of a `list[SomeDataclass]` field, else None."""
+    hint = typing.get_type_hints(cls).get(name)
+    if typing.get_origin(hint) is list:
+        (arg,) = typing.get_args(hint)
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
 def _check_known_keys(data: Any, cls: type, prefix: str, source: str) -> None:
     if not isinstance(data, Mapping):
         return
@@ -253,6 +264,12 @@ def _check_known_keys(data: Any, cls: type, prefix: str, source: str) -> None:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{full} must be a mapping of {sub.__name__} fields, got {value!r}")
             _check_known_keys(value, sub, prefix=f"{full}.", source=source)
+        item = _list_item_dataclass(cls, key)
+        if item is not None and isinstance(value, list):
+            for i, entry in enumerate(value):
+                if not isinstance(entry, Mapping):
+                    raise ConfigError(f"{full}[{i}] must be a mapping of {item.__name__} fields, got {entry!r}")
+                _check_known_keys(entry, item, prefix=f"{full}[{i}].", source=source)
 
 
 def _schema_field(dotted: str) -> dataclasses.Field | None:
@@ -321,7 +338,7 @@ def _check_field(key: str, value: Any, meta: Mapping[str, Any]) -> None:
     if choices is not None and value not in choices:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(repr, choices))}")
     bounds = [("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b), ("le", "<=", lambda v, b: v <= b)]
-    for name, sym, ok in bounds:
+    for name, _, ok in bounds:
         if name in meta and not ok(value, meta[name]):
             rule = " and ".join(f"{s} {meta[n]}" for n, s, _ in bounds if n in meta)
             raise ConfigError(f"{key}={value!r} is out of range; it must be {rule}")

@@ -60,6 +60,22 @@ def test_config_errors_are_one_line_exit_2(run_files: list[str], sub: str, overr
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("ref", "needle"),
+    [
+        ("no_such_dir/rew.py:score", "reward.fn='no_such_dir/rew.py:score'"),
+        ("slime_rl.rewards.builtin:no_such_fn", "no_such_fn"),
+        ("not_a_builtin", "not a built-in reward name"),
+    ],
+)
+def test_bad_reward_reference_fails_at_start_up(run_files: list[str], tmp_path: Path, ref: str, needle: str) -> None:
+    out = slime_rl("train", *run_files, f"reward.fn={ref}")
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert needle in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs" / "r1" / "config.yaml").exists()  # nothing started
+
+
 def test_config_prints_resolved_yaml(run_files: list[str]) -> None:
     out = slime_rl("config", *run_files, "rollout.temperature=0.25")
     assert out.returncode == 0, out.stderr

@@ -1,0 +1,270 @@
+"""Score groups of samples with one or several weighted reward terms, concurrently and safely.
+
+    rollout worker ── await runner.score(group) ──► for each term × sample (or × group if batched):
+                                                      async fn   -> asyncio task (wait_for timeout)
+                                                      blocking fn -> thread pool (timeout from start)
+                       ◄── list[RewardOutcome] ────── normalise, weighted sum, failures -> default
+    rollout worker ── runner.end_step() ──► RewardStepStats (metrics; all-failed guard)
+
+A term that raises, times out or returns NaN fails only its own sample: that sample gets
+``default_score``, ``status="failed"`` and the error in ``metadata["reward_error"]``.
+
+>>> import asyncio
+>>> from slime_rl.buffers.schema import Sample
+>>> from slime_rl.rewards.loader import load_reward
+>>> runner = RewardRunner([load_reward("math_answer")])
+>>> s = Sample("g0-0", "g0", [1], [2], response="so the answer is 42", label="42")
+>>> asyncio.run(runner.score([s]))[0].score
+1.0
+>>> runner.end_step().metrics()["reward/failed"]
+0.0
+>>> runner.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from slime_rl.buffers.schema import Sample
+from slime_rl.rewards.config import RewardConfig
+from slime_rl.rewards.loader import RewardComponent, components_from_config
+from slime_rl.rewards.outcome import FAILURE_POLICIES, RewardOutcome, RewardStepStats
+from slime_rl.rewards.protocol import normalize_result
+
+logger = logging.getLogger(__name__)
+
+_Term = tuple[float, dict[str, float], dict[str, Any]]
+
+
+class _NoFreeWorker(Exception):
+    pass
+
+
+class RewardRunner:
+    """Runs reward terms on samples; the async API the rollout worker calls once per group."""
+
+    def __init__(
+        self,
+        components: Sequence[RewardComponent],
+        *,
+        timeout_s: float = 30.0,
+        default_score: float = 0.0,
+        max_workers: int = 4,
+        failure_policy: str = "raise",
+    ) -> None:
+        if not components:
+            raise ValueError("RewardRunner needs at least one reward component")
+        names = [c.name for c in components]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"reward terms {dupes} share a name; give each a distinct `name` in reward.combine")
+        if failure_policy not in FAILURE_POLICIES:
+            raise ValueError(f"reward.failure_policy={failure_policy!r}; allowed: {FAILURE_POLICIES}")
+        if timeout_s <= 0:
+            raise ValueError(f"reward.timeout_s={timeout_s} must be > 0")
+        self.components = list(components)
+        self.timeout_s = float(timeout_s)
+        self.default_score = float(default_score)
+        self.max_workers = int(max_workers)
+        self.failure_policy = failure_policy
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._stats = RewardStepStats()
+        self._lock = threading.Lock()
+        self._overdue = 0  # pool threads still running a call that timed out
+
+    @classmethod
+    def from_config(cls, cfg: RewardConfig, base_dir: str | Path | None = None) -> RewardRunner:
+        """Load and check every term of ``cfg`` (raises ``RewardLoadError``) and build a runner."""
+        return cls(
+            components_from_config(cfg, base_dir),
+            timeout_s=cfg.timeout_s,
+            default_score=cfg.default_score,
+            max_workers=cfg.max_workers,
+            failure_policy=cfg.failure_policy,
+        )
+
+    # -- scoring -------------------------------------------------------------------------
+
+    async def score(self, samples: Sequence[Sample], *, apply: bool = True) -> list[RewardOutcome]:
+        """Score ``samples`` (typically one group); with ``apply`` also write onto each sample."""
+        samples = list(samples)
+        if not samples:
+            return []
+        starts = time.monotonic()
+        per_term = await asyncio.gather(*(self._run_term(c, samples) for c in self.components))
+        outcomes = []
+        for i, sample in enumerate(samples):
+            outcome = self._combine(i, per_term, starts)
+            outcomes.append(outcome)
+            self._stats.record_sample(outcome)
+            if apply:
+                outcome.apply_to(sample)
+        return outcomes
+
+    def _combine(
+        self, i: int, per_term: list[list[tuple[_Term | str, float]]], start: float
+    ) -> RewardOutcome:
+        total = 0.0
+        metrics: dict[str, float] = {}
+        info: dict[str, Any] = {}
+        errors: list[str] = []
+        seconds = 0.0
+        for comp, results in zip(self.components, per_term):
+            result, done_at = results[i]
+            seconds = max(seconds, done_at - start)
+            if isinstance(result, str):
+                errors.append(f"{comp.name}: {result}")
+                self._stats.record_term(comp.name, comp.ref, result)
+                continue
+            self._stats.record_term(comp.name, comp.ref, None)
+            score, extra, extra_info = result
+            total += comp.weight * score
+            metrics[f"{comp.name}/score"] = score
+            metrics.update({f"{comp.name}/{k}": v for k, v in extra.items()})
+            info.update({f"{comp.name}/{k}": v for k, v in extra_info.items()})
+        if errors:
+            return RewardOutcome(self.default_score, metrics, True, "; ".join(errors), seconds, info)
+        return RewardOutcome(total, metrics, False, None, seconds, info)
+
+    async def _run_term(
+        self, comp: RewardComponent, samples: list[Sample]
+    ) -> list[tuple[_Term | str, float]]:
+        """One ``(normalised result or error text, finish time)`` per sample."""
+        if comp.is_batched:
+            raw, err = await self._call(comp, samples)
+            done = time.monotonic()
+            if err is None and (not isinstance(raw, Sequence) or len(raw) != len(samples)):
+                got = len(raw) if isinstance(raw, Sequence) else type(raw).__name__
+                err = f"batched reward returned {got} results for {len(samples)} samples"
+            if err is not None:
+                return [(err, done)] * len(samples)
+            return [(self._normalise(r), done) for r in raw]
+
+        async def one(sample: Sample) -> tuple[_Term | str, float]:
+            raw, err = await self._call(comp, sample)
+            return (err if err is not None else self._normalise(raw)), time.monotonic()
+
+        return list(await asyncio.gather(*(one(s) for s in samples)))
+
+    @staticmethod
+    def _normalise(raw: Any) -> _Term | str:
+        try:
+            return normalize_result(raw)
+        except (TypeError, ValueError) as e:
+            return str(e)
+
+    async def _call(self, comp: RewardComponent, arg: Any) -> tuple[Any, str | None]:
+        """Call one term with the timeout; return ``(result, None)`` or ``(None, error text)``."""
+        try:
+            if comp.is_async:
+                result = await asyncio.wait_for(comp.fn(arg, **comp.kwargs), self.timeout_s)
+            else:
+                result = await self._call_blocking(comp, arg)
+            if inspect.isawaitable(result):  # a plain callable that returned a coroutine
+                result = await asyncio.wait_for(result, self.timeout_s)
+            return result, None
+        except asyncio.TimeoutError:
+            return None, f"timed out after {self.timeout_s:g} s (reward.timeout_s)"
+        except _NoFreeWorker:
+            return None, (
+                f"no free reward worker: all {self.max_workers} (reward.max_workers) are still "
+                "running calls that overran reward.timeout_s"
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            logger.debug("reward %s raised", comp.name, exc_info=True)
+            return None, f"{type(e).__name__}: {e}"
+
+    async def _call_blocking(self, comp: RewardComponent, arg: Any) -> Any:
+        """Run a blocking term in the pool; its timeout starts when a worker picks it up.
+
+        A thread cannot be killed: a call that overruns its timeout keeps its worker until it
+        returns. Waiting calls fail at once when every worker is held by such a call.
+        """
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                self.max_workers, thread_name_prefix="slime-rl-reward"
+            )
+        loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+        state = {"done": False, "overdue": False}
+
+        def work() -> Any:
+            try:
+                loop.call_soon_threadsafe(started.set)
+            except RuntimeError:  # loop already closed: nobody waits for this result
+                return None
+            try:
+                return comp.fn(arg, **comp.kwargs)
+            finally:
+                with self._lock:
+                    state["done"] = True
+                    if state["overdue"]:
+                        self._overdue -= 1
+
+        fut = loop.run_in_executor(self._pool, work)
+        while not started.is_set():
+            if self._overdue >= self.max_workers:
+                fut.cancel()
+                raise _NoFreeWorker()
+            try:
+                await asyncio.wait_for(started.wait(), 0.1)
+            except asyncio.TimeoutError:
+                pass
+        try:
+            return await asyncio.wait_for(fut, self.timeout_s)
+        except asyncio.TimeoutError:
+            with self._lock:
+                if not state["done"]:
+                    state["overdue"] = True
+                    self._overdue += 1
+            raise
+
+    # -- per-step accounting -------------------------------------------------------------
+
+    def end_step(self, check: bool = True) -> RewardStepStats:
+        """Close the step: return its counts and reset them.
+
+        With ``check`` the all-failed guard runs with ``failure_policy``: a term that failed
+        on every sample of the step raises ``AllRewardsFailedError`` (``"raise"``) or logs.
+        A caller that merges several workers' stats passes ``check=False`` and calls
+        ``RewardStepStats.check`` on the merged stats instead.
+        """
+        stats, self._stats = self._stats, RewardStepStats()
+        if stats.samples_failed:
+            logger.warning(
+                "rewards failed on %d of %d samples this step; first errors: %s",
+                stats.samples_failed, stats.samples, stats.first_error,
+            )
+        if check:
+            stats.check(self.failure_policy)
+        return stats
+
+    # -- shutdown ------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close stateful terms (``aclose``/``close``) and the thread pool."""
+        for comp in self.components:
+            closer = getattr(comp.fn, "aclose", None)
+            if closer is not None and not inspect.isfunction(comp.fn):
+                await closer()
+                continue
+            closer = getattr(comp.fn, "close", None)
+            if closer is not None and not inspect.isfunction(comp.fn):
+                closer()
+        self.close()
+
+    def close(self) -> None:
+        """Shut the thread pool down without waiting for calls that overran their timeout."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
