@@ -13,7 +13,10 @@ loader checks them and names the full key path on error. Sub-sections:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,6 +114,8 @@ class OptimConfig:
 class BatchingConfig:
     max_tokens_per_micro_batch: int = field(default=8192, metadata={"ge": 1})
     """Token budget of one micro-batch (rows x padded length); gradients accumulate over micro-batches."""
+    pack: bool = False
+    """Concatenate samples into one sequence per micro-batch (positions restart per sample, no padding) instead of right-padding rows. Needs an attention implementation that honours packed position_ids (sdpa/eager in transformers >= 5, flash-attention)."""
     updates_per_batch: int = field(default=1, metadata={"ge": 1})
     """Optimizer updates per train step: the global batch is cut into this many mini-batches of whole groups."""
     precision: str = field(default="auto", metadata={"choices": ("auto", "fp32", "bf16")})
@@ -149,3 +154,25 @@ class TrainerConfig:
     """Optimizer and LR schedule."""
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     """Micro-batching and precision."""
+
+    def validate(self) -> None:
+        """Rules across fields (the root loader prefixes messages with ``trainer.``)."""
+        if self.loss.eps_low >= 1:
+            raise ValueError(f"loss.eps_low={self.loss.eps_low} must be < 1 (the ratio is clipped at 1 - eps_low > 0)")
+        need = self.num_workers * self.batching.updates_per_batch
+        if self.global_batch_groups < need:
+            raise ValueError(
+                f"global_batch_groups={self.global_batch_groups} is too small: each of num_workers={self.num_workers} "
+                f"needs whole groups for each of batching.updates_per_batch={self.batching.updates_per_batch} updates; "
+                f"use at least {need}"
+            )
+        if self.off_policy.proximal == "engine" and self.off_policy.is_mode != "none":
+            logger.warning(
+                "trainer.off_policy.is_mode=%s is ignored with proximal=engine (the ratio already uses the "
+                "engine's log-probs); set is_mode=none to silence this", self.off_policy.is_mode
+            )
+        if self.loss.policy_loss == "gspo" and self.loss.aggregation != "seq_mean_token_mean":
+            logger.warning(
+                "trainer.loss.policy_loss=gspo with aggregation=%s weights sequences by length; GSPO's objective "
+                "is aggregation=seq_mean_token_mean", self.loss.aggregation
+            )

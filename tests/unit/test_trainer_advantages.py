@@ -1,0 +1,110 @@
+"""Advantage estimators against hand-computed numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from slime_rl.trainer.advantages import (
+    AdvantageInputs,
+    compute_advantages,
+    discounted_returns,
+    masked_whiten,
+    place_rewards,
+)
+from slime_rl.trainer.config import AdvantageConfig
+
+
+def _close(t: torch.Tensor, expected, atol: float = 1e-6) -> None:
+    torch.testing.assert_close(t, torch.tensor(expected, dtype=t.dtype), atol=atol, rtol=0)
+
+
+def _inputs(rewards, groups, width=2, mask=None, values=None):
+    mask_BL = torch.ones(len(rewards), width) if mask is None else torch.tensor(mask, dtype=torch.float32)
+    return AdvantageInputs(
+        token_rewards_BL=place_rewards(torch.tensor(rewards, dtype=torch.float32), mask_BL),
+        mask_BL=mask_BL,
+        group_index_B=torch.tensor(groups),
+        values_BL=None if values is None else torch.tensor(values, dtype=torch.float32),
+    )
+
+
+def test_place_rewards_goes_on_last_loss_token():
+    out = place_rewards(torch.tensor([2.0, 3.0, 4.0]), torch.tensor([[1, 1, 0, 0], [0, 1, 0, 1], [0, 0, 0, 0]]))
+    assert out.tolist() == [[0, 2, 0, 0], [0, 0, 0, 3], [0, 0, 0, 0]]
+
+
+def test_grpo_with_std():
+    # group rewards 1,0,0,1: mean 0.5, unbiased std sqrt(1/3) -> +-0.5/0.57735 = +-0.866025
+    out = compute_advantages("grpo", _inputs([1, 0, 0, 1], [0, 0, 0, 0]), AdvantageConfig(norm_std=True))
+    expected = 0.5 / math.sqrt(1 / 3)
+    assert out.advantages_BL[:, 0].tolist() == pytest.approx([expected, -expected, -expected, expected], abs=1e-5)
+    assert torch.equal(out.advantages_BL[:, 0], out.advantages_BL[:, 1])  # same on every token
+
+
+def test_dr_grpo_two_groups_and_mask():
+    # g0: 1,0 -> +-0.5; g1: 2,2,5 (mean 3) -> -1,-1,2. Masked tokens carry 0.
+    mask = [[1, 1], [1, 0], [1, 1], [0, 1], [1, 1]]
+    out = compute_advantages("grpo", _inputs([1, 0, 2, 2, 5], [0, 0, 1, 1, 1], mask=mask), AdvantageConfig(norm_std=False))
+    _close(out.advantages_BL, [[0.5, 0.5], [-0.5, 0.0], [-1.0, -1.0], [0.0, -1.0], [2.0, 2.0]])
+
+
+def test_rloo_leave_one_out():
+    # g0: 2,2,5 -> 2-3.5, 2-3.5, 5-2 ; g1 has one sample -> 0
+    out = compute_advantages("rloo", _inputs([2, 2, 5, 7], [0, 0, 0, 1]), AdvantageConfig())
+    assert out.advantages_BL[:, 0].tolist() == pytest.approx([-1.5, -1.5, 3.0, 0.0])
+
+
+def test_reinforce_pp_whitens_over_batch_tokens():
+    # returns (gamma 1): A = [1,1,1], B = [0,0] (third token is padding)
+    # 5 tokens: mean 0.6, population std sqrt(0.6 - 0.36) = 0.4898979
+    inp = _inputs([1, 0], [0, 1], width=3, mask=[[1, 1, 1], [1, 1, 0]])
+    out = compute_advantages("reinforce_pp", inp, AdvantageConfig(gamma=1.0, eps=1e-8))
+    hi, lo = 0.4 / 0.4898979, -0.6 / 0.4898979
+    _close(out.advantages_BL, [[hi, hi, hi], [lo, lo, 0.0]], atol=1e-5)
+    assert out.returns_BL.tolist() == [[1, 1, 1], [0, 0, 0]]
+
+
+def test_discounted_returns_skip_masked_tool_tokens():
+    # mask [1,0,1], reward 1 on the last token, gamma 0.5: the tool token is not a step
+    out = discounted_returns(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[1.0, 0.0, 1.0]]), gamma=0.5)
+    assert out.tolist() == [[0.5, 0.0, 1.0]]
+    out = discounted_returns(torch.tensor([[0.0, 0.0, 1.0]]), torch.ones(1, 3), gamma=0.5)
+    assert out.tolist() == [[0.25, 0.5, 1.0]]
+
+
+def test_gae_hand_example():
+    # rewards [0,0,1], values [.5,.6,.8], gamma 1, lam .5:
+    # delta2 = .2, A2 = .2 ; delta1 = .8-.6 = .2, A1 = .2+.5*.2 = .3 ; delta0 = .6-.5 = .1, A0 = .1+.5*.3 = .25
+    inp = _inputs([1.0], [0], width=3, values=[[0.5, 0.6, 0.8]])
+    out = compute_advantages("gae", inp, AdvantageConfig(gamma=1.0, lam=0.5, whiten=False))
+    _close(out.advantages_BL, [[0.25, 0.3, 0.2]])
+    _close(out.returns_BL, [[0.75, 0.9, 1.0]])
+    # gamma .9, lam 1: A2 = .2 ; A1 = (.72-.6) + .9*.2 = .3 ; A0 = (.54-.5) + .9*.3 = .31
+    out = compute_advantages("gae", inp, AdvantageConfig(gamma=0.9, lam=1.0, whiten=False))
+    _close(out.advantages_BL, [[0.31, 0.3, 0.2]])
+
+
+def test_gae_without_values_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs critic values"):
+        compute_advantages("gae", _inputs([1.0], [0]), AdvantageConfig())
+
+
+def test_unknown_estimator_names_the_field():
+    with pytest.raises(ValueError, match="trainer.advantage.estimator='ppo' is unknown"):
+        compute_advantages("ppo", _inputs([1.0], [0]), AdvantageConfig())
+
+
+def test_whitening_across_ranks_matches_whole_batch():
+    # Two "ranks" each whiten their half; the all-reduce adds the other half's statistics.
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0], [0.0, 1.0, 5.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], dtype=torch.float32)
+    full = masked_whiten(x, mask, 1e-8, lambda t: t)
+
+    def stats(xs, ms):
+        return torch.stack([(xs * ms).sum(), ms.sum(), (xs * xs * ms).sum()]).double()
+
+    top = masked_whiten(x[:2], mask[:2], 1e-8, lambda t: t + stats(x[2:], mask[2:]))
+    bottom = masked_whiten(x[2:], mask[2:], 1e-8, lambda t: t + stats(x[:2], mask[:2]))
+    torch.testing.assert_close(torch.cat([top, bottom]), full)

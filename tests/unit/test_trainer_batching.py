@@ -1,0 +1,102 @@
+"""Batch splitting, micro-batch planning and weight buckets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from slime_rl.trainer.batching import RankBatch, dummy_micro_batch, plan_micro_batches, split_groups
+from slime_rl.trainer.config import OptimConfig
+from slime_rl.trainer.metrics import StepMetrics
+from slime_rl.trainer.optim import lr_lambda
+from slime_rl.trainer.testing import synthetic_table
+from slime_rl.trainer.weights import iter_weight_buckets
+
+
+def test_split_groups_keeps_groups_whole_and_balanced():
+    table = synthetic_table(num_groups=6, group_size=3, vocab_size=50, seed=0)
+    parts = split_groups(table, 2)
+    assert sum(p.num_rows for p in parts) == table.num_rows
+    groups = [set(p.column("group_id").to_pylist()) for p in parts]
+    assert not groups[0] & groups[1] and groups[0] | groups[1] == {f"g{i}" for i in range(6)}
+    for p in parts:  # original order kept inside a rank
+        ids = p.column("sample_id").to_pylist()
+        order = [table.column("sample_id").to_pylist().index(i) for i in ids]
+        assert order == sorted(order)
+
+    def tokens(t):
+        return sum(len(a) + len(b) for a, b in zip(t.column("prompt_ids").to_pylist(), t.column("response_ids").to_pylist(), strict=True))
+
+    loads = [tokens(p) for p in parts]
+    biggest_group = max(tokens(table.filter(table.column("group_id").to_numpy() == f"g{i}")) for i in range(6))
+    assert abs(loads[0] - loads[1]) <= biggest_group
+
+
+def test_split_groups_refuses_fewer_groups_than_workers():
+    with pytest.raises(ValueError, match="2 group\\(s\\) but trainer.num_workers=3"):
+        split_groups(synthetic_table(num_groups=2, group_size=2, vocab_size=50), 3)
+
+
+def test_micro_batches_cover_rows_under_budget_and_align_tokens():
+    table = synthetic_table(num_groups=4, group_size=3, vocab_size=50, seed=1)
+    rb = RankBatch.from_table(table)
+    mbs = plan_micro_batches(rb, list(range(rb.num_rows)), max_tokens=40, pad_id=0)
+    rows = sorted(i for mb in mbs for i in mb.rows.tolist())
+    assert rows == list(range(rb.num_rows)) and len(mbs) > 1
+    for mb in mbs:
+        assert mb.input_ids_BT.numel() <= 40 or len(mb.rows) == 1
+        for b, i in enumerate(mb.rows.tolist()):
+            n = len(rb.response_ids[i])
+            # the logits at resp_pos predict the next input token = the response token
+            nxt = mb.input_ids_BT[b, mb.resp_pos_BR[b, :n] + 1]
+            assert nxt.tolist() == rb.response_ids[i]
+            assert mb.attention_mask_BT[b].sum() == len(rb.prompt_ids[i]) + n
+    dummy = dummy_micro_batch(rb, pad_id=0)
+    assert dummy.dummy and len(dummy.rows) == 1
+
+
+def test_minibatches_are_whole_groups():
+    rb = RankBatch.from_table(synthetic_table(num_groups=5, group_size=2, vocab_size=50))
+    parts = rb.minibatch_rows(2)
+    assert [len(p) for p in parts] == [4, 6]  # groups 0-1 | 2-4 (round(2.5) = 2)
+    assert sorted(sum(parts, [])) == list(range(10))
+
+
+def test_step_metrics_reduce_means_and_maxes():
+    m = StepMetrics()
+    m.add_mean("train/a", 3.0, 2)
+    m.add_mean("train/a", 1.0, 2)
+    m.add_mean("train/empty", 0.0, 0)
+    m.add_max("train/b", 1.0)
+    m.add_max("train/b", 4.0)
+    assert m.reduce() == {"train/a": 1.0, "train/b": 4.0, "train/empty": 0.0}
+    # a second "rank" with the same partials: sums double, the mean stays
+    assert m.reduce(lambda t: 2 * t, lambda t: t)["train/a"] == 1.0
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = lr_lambda(OptimConfig(warmup_steps=4, schedule="cosine", total_steps=8, min_lr_ratio=0.1))
+    # warm-up (s+1)/4 ; then 0.1 + 0.9 * (1 + cos(pi * (s-4)/4)) / 2
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(6) == pytest.approx(0.1 + 0.9 * 0.5) and f(8) == pytest.approx(0.1) and f(20) == pytest.approx(0.1)
+    assert lr_lambda(OptimConfig(warmup_steps=0))(100) == 1.0
+
+
+def test_weight_buckets_respect_budget_and_skip_tied_head(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    budget = 300_000
+    buckets = list(iter_weight_buckets(model, version=7, bucket_bytes=budget))
+    names = [n for b in buckets for n in b.names]
+    assert "lm_head.weight" not in names and len(names) == len(set(names))
+    assert set(names) == set(model.state_dict()) - {"lm_head.weight"}
+    for b in buckets:
+        assert b.version == 7 and b.num_buckets == len(buckets)
+        assert b.nbytes <= budget or len(b.names) == 1
+    assert buckets[-1].last and not buckets[0].last
+    sd = model.state_dict()
+    for b in buckets:
+        for n, t in b.named_tensors():
+            assert torch.equal(t, sd[n])
+    tied = [n for b in iter_weight_buckets(model, 7, budget, include_tied=True) for n in b.names]
+    assert "lm_head.weight" in tied

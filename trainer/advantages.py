@@ -1,0 +1,179 @@
+"""Advantage estimators: rewards (and values) -> per-token advantages and returns.
+
+All tensors are laid out ``(B, L)``: one row per sample, one column per predicted position,
+with ``mask_BL`` = 1 on the tokens that carry loss (the policy's own response tokens;
+prompt, padding and tool/observation tokens are 0). Time recursions (returns, GAE) walk
+the masked tokens only, so a tool observation in the middle of a response is skipped.
+
+Statistics that span the whole global batch (REINFORCE++ and GAE whitening) go through
+``all_reduce_sum`` so every trainer rank normalises with the same numbers; group statistics
+(GRPO, RLOO) need no communication because a group never spans two ranks.
+
+>>> import torch
+>>> inp = AdvantageInputs(
+...     token_rewards_BL=torch.tensor([[0.0, 1.0], [0.0, 0.0]]),
+...     mask_BL=torch.ones(2, 2), group_index_B=torch.tensor([0, 0]))
+>>> compute_advantages("grpo", inp, AdvantageConfig(norm_std=False)).advantages_BL
+tensor([[ 0.5000,  0.5000],
+        [-0.5000, -0.5000]])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from slime_rl.trainer.config import AdvantageConfig
+
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@dataclasses.dataclass(frozen=True)
+class AdvantageInputs:
+    """What an estimator may read. ``token_rewards_BL`` holds the sample reward on its last
+    loss token plus any per-token KL penalty; ``values_BL`` is the critic's value (gae only)."""
+
+    token_rewards_BL: torch.Tensor
+    mask_BL: torch.Tensor
+    group_index_B: torch.Tensor
+    values_BL: torch.Tensor | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AdvantageOutputs:
+    advantages_BL: torch.Tensor
+    returns_BL: torch.Tensor
+
+
+Estimator = Callable[[AdvantageInputs, AdvantageConfig, AllReduce], AdvantageOutputs]
+ESTIMATORS: dict[str, Estimator] = {}
+
+
+def register(name: str) -> Callable[[Estimator], Estimator]:
+    def deco(fn: Estimator) -> Estimator:
+        ESTIMATORS[name] = fn
+        return fn
+
+    return deco
+
+
+def compute_advantages(
+    name: str,
+    inputs: AdvantageInputs,
+    cfg: AdvantageConfig,
+    all_reduce_sum: AllReduce = _identity,
+) -> AdvantageOutputs:
+    """Run the estimator registered as ``name`` (see ``ESTIMATORS``)."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"trainer.advantage.estimator={name!r} is unknown; choose one of {sorted(ESTIMATORS)}")
+    return ESTIMATORS[name](inputs, cfg, all_reduce_sum)
+
+
+def place_rewards(rewards_B: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
+    """Put each sample's scalar reward on its last loss token -> (B, L). Rows without a loss
+    token get no reward (they contribute nothing anyway)."""
+    B, L = mask_BL.shape
+    pos_L = torch.arange(L, device=mask_BL.device).expand(B, L)
+    last_B = torch.where(mask_BL > 0, pos_L, -1).max(dim=1).values  # (B,)
+    out_BL = torch.zeros(B, L, dtype=torch.float32, device=mask_BL.device)
+    has = last_B >= 0
+    out_BL[has, last_B[has]] = rewards_B[has].float()
+    return out_BL
+
+
+def _group_stats(scores_B: torch.Tensor, group_index_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample (group mean, group unbiased std, group size)."""
+    n_groups = int(group_index_B.max().item()) + 1 if group_index_B.numel() else 0
+    count_G = torch.zeros(n_groups).index_add_(0, group_index_B, torch.ones_like(scores_B))
+    sum_G = torch.zeros(n_groups).index_add_(0, group_index_B, scores_B)
+    mean_G = sum_G / count_G.clamp(min=1)
+    dev_B = scores_B - mean_G[group_index_B]
+    ss_G = torch.zeros(n_groups).index_add_(0, group_index_B, dev_B * dev_B)
+    std_G = torch.sqrt(ss_G / (count_G - 1).clamp(min=1))
+    return mean_G[group_index_B], std_G[group_index_B], count_G[group_index_B]
+
+
+def _broadcast(score_B: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
+    return score_B[:, None] * mask_BL
+
+
+@register("grpo")
+def grpo(inp: AdvantageInputs, cfg: AdvantageConfig, all_reduce_sum: AllReduce) -> AdvantageOutputs:
+    """A_i = (R_i - mean_group(R)) [/ (std_group(R) + eps)], the same on every token of sample i.
+    R_i is the summed token reward (the reward minus any KL penalty). std is unbiased (n-1)."""
+    scores_B = (inp.token_rewards_BL * inp.mask_BL).sum(dim=1).float().cpu()
+    mean_B, std_B, _ = _group_stats(scores_B, inp.group_index_B.cpu())
+    adv_B = scores_B - mean_B
+    if cfg.norm_std:
+        adv_B = adv_B / (std_B + cfg.eps)
+    adv_BL = _broadcast(adv_B.to(inp.mask_BL.device), inp.mask_BL)
+    return AdvantageOutputs(adv_BL, adv_BL)
+
+
+@register("rloo")
+def rloo(inp: AdvantageInputs, cfg: AdvantageConfig, all_reduce_sum: AllReduce) -> AdvantageOutputs:
+    """A_i = R_i - mean_{j != i, same group} R_j = n/(n-1) (R_i - mean). Groups of one get 0."""
+    scores_B = (inp.token_rewards_BL * inp.mask_BL).sum(dim=1).float().cpu()
+    mean_B, _, n_B = _group_stats(scores_B, inp.group_index_B.cpu())
+    adv_B = torch.where(n_B > 1, (scores_B - mean_B) * n_B / (n_B - 1).clamp(min=1), torch.zeros_like(scores_B))
+    adv_BL = _broadcast(adv_B.to(inp.mask_BL.device), inp.mask_BL)
+    return AdvantageOutputs(adv_BL, adv_BL)
+
+
+def discounted_returns(rewards_BL: torch.Tensor, mask_BL: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = r_t + gamma * G_next over loss tokens only (masked positions carry G through)."""
+    B, L = rewards_BL.shape
+    out_BL = torch.zeros_like(rewards_BL, dtype=torch.float32)
+    running_B = torch.zeros(B, dtype=torch.float32, device=rewards_BL.device)
+    for t in range(L - 1, -1, -1):
+        m_B = mask_BL[:, t].float()
+        running_B = m_B * (rewards_BL[:, t] + gamma * running_B) + (1 - m_B) * running_B
+        out_BL[:, t] = running_B
+    return out_BL * mask_BL
+
+
+def masked_whiten(x_BL: torch.Tensor, mask_BL: torch.Tensor, eps: float, all_reduce_sum: AllReduce) -> torch.Tensor:
+    """(x - mean) / (std + eps) over the loss tokens of the global batch (population std)."""
+    m = mask_BL.float()
+    stats = torch.stack([(x_BL * m).sum(), m.sum(), (x_BL * x_BL * m).sum()]).double()
+    total, n, sq = all_reduce_sum(stats).tolist()
+    n = max(n, 1.0)
+    mean = total / n
+    var = max(sq / n - mean * mean, 0.0)
+    return (x_BL - mean) / (var**0.5 + eps) * m
+
+
+@register("reinforce_pp")
+def reinforce_pp(inp: AdvantageInputs, cfg: AdvantageConfig, all_reduce_sum: AllReduce) -> AdvantageOutputs:
+    """REINFORCE++: discounted token returns, whitened over every loss token of the global batch."""
+    returns_BL = discounted_returns(inp.token_rewards_BL, inp.mask_BL, cfg.gamma)
+    return AdvantageOutputs(masked_whiten(returns_BL, inp.mask_BL, cfg.eps, all_reduce_sum), returns_BL)
+
+
+@register("gae")
+def gae(inp: AdvantageInputs, cfg: AdvantageConfig, all_reduce_sum: AllReduce) -> AdvantageOutputs:
+    """delta_t = r_t + gamma V_next - V_t; A_t = delta_t + gamma lam A_next (next = the next loss
+    token; 0 after the last one); returns = A + V (the critic's target, before whitening)."""
+    if inp.values_BL is None:
+        raise ValueError("trainer.advantage.estimator=gae needs critic values; none were computed")
+    r_BL, v_BL, mask_BL = inp.token_rewards_BL.float(), inp.values_BL.float(), inp.mask_BL.float()
+    B, L = r_BL.shape
+    adv_BL = torch.zeros_like(r_BL)
+    next_v_B = torch.zeros(B, device=r_BL.device)
+    last_B = torch.zeros(B, device=r_BL.device)
+    for t in range(L - 1, -1, -1):
+        m_B = mask_BL[:, t]
+        delta_B = r_BL[:, t] + cfg.gamma * next_v_B - v_BL[:, t]
+        a_B = delta_B + cfg.gamma * cfg.lam * last_B
+        last_B = m_B * a_B + (1 - m_B) * last_B
+        next_v_B = m_B * v_BL[:, t] + (1 - m_B) * next_v_B
+        adv_BL[:, t] = a_B * m_B
+    returns_BL = (adv_BL + v_BL) * mask_BL
+    if cfg.whiten:
+        adv_BL = masked_whiten(adv_BL, mask_BL, cfg.eps, all_reduce_sum)
+    return AdvantageOutputs(adv_BL, returns_BL)

@@ -1,0 +1,258 @@
+"""Arrow sample tables -> rank slices -> mini-batches -> padded micro-batches of tensors.
+
+    pa.Table (global batch, whole groups)
+      └─ split_groups(table, world_size)      one table per rank, groups never split,
+           │                                   balanced by token count
+           └─ RankBatch.from_table             response-aligned tensors (N, R): mask, engine
+                │                              log-probs, token versions; rewards, group index
+                └─ minibatch_rows(n)           whole groups per optimizer update
+                     └─ plan_micro_batches     rows sorted by length, grouped under a token
+                                               budget: right-padded (rows x padded length)
+                                               or packed into one sequence (summed length)
+
+Per-token data stays response-aligned: column r of row i is response token r. A micro-batch
+carries ``resp_pos_BR``, the position in its padded input whose logits predict that token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _group_ids(table: pa.Table) -> list[str]:
+    return table.column("group_id").to_pylist()
+
+
+def group_order(table: pa.Table) -> list[str]:
+    """Distinct group ids in order of first appearance."""
+    seen: dict[str, None] = {}
+    for g in _group_ids(table):
+        seen.setdefault(g, None)
+    return list(seen)
+
+
+def split_groups(table: pa.Table, num_ranks: int) -> list[pa.Table]:
+    """Cut a global batch into ``num_ranks`` tables of whole groups with similar token counts.
+
+    Groups go, largest first, to the rank with the fewest tokens so far; each rank keeps the
+    groups in their original order. Raises ValueError when there are fewer groups than ranks
+    (every rank must have data to take part in the collectives).
+    """
+    groups = group_order(table)
+    if len(groups) < num_ranks:
+        raise ValueError(
+            f"the batch has {len(groups)} group(s) but trainer.num_workers={num_ranks}; every worker needs at "
+            "least one whole group: raise trainer.global_batch_groups or lower trainer.num_workers"
+        )
+    lengths = pc.add(
+        pc.list_value_length(table.column("prompt_ids")), pc.list_value_length(table.column("response_ids"))
+    ).to_pylist()
+    tokens: dict[str, int] = dict.fromkeys(groups, 0)
+    for g, n in zip(_group_ids(table), lengths, strict=True):
+        tokens[g] += n
+    load = [0] * num_ranks
+    owner: dict[str, int] = {}
+    for g in sorted(groups, key=lambda g: -tokens[g]):  # stable: ties keep first-appearance order
+        rank = min(range(num_ranks), key=lambda r: (load[r], r))
+        owner[g] = rank
+        load[rank] += tokens[g]
+    rows: list[list[int]] = [[] for _ in range(num_ranks)]
+    for i, g in enumerate(_group_ids(table)):
+        rows[owner[g]].append(i)
+    return [table.take(pa.array(r, type=pa.int64())) for r in rows]
+
+
+@dataclasses.dataclass(frozen=True)
+class RankBatch:
+    """One rank's samples in response-aligned layout (N rows, R = longest response)."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    mask_NR: torch.Tensor  # (N, R) float, loss_mask (0 on padding)
+    behaviour_NR: torch.Tensor  # (N, R) float, engine log-probs
+    versions_NR: torch.Tensor  # (N, R) long, policy version of each token
+    rewards_N: torch.Tensor  # (N,) float
+    group_index_N: torch.Tensor  # (N,) long, 0..G-1 in order of first appearance
+    policy_version_N: torch.Tensor  # (N,) long
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.response_ids)
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> RankBatch:
+        cols = table.select(["prompt_ids", "response_ids", "reward", "group_id", "policy_version"]).to_pydict()
+        n = table.num_rows
+        lens_N = np.array([len(r) for r in cols["response_ids"]], dtype=np.int64)
+        width = int(lens_N.max()) if n else 0
+        # Scatter the flat per-token values into (N, R): row i, column j < len_i.
+        rows = np.repeat(np.arange(n), lens_N)
+        starts = np.repeat(np.cumsum(lens_N) - lens_N, lens_N)
+        cols_idx = np.arange(int(lens_N.sum())) - starts
+
+        def dense(name: str, dtype: torch.dtype) -> torch.Tensor:
+            flat = pc.list_flatten(table.column(name)).to_numpy(zero_copy_only=False)
+            out = torch.zeros(n, width, dtype=dtype)
+            out[torch.from_numpy(rows), torch.from_numpy(cols_idx)] = torch.tensor(flat, dtype=dtype)
+            return out
+
+        mask_NR = dense("loss_mask", torch.float32)
+        behaviour_NR = dense("response_logprobs", torch.float32)
+        versions_NR = dense("token_versions", torch.long)
+        index = {g: j for j, g in enumerate(dict.fromkeys(cols["group_id"]))}
+        return cls(
+            prompt_ids=cols["prompt_ids"],
+            response_ids=cols["response_ids"],
+            mask_NR=mask_NR,
+            behaviour_NR=behaviour_NR,
+            versions_NR=versions_NR,
+            rewards_N=torch.tensor(cols["reward"], dtype=torch.float32),
+            group_index_N=torch.tensor([index[g] for g in cols["group_id"]], dtype=torch.long),
+            policy_version_N=torch.tensor(cols["policy_version"], dtype=torch.long),
+        )
+
+    def minibatch_rows(self, num_minibatches: int) -> list[list[int]]:
+        """Row indices of ``num_minibatches`` consecutive runs of whole groups (sizes differ by <= 1 group)."""
+        num_groups = int(self.group_index_N.max().item()) + 1 if self.num_rows else 0
+        if num_groups < num_minibatches:
+            raise ValueError(
+                f"a trainer rank got {num_groups} group(s) but trainer.batching.updates_per_batch={num_minibatches}; "
+                "each update needs whole groups on every worker: lower updates_per_batch or raise global_batch_groups"
+            )
+        bounds = [round(k * num_groups / num_minibatches) for k in range(num_minibatches + 1)]
+        gi = self.group_index_N.tolist()
+        return [[i for i in range(self.num_rows) if bounds[k] <= gi[i] < bounds[k + 1]] for k in range(num_minibatches)]
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroBatch:
+    """Padded inputs of some rows of a RankBatch."""
+
+    rows: torch.Tensor  # (B,) indices into the RankBatch
+    input_ids_BT: torch.Tensor  # (B, T) long, prompt + response, right-padded
+    attention_mask_BT: torch.Tensor | None  # (B, T) long; None when packed
+    resp_pos_BR: torch.Tensor  # (B, R) long, logits position predicting response token r (flat index when packed)
+    response_ids_BR: torch.Tensor  # (B, R) long (0 on padding)
+    dummy: bool = False
+    """A stand-in that only keeps collectives in step on a rank with fewer micro-batches: its loss weight is 0."""
+    position_ids_BT: torch.Tensor | None = None
+    """Packed layout only: positions restart at 0 for each sample (attention_mask_BT is then None)."""
+
+    @property
+    def packed(self) -> bool:
+        return self.position_ids_BT is not None
+
+    @property
+    def width(self) -> int:
+        return self.resp_pos_BR.shape[1]
+
+    def take(self, x_NR: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's rows of a response-aligned (N, R...) tensor, cut to its width."""
+        out = x_NR[self.rows]
+        return out[:, : self.width] if out.dim() > 1 else out
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return dataclasses.replace(
+            self,
+            input_ids_BT=self.input_ids_BT.to(device),
+            attention_mask_BT=move(self.attention_mask_BT),
+            resp_pos_BR=self.resp_pos_BR.to(device),
+            response_ids_BR=self.response_ids_BR.to(device),
+            position_ids_BT=move(self.position_ids_BT),
+        )
+
+
+def _build(rb: RankBatch, rows: list[int], pad_id: int, dummy: bool = False) -> MicroBatch:
+    seq_lens = [len(rb.prompt_ids[i]) + len(rb.response_ids[i]) for i in rows]
+    T = max(seq_lens)
+    R = max(max(len(rb.response_ids[i]) for i in rows), 1)
+    B = len(rows)
+    input_ids_BT = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask_BT = torch.zeros(B, T, dtype=torch.long)
+    resp_pos_BR = torch.zeros(B, R, dtype=torch.long)
+    response_ids_BR = torch.zeros(B, R, dtype=torch.long)
+    for b, i in enumerate(rows):
+        p, r = rb.prompt_ids[i], rb.response_ids[i]
+        if not p:
+            raise ValueError(f"sample row {i} has an empty prompt_ids; the first response token needs a context")
+        ids = p + r
+        input_ids_BT[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask_BT[b, : len(ids)] = 1
+        if r:
+            resp_pos_BR[b, : len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r))
+            response_ids_BR[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return MicroBatch(torch.tensor(rows, dtype=torch.long), input_ids_BT, attention_mask_BT, resp_pos_BR, response_ids_BR, dummy)
+
+
+def _build_packed(rb: RankBatch, rows: list[int]) -> MicroBatch:
+    """All ``rows`` concatenated into one sequence; positions restart per sample (no padding)."""
+    ids: list[int] = []
+    positions: list[int] = []
+    R = max(max(len(rb.response_ids[i]) for i in rows), 1)
+    resp_pos_BR = torch.zeros(len(rows), R, dtype=torch.long)
+    response_ids_BR = torch.zeros(len(rows), R, dtype=torch.long)
+    for b, i in enumerate(rows):
+        p, r = rb.prompt_ids[i], rb.response_ids[i]
+        if not p:
+            raise ValueError(f"sample row {i} has an empty prompt_ids; the first response token needs a context")
+        offset = len(ids)
+        ids += p + r
+        positions += list(range(len(p) + len(r)))
+        if r:
+            resp_pos_BR[b, : len(r)] = torch.arange(offset + len(p) - 1, offset + len(p) - 1 + len(r))
+            response_ids_BR[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return MicroBatch(
+        rows=torch.tensor(rows, dtype=torch.long),
+        input_ids_BT=torch.tensor([ids], dtype=torch.long),
+        attention_mask_BT=None,
+        resp_pos_BR=resp_pos_BR,
+        response_ids_BR=response_ids_BR,
+        position_ids_BT=torch.tensor([positions], dtype=torch.long),
+    )
+
+
+def plan_micro_batches(
+    rb: RankBatch, rows: list[int], max_tokens: int, pad_id: int, pack: bool = False
+) -> list[MicroBatch]:
+    """Group ``rows`` (longest first) into micro-batches within a token budget.
+
+    Padded (default): rows x padded length <= max_tokens. Packed: the rows' summed length
+    <= max_tokens, concatenated into one sequence. A single row longer than the budget gets a
+    micro-batch of its own (and a warning).
+    """
+    lens = {i: len(rb.prompt_ids[i]) + len(rb.response_ids[i]) for i in rows}
+    order = sorted(rows, key=lambda i: (-lens[i], i))
+    plans: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = max([lens[j] for j in current] + [lens[i]])
+        cost = sum(lens[j] for j in current) + lens[i] if pack else width * (len(current) + 1)
+        if current and cost > max_tokens:
+            plans.append(current)
+            current = []
+        if not current and lens[i] > max_tokens:
+            logger.warning(
+                "sample row %d has %d tokens, more than trainer.batching.max_tokens_per_micro_batch=%d; "
+                "it gets a micro-batch of its own", i, lens[i], max_tokens
+            )
+        current.append(i)
+    if current:
+        plans.append(current)
+    return [_build_packed(rb, p) if pack else _build(rb, p, pad_id) for p in plans]
+
+
+def dummy_micro_batch(rb: RankBatch, pad_id: int) -> MicroBatch:
+    """A one-row micro-batch with zero loss weight, to match another rank's micro-batch count."""
+    shortest = min(range(rb.num_rows), key=lambda i: len(rb.prompt_ids[i]) + len(rb.response_ids[i]))
+    return _build(rb, [shortest], pad_id, dummy=True)

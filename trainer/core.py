@@ -1,0 +1,311 @@
+"""One rank's training state and its train step (no Ray here; ``TrainerWorker`` wraps it).
+
+    pa.Table (this rank's whole groups)
+      └─ RankBatch ─► pre-pass (no grad): reference log-probs, critic values, proximal
+           │            log-probs when they cannot come from the update pass itself
+           ├─ token rewards (reward on the last loss token, minus KL penalty) ─► advantages
+           └─ for each mini-batch: micro-batches ─► forward ─► loss share ─► backward
+                                   ─► clip grad norm ─► AdamW step ─► LR scheduler step
+      version += 1 ─► metrics reduced across ranks
+
+Works alone (no process group: plain module) or as one rank of a torch.distributed group
+(FSDP2 shards; the global batch is split by ``batching.split_groups``). Loss shares are
+normalised by global token / sequence counts and the backward is scaled by the world size
+(FSDP2 averages gradients), so M ranks compute the same update as one.
+
+>>> core = TrainerCore(TrainerConfig(), "path/to/hf_model")          # doctest: +SKIP
+>>> metrics = core.train_step(table)   # pa.Table of SAMPLE_SCHEMA    # doctest: +SKIP
+>>> metrics["train/loss"], core.version                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+from slime_rl.trainer import model as model_lib
+from slime_rl.trainer.advantages import (
+    AdvantageInputs,
+    AdvantageOutputs,
+    compute_advantages,
+    place_rewards,
+)
+from slime_rl.trainer.batching import MicroBatch, RankBatch, dummy_micro_batch, plan_micro_batches
+from slime_rl.trainer.config import TrainerConfig
+from slime_rl.trainer.kl import kl_estimate
+from slime_rl.trainer.losses import LossNorm, aggregate, policy_loss, value_loss
+from slime_rl.trainer.metrics import StepMetrics
+from slime_rl.trainer.off_policy import behaviour_weight, record_mismatch, record_ratios
+from slime_rl.trainer.optim import build_optimizer, build_scheduler, clip_grad_norm
+from slime_rl.trainer.weights import WeightBucket, export_hf, iter_weight_buckets
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("group_id", "prompt_ids", "response_ids", "response_logprobs", "loss_mask", "token_versions", "reward", "policy_version")
+
+
+class TrainerCore:
+    """Model, optimizer and scheduler of one trainer rank, and its train step."""
+
+    def __init__(self, cfg: TrainerConfig, model_path: str | Path, device: torch.device | None = None) -> None:
+        self.cfg = cfg
+        self.model_path = str(model_path)
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        self.device = device or torch.device("cpu")
+        self.timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        torch.manual_seed(cfg.seed)
+        b = cfg.batching
+        self.policy = model_lib.shard(model_lib.load_policy(model_path, self.device, b.gradient_checkpointing))
+        self.optimizer = build_optimizer(self.policy.parameters(), cfg.lr, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim)
+        self.reference = None
+        if cfg.kl.coef > 0:
+            self.reference = model_lib.shard(model_lib.load_reference(cfg.kl.ref_path or model_path, self.device))
+        self.critic = self.critic_optimizer = self.critic_scheduler = None
+        if cfg.advantage.estimator == "gae":
+            self.critic = model_lib.shard(model_lib.ValueModel(model_path, self.device, b.gradient_checkpointing))
+            self.critic_optimizer = build_optimizer(self.critic.parameters(), cfg.optim.critic_lr, cfg.optim)
+            self.critic_scheduler = build_scheduler(self.critic_optimizer, cfg.optim)
+        config = self.policy.config
+        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        self.pad_id = int(pad if isinstance(pad, int) else (pad[0] if pad else 0))
+        self.step = 0
+        """Train steps completed."""
+        self.version = 0
+        """Policy version of the current weights (= train steps completed, plus any start offset)."""
+
+    # -- collectives -------------------------------------------------------------------------
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(t, dist.ReduceOp.SUM) if self.distributed else t
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(t, dist.ReduceOp.MAX) if self.distributed else t
+
+    def _all_reduce(self, t: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+        out = t.clone().to(self.device if dist.get_backend() == "nccl" else "cpu")
+        try:
+            dist.all_reduce(out, op=op, async_op=True).wait(timeout=self.timeout)
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"trainer rank {self.rank} step {self.step + 1}: all_reduce failed or exceeded trainer.timeout_s="
+                f"{self.cfg.timeout_s}s (is another trainer worker dead?): {e}"
+            ) from e
+        return out.to(t.device)
+
+    def barrier(self, what: str) -> None:
+        """Wait for every rank (an all-reduce with the trainer timeout); ``what`` names the caller in errors."""
+        if self.distributed:
+            try:
+                self.all_reduce_sum(torch.zeros(1))
+            except RuntimeError as e:
+                raise RuntimeError(f"trainer rank {self.rank} step {self.step + 1}: barrier in {what} failed: {e}") from e
+
+    # -- weights and checkpoints -------------------------------------------------------------
+    def iter_weight_buckets(self, bucket_bytes: int, include_tied: bool = False) -> Iterator[WeightBucket]:
+        """Full policy tensors in buckets tagged with the current version (collective: all ranks iterate)."""
+        return iter_weight_buckets(self.policy, self.version, bucket_bytes, include_tied)
+
+    def export_hf(self, out_dir: str | Path) -> Path | None:
+        """HF folder of the current policy (+ tokenizer from the model folder); rank 0 writes."""
+        path = export_hf(self.policy, out_dir, self.model_path, write=self.rank == 0)
+        self.barrier("export_hf")
+        return path
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Model, optimizer, scheduler, step, version, RNG (all ranks call it)."""
+        from slime_rl.trainer.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, path)
+
+    def load_checkpoint(self, path: str | Path) -> dict[str, int]:
+        """Restore what ``save_checkpoint`` wrote; returns ``{"step", "version"}``."""
+        from slime_rl.trainer.checkpoint import load_checkpoint
+
+        return load_checkpoint(self, path)
+
+    def _synced_micro_batches(self, rb: RankBatch, rows: list[int]) -> list[MicroBatch]:
+        """Micro-batches of ``rows``, padded with zero-weight stand-ins to the largest count on any rank."""
+        b = self.cfg.batching
+        mbs = plan_micro_batches(rb, rows, b.max_tokens_per_micro_batch, self.pad_id, pack=b.pack)
+        target = int(self.all_reduce_max(torch.tensor([len(mbs)], dtype=torch.long)).item())
+        mbs += [dummy_micro_batch(rb, self.pad_id) for _ in range(target - len(mbs))]
+        return [mb.to(self.device) for mb in mbs]
+
+    def _set_grad_sync(self, on: bool) -> None:
+        for m in (self.policy, self.critic):
+            if m is not None and hasattr(m, "set_requires_gradient_sync"):
+                m.set_requires_gradient_sync(on)
+
+    # -- the step ----------------------------------------------------------------------------
+    def train_step(self, table: pa.Table) -> dict[str, float]:
+        """One optimizer step (or ``updates_per_batch`` steps) on this rank's slice of the global batch."""
+        missing = [c for c in REQUIRED_COLUMNS if c not in table.schema.names]
+        if missing:
+            raise ValueError(f"trainer rank {self.rank} step {self.step + 1}: batch lacks column(s) {missing} of SAMPLE_SCHEMA")
+        if table.num_rows == 0:
+            raise ValueError(f"trainer rank {self.rank} step {self.step + 1}: got an empty batch; every rank needs whole groups")
+        start = time.perf_counter()
+        cfg = self.cfg
+        rb = RankBatch.from_table(table)
+        dev = self.device
+        mask_NR = rb.mask_NR.to(dev)
+        behaviour_NR = rb.behaviour_NR.to(dev)
+        staleness_NR = (self.version - rb.versions_NR).to(dev)
+        metrics = StepMetrics()
+        pre = self._pre_pass(rb)
+
+        # Rewards -> advantages (the KL-in-reward penalty uses the pre-update policy).
+        token_rewards_NR = place_rewards(rb.rewards_N.to(dev), mask_NR)
+        if self.reference is not None and cfg.kl.mode == "reward":
+            policy_NR = pre.get("proximal", behaviour_NR)
+            kl_NR = kl_estimate(cfg.kl.estimator, policy_NR, pre["ref"]) * mask_NR
+            token_rewards_NR = token_rewards_NR - cfg.kl.coef * kl_NR
+            metrics.add_mean("train/kl_reward_penalty", kl_NR.sum(), mask_NR.sum())
+        adv = compute_advantages(
+            cfg.advantage.estimator,
+            AdvantageInputs(token_rewards_NR, mask_NR, rb.group_index_N.to(dev), pre.get("values")),
+            cfg.advantage,
+            self.all_reduce_sum,
+        )
+        metrics.add_mean("train/reward_mean", rb.rewards_N.sum(), rb.num_rows)
+        metrics.add_mean("train/advantage_mean", (adv.advantages_BL * mask_NR).sum(), mask_NR.sum())
+        metrics.add_mean("train/response_len", sum(len(r) for r in rb.response_ids), rb.num_rows)
+        metrics.add_mean("train/loss_tokens", mask_NR.sum(), 1.0 / self.world_size)
+        all_tokens = sum(len(p) + len(r) for p, r in zip(rb.prompt_ids, rb.response_ids, strict=True))
+        metrics.add_mean("train/tokens", all_tokens, 1.0 / self.world_size)
+
+        sft_ok_N = torch.ones(rb.num_rows, device=dev)
+        if cfg.loss.sft_min_reward is not None:
+            sft_ok_N = (rb.rewards_N >= cfg.loss.sft_min_reward).float().to(dev)
+
+        grad_norm = 0.0
+        for rows in rb.minibatch_rows(cfg.batching.updates_per_batch):
+            local = torch.tensor([mask_NR[rows].sum().item(), (mask_NR[rows].sum(1) > 0).sum().item()], dtype=torch.float64)
+            n_tok, n_seq = self.all_reduce_sum(local).tolist()
+            norm = LossNorm(n_tok, n_seq)
+            mbs = self._synced_micro_batches(rb, rows)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.critic_optimizer is not None:
+                self.critic_optimizer.zero_grad(set_to_none=True)
+            loss_share = 0.0
+            for k, mb in enumerate(mbs):
+                self._set_grad_sync(k == len(mbs) - 1)
+                loss_share += self._micro_step(mb, pre, adv, mask_NR, behaviour_NR, staleness_NR, sft_ok_N, norm, metrics)
+            metrics.add_mean("train/loss", loss_share, 1.0 / self.world_size)
+            grad_norm = clip_grad_norm(self.policy.parameters(), cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            if self.critic_optimizer is not None:
+                metrics.add_max("train/critic_grad_norm", clip_grad_norm(self.critic.parameters(), cfg.optim.grad_clip))
+                self.critic_optimizer.step()
+                self.critic_scheduler.step()
+        self.step += 1
+        self.version += 1
+        out = metrics.reduce(self.all_reduce_sum, self.all_reduce_max)
+        seconds = time.perf_counter() - start
+        out.update(
+            {
+                "train/grad_norm": grad_norm,
+                "train/lr": self.scheduler.get_last_lr()[0],
+                "train/step": float(self.step),
+                "train/version": float(self.version),
+                "train/step_seconds": seconds,
+                "train/tokens_per_s": out["train/tokens"] / max(seconds, 1e-9),
+            }
+        )
+        return out
+
+    def _pre_pass(self, rb: RankBatch) -> dict[str, torch.Tensor]:
+        """No-grad forward passes over the rank's rows: ``ref``, ``values``, ``proximal`` (N, R)."""
+        cfg = self.cfg
+        want_prox = cfg.off_policy.proximal == "trainer" and (
+            cfg.batching.updates_per_batch > 1 or (self.reference is not None and cfg.kl.mode == "reward")
+        )
+        wanted = {
+            "ref": self.reference is not None,
+            "values": self.critic is not None,
+            "proximal": want_prox,
+        }
+        out = {k: torch.zeros_like(rb.behaviour_NR, device=self.device) for k, on in wanted.items() if on}
+        if not out:
+            return out
+        with torch.no_grad(), model_lib.autocast(self.device, cfg.batching.precision):
+            for mb in self._synced_micro_batches(rb, list(range(rb.num_rows))):
+                parts = {}
+                if "ref" in out:
+                    parts["ref"] = model_lib.response_logprobs(self.reference, mb, cfg.batching.temperature)[0]
+                if "values" in out:
+                    parts["values"] = model_lib.response_values(self.critic, mb)
+                if "proximal" in out:
+                    parts["proximal"] = model_lib.response_logprobs(self.policy, mb, cfg.batching.temperature)[0]
+                if mb.dummy:
+                    continue
+                for k, v_BR in parts.items():
+                    out[k][mb.rows.to(self.device), : mb.width] = v_BR.float()
+        return out
+
+    def _micro_step(
+        self,
+        mb: MicroBatch,
+        pre: dict[str, torch.Tensor],
+        adv: AdvantageOutputs,
+        mask_NR: torch.Tensor,
+        behaviour_NR: torch.Tensor,
+        staleness_NR: torch.Tensor,
+        sft_ok_N: torch.Tensor,
+        norm: LossNorm,
+        metrics: StepMetrics,
+    ) -> float:
+        """Forward + backward of one micro-batch; returns its share of the loss."""
+        cfg, lc = self.cfg, self.cfg.loss
+        rows = mb.rows.to(self.device)
+        take = lambda x_NR: x_NR[rows, : mb.width]  # noqa: E731
+        mask_BR = take(mask_NR) * (0.0 if mb.dummy else 1.0)
+        behaviour_BR = take(behaviour_NR)
+        with model_lib.autocast(self.device, cfg.batching.precision):
+            logprobs_BR, entropy_BR = model_lib.response_logprobs(
+                self.policy, mb, cfg.batching.temperature, with_entropy=True, entropy_grad=lc.entropy_coef > 0
+            )
+        if cfg.off_policy.proximal == "engine":
+            proximal_BR = behaviour_BR
+            weight_BR = torch.ones_like(behaviour_BR)
+            record_mismatch(metrics, logprobs_BR.detach(), behaviour_BR, take(staleness_NR), mask_BR)
+        else:
+            proximal_BR = take(pre["proximal"]) if "proximal" in pre else logprobs_BR.detach()
+            weight_BR = behaviour_weight(proximal_BR, behaviour_BR, cfg.off_policy.is_mode, cfg.off_policy.is_cap)
+            record_mismatch(metrics, proximal_BR, behaviour_BR, take(staleness_NR), mask_BR)
+        pg = policy_loss(lc.policy_loss, logprobs_BR, proximal_BR, take(adv.advantages_BL), mask_BR, lc)
+        record_ratios(metrics, pg.ratio_BL, weight_BR, pg.clipped_BL, pg.dual_clipped_BL, mask_BR)
+        n_tok = mask_BR.sum()
+        loss = aggregate(pg.loss_BL * weight_BR, mask_BR, lc.aggregation, norm)
+        metrics.add_mean("train/pg_loss", (pg.loss_BL * weight_BR * mask_BR).sum().detach(), n_tok)
+        metrics.add_mean("train/entropy", (entropy_BR.detach() * mask_BR).sum(), n_tok)
+        if lc.entropy_coef > 0:
+            loss = loss - lc.entropy_coef * aggregate(entropy_BR, mask_BR, lc.aggregation, norm)
+        if self.reference is not None:
+            kl_BR = kl_estimate(cfg.kl.estimator, logprobs_BR, take(pre["ref"]))
+            metrics.add_mean("train/kl", (kl_BR.detach() * mask_BR).sum(), n_tok)
+            if cfg.kl.mode == "loss":
+                loss = loss + cfg.kl.coef * aggregate(kl_BR, mask_BR, lc.aggregation, norm)
+        if lc.sft_coef > 0:
+            sft_mask_BR = mask_BR * sft_ok_N[rows][:, None]
+            loss = loss + lc.sft_coef * aggregate(-logprobs_BR, sft_mask_BR, lc.aggregation, norm)
+        metrics.add_mean("train/logprob_mean", (logprobs_BR.detach() * mask_BR).sum(), n_tok)
+        (loss * self.world_size).backward()
+        if self.critic is not None:
+            with model_lib.autocast(self.device, cfg.batching.precision):
+                values_BR = model_lib.response_values(self.critic, mb)
+            vl_BR, vclip_BR = value_loss(values_BR, take(pre["values"]), take(adv.returns_BL), lc.value_clip)
+            vloss = lc.value_coef * aggregate(vl_BR, mask_BR, lc.aggregation, norm)
+            (vloss * self.world_size).backward()
+            metrics.add_mean("train/value_loss", (vl_BR.detach() * mask_BR).sum(), n_tok)
+            metrics.add_mean("train/value_clip_frac", (vclip_BR & (mask_BR > 0)).sum(), n_tok)
+        return float(loss.detach())

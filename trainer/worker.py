@@ -1,0 +1,134 @@
+"""TrainerWorker: one Ray actor = one rank of the trainer's torch.distributed group.
+
+    TrainerGroup ──address()──► rank 0 (picks MASTER_ADDR / a free port)
+                 ──setup(addr, port)──► every rank: init_process_group (gloo on CPU, NCCL on
+                                        GPU, with trainer.timeout_s) ─► TrainerCore (FSDP2)
+                 ──train_step(global table or ObjectRef)──► every rank takes its own whole
+                                        groups (split_groups(table, M)[rank]) ─► metrics
+                 ──publish_weights / save_checkpoint / export_hf──► collectives on all ranks
+
+Errors raised here name the rank and the step; the group adds the actor.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+from slime_rl.trainer.batching import split_groups
+from slime_rl.trainer.config import TrainerConfig
+from slime_rl.trainer.core import TrainerCore
+from slime_rl.trainer.weights import WeightBucket
+
+logger = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+class TrainerWorker:
+    """Plain class; ``TrainerGroup`` turns it into a Ray actor with ``ray.remote(TrainerWorker)``."""
+
+    def __init__(self, cfg: TrainerConfig, model_path: str, rank: int, world_size: int) -> None:
+        self.cfg = cfg
+        self.model_path = str(model_path)
+        self.rank = rank
+        self.world_size = world_size
+        self.core: TrainerCore | None = None
+        torch.set_num_threads(cfg.num_threads)
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free TCP port (rank 0 hosts the rendezvous)."""
+        import ray
+
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
+        """Join the process group and load the models; returns rank, device, step and version."""
+        use_gpu = self.cfg.num_gpus_per_worker > 0
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        dist.init_process_group(
+            backend="nccl" if use_gpu else "gloo",
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=datetime.timedelta(seconds=self.cfg.timeout_s),
+        )
+        device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+        if use_gpu:
+            torch.cuda.set_device(device)
+        self.core = TrainerCore(self.cfg, self.model_path, device)
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        core = self._core()
+        return {"rank": self.rank, "device": str(core.device), "step": core.step, "version": core.version}
+
+    def _core(self) -> TrainerCore:
+        if self.core is None:
+            raise RuntimeError(f"trainer worker rank {self.rank} is not set up; call setup() first")
+        return self.core
+
+    def train_step(self, table: pa.Table) -> dict[str, float]:
+        """Train on this rank's share of the global batch ``table`` (whole groups)."""
+        core = self._core()
+        try:
+            mine = split_groups(table, self.world_size)[self.rank] if self.world_size > 1 else table
+            return core.train_step(mine)
+        except Exception as e:
+            if str(e).startswith(f"trainer rank {self.rank} "):
+                raise  # already names the rank and step
+            raise RuntimeError(f"trainer rank {self.rank} step {core.step + 1}: {type(e).__name__}: {e}") from e
+
+    def weight_buckets(self, bucket_bytes: int, include_tied: bool = False) -> list[WeightBucket] | None:
+        """All buckets of the current weights on rank 0 (None elsewhere; every rank must be called)."""
+        buckets = list(self._core().iter_weight_buckets(bucket_bytes, include_tied))
+        return buckets if self.rank == 0 else None
+
+    def publish_weights(
+        self, bucket_bytes: int, sink: Callable[[WeightBucket], Any], include_tied: bool = False
+    ) -> int:
+        """Gather bucket by bucket and call ``sink(bucket)`` on rank 0 only; returns the bucket count."""
+        count = 0
+        for bucket in self._core().iter_weight_buckets(bucket_bytes, include_tied):
+            if self.rank == 0:
+                sink(bucket)
+            count += 1
+        return count
+
+    def save_checkpoint(self, path: str) -> str:
+        return str(self._core().save_checkpoint(path))
+
+    def load_checkpoint(self, path: str) -> dict[str, int]:
+        return self._core().load_checkpoint(path)
+
+    def export_hf(self, out_dir: str) -> str | None:
+        out = self._core().export_hf(out_dir)
+        return str(out) if out is not None else None
+
+    def set_version(self, version: int) -> None:
+        """Start counting policy versions from ``version`` (e.g. to match a resumed run)."""
+        self._core().version = int(version)
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def model_dir(path: str | Path) -> str:
+    """Absolute model folder path, checked to exist (actors may run in another working dir)."""
+    p = Path(path).expanduser().resolve()
+    if not (p / "config.json").exists():
+        raise ValueError(f"model.path={path!s} has no config.json; point it at an HF model folder")
+    return str(p)
