@@ -128,7 +128,7 @@ def warm_start(
     seed: int = 0,
     progress: bool = True,
 ) -> float:
-    """Supervised warm start on reference replies; returns the last loss (EMA)."""
+    """Supervised warm start on reference replies; returns the mean loss of the last 10 steps."""
     from tqdm.auto import tqdm
 
     examples = [_sft_example(tokenizer, r) for r in rows]
@@ -139,7 +139,7 @@ def warm_start(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
     model.train()
-    ema = float("nan")
+    recent: list[float] = []
     bar = tqdm(range(steps), desc="warm start", disable=not progress)
     for _ in bar:
         batch = _collate(rng.sample(examples, batch_size), tokenizer.pad_token_id)
@@ -149,10 +149,10 @@ def warm_start(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        ema = loss.item() if math.isnan(ema) else 0.95 * ema + 0.05 * loss.item()
-        bar.set_postfix(loss=f"{ema:.3f}")
+        recent = (recent + [loss.item()])[-10:]
+        bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}")
     model.eval()
-    return ema
+    return sum(recent) / len(recent) if recent else float("nan")
 
 
 _ANSWER = re.compile(r"-?\d+")
