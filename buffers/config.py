@@ -23,5 +23,13 @@ class BufferConfig:
     """When full: `block` the writer (backpressure, up to `put_timeout_s`) or `reject` at once."""
     put_timeout_s: float = field(default=600.0, metadata={"gt": 0})
     """How long a blocked `put` waits for room before raising."""
+    get_timeout_s: float = field(default=600.0, metadata={"gt": 0})
+    """How long `get_batch` waits for enough eligible groups before raising `BufferTimeoutError`."""
     spill_dir: str | None = None
     """Write-ahead log folder: every accepted group is on disk before `put` returns. None = memory only."""
+    fsync: bool = False
+    """Also fsync the log on every put/get (survives power loss, slower); without it a killed process loses nothing."""
+    compact_min_mb: float = field(default=64.0, metadata={"ge": 0})
+    """Compact the log once it exceeds this size (MiB) and at least half of its groups have left."""
+    keep_history: bool = True
+    """Keep consumed/dropped groups (in `spill_dir/history`, or in memory without a spill_dir) so `export` writes every sample seen."""

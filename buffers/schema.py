@@ -22,11 +22,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 SCHEMA_VERSION = 1
 """Bumped whenever a column is added, removed or changes type."""
@@ -188,29 +189,36 @@ def validate_batch(data: pa.RecordBatch | pa.Table) -> None:
             raise ValueError(f"column '{field.name}' row {row} is null; the column is required")
     if data.num_rows == 0:
         return
+    # Vectorised checks; the Python walk to name the row runs only once a problem is found.
     resp_len = _list_lengths(data.column("response_ids"))
     for name in PER_TOKEN_COLUMNS:
         lens = _list_lengths(data.column(name))
-        for row, (a, b) in enumerate(zip(lens, resp_len)):
-            if a != b:
-                raise ValueError(f"column '{name}' row {row} has {a} entries but response_ids has {b}; per-token columns need one entry per response token")
-    for row, r in enumerate(data.column("reward").to_pylist()):
-        if not math.isfinite(r):
-            raise ValueError(f"column 'reward' row {row} is {r}; rewards must be finite numbers")
+        bad = np.flatnonzero(lens != resp_len)
+        if bad.size:
+            row = int(bad[0])
+            raise ValueError(f"column '{name}' row {row} has {lens[row]} entries but response_ids has {resp_len[row]}; per-token columns need one entry per response token")
+    for name in ("prompt_ids", "response_ids", *PER_TOKEN_COLUMNS):
+        col = data.column(name)
+        if pc.list_flatten(col).null_count:
+            row = next(i for i, v in enumerate(col.to_pylist()) if None in v)
+            raise ValueError(f"column '{name}' row {row} holds a null entry; token and log-prob lists must be fully filled")
+    rewards = data.column("reward").to_numpy()
+    bad = np.flatnonzero(~np.isfinite(rewards))
+    if bad.size:
+        row = int(bad[0])
+        raise ValueError(f"column 'reward' row {row} is {float(rewards[row])}; rewards must be finite numbers")
     for name, allowed in _ENUM_COLUMNS.items():
-        for row, v in enumerate(data.column(name).to_pylist()):
-            if v not in allowed:
-                raise ValueError(f"column '{name}' row {row} is {v!r}; allowed: {sorted(allowed)}")
+        col = data.column(name)
+        if not set(pc.unique(col).to_pylist()) <= allowed:
+            for row, v in enumerate(col.to_pylist()):
+                if v not in allowed:
+                    raise ValueError(f"column '{name}' row {row} is {v!r}; allowed: {sorted(allowed)}")
 
 
-def _list_lengths(col: pa.ChunkedArray | pa.Array) -> list[int]:
-    import pyarrow.compute as pc
-
-    return pc.list_value_length(col).to_pylist()
+def _list_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return np.asarray(pc.list_value_length(col).to_numpy(zero_copy_only=False))
 
 
 def _first_null(col: pa.ChunkedArray | pa.Array) -> int:
-    import pyarrow.compute as pc
-
     mask = pc.is_null(col).to_pylist()
     return mask.index(True)
