@@ -32,9 +32,28 @@ class RolloutConfig:
     """Stop strings (not included in the response)."""
     stop_token_ids: list[int] = field(default_factory=list)
     """Extra stop token ids besides the tokenizer's EOS."""
-    dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16", "float16")})
+    dtype: str = field(
+        default="auto", metadata={"choices": ("auto", "float32", "bfloat16", "float16")}
+    )
     """Engine weights dtype; `auto` = float32 on CPU, bfloat16 on GPU."""
     kv_cache_gb: float = field(default=1.0, metadata={"gt": 0})
     """KV-cache memory per engine in GiB (vLLM on CPU needs it set explicitly)."""
+    max_batch_size: int = field(default=64, metadata={"ge": 1})
+    """Most requests decoded together per engine (hf wave size; vLLM `max_num_seqs`)."""
+    max_model_len: int = field(default=0, metadata={"ge": 0})
+    """Longest prompt + response in tokens; 0 = the model's own limit."""
+    seed: int = 0
+    """Engine seed for requests that carry none (requests with a seed repeat exactly)."""
+    cpu_threads: int = field(default=0, metadata={"ge": 0})
+    """Torch/OpenMP threads per engine on CPU; 0 = leave the default. 1 avoids spin-wait
+    slowdowns when engines share a busy CPU (vLLM's core binding is then switched off)."""
+    enable_prefix_caching: bool = True
+    """Reuse KV blocks of shared prompt prefixes (vllm; reset after every weight update)."""
+    weight_update_mode: str = field(default="keep", metadata={"choices": ("keep", "wait", "abort")})
+    """What a weight commit does with requests in flight: `keep` (pause them, load, continue
+    with the new weights; per-token versions record the switch), `wait` (let them finish
+    first), `abort` (return them partial with finish_reason=abort)."""
+    weight_update_timeout_s: float = field(default=300.0, metadata={"gt": 0})
+    """Longest a weight commit may take in an engine actor before it raises TimeoutError."""
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments passed to the backend's engine constructor."""

@@ -1,0 +1,229 @@
+"""The rollout-engine protocol: typed requests and results, and the weight-update contract.
+
+    GenerateRequest ──► engine.generate() ──► GenerateResult
+      (prompt ids,          │  many at once       (token ids, log-probs of the sampled tokens,
+       SamplingParams)      │                      finish reason, weight version per token)
+                            ▼
+    trainer buckets ──► begin_weight_update(v) → load_weight_bucket(b)… → commit_weight_update()
+                        (staged; applied between decode steps at commit, then version = v)
+
+Every backend (`hf`, `vllm`, `sglang`) implements `RolloutEngine`; `create_engine` in
+`registry.py` builds one by name. Log-probs are those of the *raw* model distribution
+(temperature 1, no top-k/top-p), i.e. what a teacher-forced forward pass of the trainer gives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+NamedTensors = Iterable[tuple[str, torch.Tensor]]
+"""A (part of a) state dict as `(name, tensor)` pairs, HF parameter names."""
+
+
+class FinishReason(str, enum.Enum):
+    """Why a generation ended."""
+
+    STOP = "stop"
+    """EOS, a stop token id or a stop string (the token that completed it is kept)."""
+    LENGTH = "length"
+    """`max_new_tokens` reached (or the model's context is full)."""
+    ABORT = "abort"
+    """Aborted (`abort`, `pause(mode="abort")`, shutdown): the tokens so far are returned."""
+
+
+class PauseMode(str, enum.Enum):
+    """What `pause` (and a weight commit) does with requests in flight."""
+
+    KEEP = "keep"
+    """Freeze them; they continue after `resume` (with the new weights, if any were loaded)."""
+    WAIT = "wait"
+    """Admit nothing new and let the running ones finish first."""
+    ABORT = "abort"
+    """Abort them; their callers get partial results with `finish_reason=abort`."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Sampling of one request. `temperature=0` (or `top_k=1`) is greedy."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    """-1 (or 0) disables top-k."""
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    """Stop strings: generation ends at the token whose text completes one."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end generation besides EOS (the stop token is kept in `token_ids`)."""
+    seed: int | None = None
+    """Per-request seed: the same seed, prompt and weights give the same tokens."""
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(
+                f"SamplingParams.temperature={self.temperature} must be >= 0 (0 = greedy)"
+            )
+        if not 0 < self.top_p <= 1:
+            raise ValueError(
+                f"SamplingParams.top_p={self.top_p} must be in (0, 1]; use 1 to disable"
+            )
+        if self.top_k < -1:
+            raise ValueError(f"SamplingParams.top_k={self.top_k} must be -1 (off) or >= 0")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens={self.max_new_tokens} must be >= 1")
+        # Lists from configs become tuples so the params stay hashable and frozen.
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    """One prompt to complete. `request_id` must be unique among the requests in flight."""
+
+    request_id: str
+    prompt_token_ids: Sequence[int]
+    sampling: SamplingParams = SamplingParams()
+
+    def __post_init__(self) -> None:
+        if not self.prompt_token_ids:
+            raise ValueError(f"GenerateRequest {self.request_id!r}: prompt_token_ids is empty")
+        object.__setattr__(self, "prompt_token_ids", tuple(int(t) for t in self.prompt_token_ids))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GenerateResult:
+    """What one request produced. `logprobs[i]` is the raw log-prob of `token_ids[i]`."""
+
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason
+    weight_versions: list[int]
+    """Weight version that generated each token (differs within a request only if weights
+    were committed with `PauseMode.KEEP` while it ran)."""
+    version_start: int
+    """Engine weight version when the request was admitted."""
+    version_end: int
+    """Engine weight version when it finished."""
+    stop_reason: str | int | None = None
+    """The stop string or stop token id that ended it (None for EOS, length, abort)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EngineHealth:
+    """A snapshot of an engine's state."""
+
+    ok: bool
+    backend: str
+    version: int
+    paused: bool
+    num_running: int
+    num_waiting: int
+    detail: str = ""
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """The contract every backend implements (all methods are coroutines).
+
+    Example:
+        >>> engine = create_engine("hf", "/path/to/model")            # doctest: +SKIP
+        >>> req = GenerateRequest("r0", [1, 2, 3], SamplingParams(max_new_tokens=8, seed=0))
+        >>> result = await engine.generate(req)                        # doctest: +SKIP
+        >>> await engine.update_weights(1, model_b.state_dict().items())  # doctest: +SKIP
+        >>> await engine.shutdown()                                    # doctest: +SKIP
+    """
+
+    backend: str
+
+    @property
+    def version(self) -> int: ...
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        """Complete one prompt; many calls may run concurrently (they are batched)."""
+        ...
+
+    async def generate_many(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+        """Complete many prompts concurrently; results in request order."""
+        ...
+
+    async def abort(self, request_ids: Sequence[str]) -> list[GenerateResult]:
+        """Abort requests in flight; returns their partial results (unknown ids are skipped)."""
+        ...
+
+    async def progress(self, request_ids: Sequence[str]) -> dict[str, int]:
+        """Tokens generated so far by each of these requests that is still in flight."""
+        ...
+
+    async def pause(self, mode: PauseMode | str = PauseMode.KEEP) -> None: ...
+
+    async def resume(self) -> None: ...
+
+    async def begin_weight_update(self, version: int) -> None:
+        """Open a staged update to `version` (generation continues meanwhile)."""
+        ...
+
+    async def load_weight_bucket(self, bucket: NamedTensors) -> int:
+        """Stage one bucket of named tensors; returns the number staged so far."""
+        ...
+
+    async def commit_weight_update(self, mode: PauseMode | str = PauseMode.KEEP) -> int:
+        """Pause (per `mode`), apply the staged full state dict, reset caches, set the version,
+        resume. Returns the new version."""
+        ...
+
+    async def update_weights(
+        self,
+        version: int,
+        named_tensors: NamedTensors | Mapping[str, torch.Tensor],
+        mode: PauseMode | str = PauseMode.KEEP,
+    ) -> int:
+        """begin + one bucket + commit."""
+        ...
+
+    async def health(self) -> EngineHealth: ...
+
+    async def shutdown(self) -> None:
+        """Abort everything, free the model and caches; the engine is unusable afterwards."""
+        ...
+
+
+def as_named_tensors(tensors: Any) -> list[tuple[str, torch.Tensor]]:
+    """Normalise a dict, an iterable of `(name, tensor)` pairs, or a bucket object with a
+    `named_tensors()` method (the trainer's `WeightBucket`) to a list of pairs."""
+    if hasattr(tensors, "named_tensors"):
+        tensors = tensors.named_tensors()
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    out: list[tuple[str, torch.Tensor]] = []
+    for pair in items:
+        name, tensor = pair
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(
+                f"weight {name!r} is a {type(tensor).__name__}, expected a torch.Tensor"
+            )
+        out.append((str(name), tensor))
+    return out
+
+
+def sampling_from_config(cfg: Any, **overrides: Any) -> SamplingParams:
+    """`SamplingParams` from a `RolloutConfig` (or anything with the same fields)."""
+    fields = {
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "top_k": cfg.top_k,
+        "max_new_tokens": cfg.max_new_tokens,
+        "stop": tuple(cfg.stop),
+        "stop_token_ids": tuple(cfg.stop_token_ids),
+    }
+    fields.update(overrides)
+    return SamplingParams(**fields)

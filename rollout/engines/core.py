@@ -1,0 +1,334 @@
+"""Shared async driver for engines that advance by synchronous decode steps (hf, vllm).
+
+    generate() ──► pending ──► _loop (asyncio task) ──► backend thread (one worker):
+                                 │  admit pending        backend_add(requests)
+                                 │  step                 backend_step() -> [StepDelta]
+    abort()/pause()/commit() ───►│  between steps:       backend_abort(ids), backend_load(weights)
+                                 ▼
+                      futures resolved with GenerateResult (tokens tagged with the version
+                      that was live during the step that produced them)
+
+All backend calls run on one dedicated thread, so the backend never sees two calls at once
+and the event loop (a Ray asyncio actor's) stays responsive while a step computes. Weights
+are applied only while no step runs, which makes the per-token versions exact.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+from slime_rl.rollout.engines.base import (
+    EngineHealth,
+    FinishReason,
+    GenerateRequest,
+    GenerateResult,
+    NamedTensors,
+    PauseMode,
+    as_named_tensors,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(slots=True)
+class StepDelta:
+    """New tokens of one request from one backend step."""
+
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class _Live:
+    request: GenerateRequest
+    future: asyncio.Future
+    version_start: int
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    versions: list[int] = dataclasses.field(default_factory=list)
+    admitted: bool = False
+
+    def finish(
+        self, version: int, reason: FinishReason, stop_reason: str | int | None = None
+    ) -> GenerateResult:
+        result = GenerateResult(
+            request_id=self.request.request_id,
+            token_ids=list(self.token_ids),
+            logprobs=list(self.logprobs),
+            finish_reason=reason,
+            weight_versions=list(self.versions),
+            version_start=self.version_start,
+            version_end=version,
+            stop_reason=stop_reason,
+        )
+        if not self.future.done():
+            self.future.set_result(result)
+        return result
+
+
+class SteppedEngine(abc.ABC):
+    """Implements `RolloutEngine` on top of five synchronous backend hooks."""
+
+    backend: str = "?"
+
+    def __init__(self) -> None:
+        self._version = 0
+        self._live: dict[str, _Live] = {}
+        self._pending: list[str] = []
+        self._paused_by: set[str] = set()  # "user" and/or "update"
+        self._draining = False
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._thread = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"{self.backend}-engine"
+        )
+        self._loop_task: asyncio.Task | None = None
+        self._staged: list[tuple[str, torch.Tensor]] | None = None
+        self._staged_version: int | None = None
+        self._update_lock = asyncio.Lock()
+        self._error: BaseException | None = None
+        self._closed = False
+
+    # ---- backend hooks (run on the engine thread) -------------------------------------------
+    @abc.abstractmethod
+    def backend_add(self, requests: list[GenerateRequest]) -> None: ...
+
+    @abc.abstractmethod
+    def backend_step(self) -> list[StepDelta]: ...
+
+    @abc.abstractmethod
+    def backend_abort(self, request_ids: list[str]) -> None: ...
+
+    @abc.abstractmethod
+    def backend_load(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        """Load a full state dict into the model and invalidate every cache derived from it."""
+
+    @abc.abstractmethod
+    def backend_close(self) -> None: ...
+
+    # ---- protocol ------------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return self._version
+
+    async def _call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self.backend} engine is shut down; create a new one")
+        if self._error is not None:
+            raise RuntimeError(
+                f"{self.backend} engine failed earlier: {self._error!r}"
+            ) from self._error
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        self._check_usable()
+        if request.request_id in self._live:
+            raise ValueError(
+                f"request_id {request.request_id!r} is already in flight; ids must be unique"
+            )
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+        live = _Live(request, asyncio.get_running_loop().create_future(), self._version)
+        self._live[request.request_id] = live
+        self._pending.append(request.request_id)
+        self._wake.set()
+        try:
+            return await asyncio.shield(live.future)
+        except asyncio.CancelledError:  # the caller gave up: free the slot
+            if request.request_id in self._live:
+                asyncio.get_running_loop().create_task(self.abort([request.request_id]))
+            raise
+
+    async def generate_many(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+        return list(await asyncio.gather(*(self.generate(r) for r in requests)))
+
+    async def abort(self, request_ids: Sequence[str]) -> list[GenerateResult]:
+        lives = [self._live[r] for r in request_ids if r in self._live]
+        if not lives:
+            return []
+        admitted = [lv.request.request_id for lv in lives if lv.admitted]
+        for lv in lives:
+            if lv.request.request_id in self._pending:
+                self._pending.remove(lv.request.request_id)
+        if admitted:
+            await self._call(self.backend_abort, admitted)
+        results = []
+        for lv in lives:
+            self._live.pop(lv.request.request_id, None)
+            # A request that finished during the last step keeps its real result.
+            results.append(
+                lv.future.result()
+                if lv.future.done()
+                else lv.finish(self._version, FinishReason.ABORT)
+            )
+        return results
+
+    async def progress(self, request_ids: Sequence[str]) -> dict[str, int]:
+        return {r: len(self._live[r].token_ids) for r in request_ids if r in self._live}
+
+    async def pause(self, mode: PauseMode | str = PauseMode.KEEP) -> None:
+        await self._pause(PauseMode(mode), "user")
+
+    async def resume(self) -> None:
+        self._paused_by.discard("user")
+        self._wake.set()
+
+    async def _pause(self, mode: PauseMode, who: str) -> None:
+        if mode is PauseMode.WAIT and not self._paused_by:  # (already paused: nothing can drain)
+            self._draining = True
+            try:
+                while any(lv.admitted for lv in self._live.values()) and self._error is None:
+                    self._idle.clear()
+                    self._wake.set()
+                    await self._idle.wait()
+            finally:
+                self._draining = False
+                self._wake.set()  # requests that queued meanwhile may start now
+        self._paused_by.add(who)
+        self._wake.set()
+        if mode is PauseMode.ABORT:
+            await self.abort([r for r, lv in self._live.items() if lv.admitted])
+        # Wait for the step that may be running to end: afterwards no step runs until resume.
+        await self._call(lambda: None)
+
+    async def begin_weight_update(self, version: int) -> None:
+        self._check_usable()
+        if self._staged is not None:
+            logger.warning(
+                "%s: dropping an uncommitted weight update to version %s",
+                self.backend,
+                self._staged_version,
+            )
+        self._staged, self._staged_version = [], int(version)
+
+    async def load_weight_bucket(self, bucket: NamedTensors | Mapping[str, torch.Tensor]) -> int:
+        if self._staged is None:
+            raise RuntimeError("load_weight_bucket before begin_weight_update(version)")
+        self._staged.extend(as_named_tensors(bucket))
+        return len(self._staged)
+
+    async def commit_weight_update(self, mode: PauseMode | str = PauseMode.KEEP) -> int:
+        self._check_usable()
+        if self._staged is None or self._staged_version is None:
+            raise RuntimeError("commit_weight_update before begin_weight_update(version)")
+        if not self._staged:
+            raise ValueError(f"weight update to version {self._staged_version} has no tensors")
+        staged, version = self._staged, self._staged_version
+        self._staged = self._staged_version = None
+        async with self._update_lock:
+            try:
+                await self._pause(PauseMode(mode), "update")
+                # Shielded: once loading starts, the version must follow the weights even if
+                # the caller times out.
+                await asyncio.shield(self._apply(staged, version))
+            finally:
+                self._paused_by.discard("update")
+                self._wake.set()
+        logger.info("%s: weights at version %d (%d tensors)", self.backend, version, len(staged))
+        return version
+
+    async def _apply(self, staged: list[tuple[str, torch.Tensor]], version: int) -> None:
+        await self._call(self.backend_load, staged)
+        self._version = version
+
+    async def update_weights(
+        self,
+        version: int,
+        named_tensors: NamedTensors | Mapping[str, torch.Tensor],
+        mode: PauseMode | str = PauseMode.KEEP,
+    ) -> int:
+        await self.begin_weight_update(version)
+        await self.load_weight_bucket(named_tensors)
+        return await self.commit_weight_update(mode)
+
+    async def health(self) -> EngineHealth:
+        running = sum(lv.admitted for lv in self._live.values())
+        return EngineHealth(
+            ok=self._error is None and not self._closed,
+            backend=self.backend,
+            version=self._version,
+            paused=bool(self._paused_by),
+            num_running=running,
+            num_waiting=len(self._live) - running,
+            detail=repr(self._error) if self._error else ("shut down" if self._closed else ""),
+        )
+
+    async def shutdown(self) -> None:
+        if self._closed:
+            return
+        await self.abort(list(self._live))
+        self._closed = True
+        self._wake.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        await self._call(self.backend_close)
+        self._thread.shutdown(wait=True)
+
+    def _admit(self, requests: list[GenerateRequest]) -> list[tuple[str, Exception]]:
+        failed = []
+        for r in requests:
+            try:
+                self.backend_add([r])
+            except Exception as e:  # rejected at admission (e.g. too long): backend untouched
+                failed.append((r.request_id, e))
+        return failed
+
+    # ---- the loop ------------------------------------------------------------------------------
+    async def _run_loop(self) -> None:
+        while not self._closed:
+            running = any(lv.admitted for lv in self._live.values())
+            can_admit = bool(self._pending) and not self._paused_by and not self._draining
+            if self._paused_by or not (running or can_admit):
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                if can_admit:
+                    batch = [self._live[r] for r in self._pending]
+                    self._pending.clear()
+                    for lv in batch:
+                        lv.admitted = True
+                        lv.version_start = self._version
+                    failed = await self._call(self._admit, [lv.request for lv in batch])
+                    for rid, err in failed:  # a bad request fails alone, not the engine
+                        lv = self._live.pop(rid, None)
+                        if lv is not None and not lv.future.done():
+                            lv.future.set_exception(err)
+                deltas = await self._call(self.backend_step)
+            except Exception as e:  # the backend is in an unknown state: fail loudly, once
+                logger.exception("%s engine step failed", self.backend)
+                self._error = e
+                for lv in list(self._live.values()):
+                    if not lv.future.done():
+                        lv.future.set_exception(
+                            RuntimeError(f"{self.backend} engine failed: {e!r}")
+                        )
+                self._live.clear()
+                self._idle.set()
+                return
+            version = self._version
+            for d in deltas:
+                lv = self._live.get(d.request_id)
+                if lv is None:  # aborted while the step ran
+                    continue
+                lv.token_ids.extend(d.token_ids)
+                lv.logprobs.extend(d.logprobs)
+                lv.versions.extend([version] * len(d.token_ids))
+                if d.finish_reason is not None:
+                    del self._live[d.request_id]
+                    lv.finish(version, d.finish_reason, d.stop_reason)
+            await asyncio.sleep(0)  # let callers run (abort, pause) between steps
+        self._idle.set()

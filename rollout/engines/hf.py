@@ -1,0 +1,245 @@
+"""`hf` engine: transformers + torch, batched sampling with a KV cache; the reference backend.
+
+    waiting requests ──► wave (≤ max_batch_size, prompts left-padded) ──► prefill ─► sample
+                                    ▲                                       │
+                                    └──── next wave when all rows ended ◄── decode step ◄┘
+                                          (finished/aborted rows are pruned from the cache)
+
+A wave admits no newcomers (static batching), which keeps the code small and the numerics
+simple; the vllm backend is the one with continuous batching. Works wherever torch works.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import random
+from pathlib import Path
+
+import torch
+from slime_rl.rollout.engines.base import FinishReason, GenerateRequest
+from slime_rl.rollout.engines.core import StepDelta, SteppedEngine
+from slime_rl.rollout.engines.sampling import StopChecker, sample_next
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "auto": None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclasses.dataclass(slots=True)
+class _Row:
+    request: GenerateRequest
+    generator: torch.Generator
+    stop: StopChecker
+    generated: list[int] = dataclasses.field(default_factory=list)
+
+
+class HFEngine(SteppedEngine):
+    """Rollout engine on a transformers causal LM.
+
+    Example:
+        >>> engine = HFEngine("/path/to/model")                       # doctest: +SKIP
+        >>> res = await engine.generate(GenerateRequest("r0", [5, 6, 7]))  # doctest: +SKIP
+        >>> res.token_ids, res.logprobs, res.finish_reason            # doctest: +SKIP
+    """
+
+    backend = "hf"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        dtype: str = "auto",
+        device: str | None = None,
+        max_batch_size: int = 64,
+        seed: int = 0,
+        attn_implementation: str = "eager",
+        num_threads: int | None = None,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        super().__init__()
+        if num_threads is not None:
+            # On a busy CPU, torch's default of one OpenMP thread per core can be >10x slower
+            # for a tiny model than one thread (spin-waiting on descheduled threads).
+            # (torch._C directly: an in-process vLLM engine replaces torch.set_num_threads.)
+            torch._C.set_num_threads(num_threads)
+        if dtype not in _DTYPES:
+            raise ValueError(f"hf engine: dtype={dtype!r}; choose one of {sorted(_DTYPES)}")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch_dtype = _DTYPES[dtype] or (
+            torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        )
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch_dtype, attn_implementation=attn_implementation
+        ).to(self.device)
+        self.model.eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        eos: set[int] = set()
+        try:
+            gen_eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+        except OSError:
+            gen_eos = None
+        for e in (gen_eos, self.model.config.eos_token_id, self.tokenizer.eos_token_id):
+            eos.update([e] if isinstance(e, int) else (e or []))
+        self.eos_token_ids = sorted(eos)
+        self.pad_token_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        )
+        self.max_model_len = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
+        self.max_batch_size = max_batch_size
+        self._rng = random.Random(seed)
+        self._waiting: collections.deque[GenerateRequest] = collections.deque()
+        self._rows: list[_Row] = []
+        self._seq_BT: torch.Tensor | None = (
+            None  # every token so far; the last one not yet in the cache
+        )
+        self._mask_BT: torch.Tensor | None = None
+        self._cache = None
+
+    # ---- backend hooks ------------------------------------------------------------------------
+    def backend_add(self, requests: list[GenerateRequest]) -> None:
+        for r in requests:
+            if len(r.prompt_token_ids) >= self.max_model_len:
+                raise ValueError(
+                    f"request {r.request_id!r}: prompt of {len(r.prompt_token_ids)} tokens does not fit "
+                    f"the model's {self.max_model_len} positions"
+                )
+        self._waiting.extend(requests)
+
+    def backend_abort(self, request_ids: list[str]) -> None:
+        ids = set(request_ids)
+        self._waiting = collections.deque(r for r in self._waiting if r.request_id not in ids)
+        keep = [i for i, row in enumerate(self._rows) if row.request.request_id not in ids]
+        if len(keep) != len(self._rows):
+            self._select(keep)
+
+    @torch.no_grad()
+    def backend_step(self) -> list[StepDelta]:
+        if not self._rows:
+            if not self._waiting:
+                return []
+            logits_BV = self._start_wave()
+        else:
+            logits_BV = self._forward_last()
+        tokens_B, logprobs_B = sample_next(
+            logits_BV, [r.request.sampling for r in self._rows], [r.generator for r in self._rows]
+        )
+        self._seq_BT = torch.cat([self._seq_BT, tokens_B[:, None].to(self.device)], dim=1)
+        self._mask_BT = torch.cat([self._mask_BT, torch.ones_like(self._mask_BT[:, :1])], dim=1)
+        deltas, keep = [], []
+        for i, row in enumerate(self._rows):
+            tok = int(tokens_B[i])
+            row.generated.append(tok)
+            done, stop_reason = row.stop.check(row.generated)
+            reason = FinishReason.STOP if done else None
+            total = len(row.request.prompt_token_ids) + len(row.generated)
+            if reason is None and (
+                len(row.generated) >= row.request.sampling.max_new_tokens
+                or total >= self.max_model_len
+            ):
+                reason = FinishReason.LENGTH
+            deltas.append(
+                StepDelta(
+                    row.request.request_id, [tok], [float(logprobs_B[i])], reason, stop_reason
+                )
+            )
+            if reason is None:
+                keep.append(i)
+        if len(keep) != len(self._rows):
+            self._select(keep)
+        return deltas
+
+    def backend_load(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        targets = self.model.state_dict(keep_vars=True)
+        unknown = [n for n, _ in named_tensors if n not in targets]
+        if unknown:
+            raise ValueError(f"hf engine: weights {unknown[:5]} are not parameters of the model")
+        covered: set[int] = set()
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                param = targets[name]
+                if tuple(param.shape) != tuple(tensor.shape):
+                    raise ValueError(
+                        f"hf engine: weight {name!r} has shape {tuple(tensor.shape)}, model has {tuple(param.shape)}"
+                    )
+                param.data.copy_(tensor.to(device=param.device, dtype=param.dtype))
+                covered.add(id(param))
+        missing = sorted({n for n, p in targets.items() if id(p) not in covered})
+        if missing:
+            raise ValueError(
+                f"hf engine: the update misses {missing[:5]}...; send the full state dict "
+                "(partial updates are refused, as on vllm)"
+            )
+        if self._rows:  # rows kept across the update: recompute their cache with the new weights
+            self._cache = self._prefill(self._seq_BT[:, :-1], self._mask_BT[:, :-1])[1]
+
+    def backend_close(self) -> None:
+        self._rows, self._waiting, self._cache = [], collections.deque(), None
+        self._seq_BT = self._mask_BT = None
+        del self.model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _prefill(self, seq_BT: torch.Tensor, mask_BT: torch.Tensor):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        pos_BT = (mask_BT.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=seq_BT,
+            attention_mask=mask_BT,
+            position_ids=pos_BT,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1, :], out.past_key_values
+
+    def _start_wave(self) -> torch.Tensor:
+        batch = [
+            self._waiting.popleft() for _ in range(min(self.max_batch_size, len(self._waiting)))
+        ]
+        width = max(len(r.prompt_token_ids) for r in batch)
+        seq_BT = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)
+        mask_BT = torch.zeros((len(batch), width), dtype=torch.long)
+        self._rows = []
+        for i, r in enumerate(batch):
+            n = len(r.prompt_token_ids)
+            seq_BT[i, width - n :] = torch.tensor(r.prompt_token_ids)
+            mask_BT[i, width - n :] = 1
+            seed = r.sampling.seed if r.sampling.seed is not None else self._rng.getrandbits(63)
+            gen = torch.Generator().manual_seed(seed)
+            self._rows.append(
+                _Row(r, gen, StopChecker(r.sampling, self.eos_token_ids, self.tokenizer))
+            )
+        self._seq_BT, self._mask_BT = seq_BT.to(self.device), mask_BT.to(self.device)
+        logits_BV, self._cache = self._prefill(self._seq_BT, self._mask_BT)
+        return logits_BV
+
+    def _forward_last(self) -> torch.Tensor:
+        pos_B1 = self._mask_BT.sum(-1, keepdim=True) - 1
+        out = self.model(
+            input_ids=self._seq_BT[:, -1:],
+            attention_mask=self._mask_BT,
+            position_ids=pos_B1,
+            past_key_values=self._cache,
+            use_cache=True,
+        )
+        self._cache = out.past_key_values
+        return out.logits[:, -1, :]
+
+    def _select(self, keep: list[int]) -> None:
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._seq_BT = self._mask_BT = self._cache = None
+            return
+        idx = torch.tensor(keep, device=self.device)
+        self._seq_BT, self._mask_BT = self._seq_BT[idx], self._mask_BT[idx]
+        self._cache.batch_select_indices(idx)

@@ -1,0 +1,128 @@
+"""EngineActor end to end (hf backend): concurrent generation, bucketed/ObjectRef weight
+updates from a publisher, timeouts that name the actor, health and shutdown."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+from slime_rl.rollout.config import RolloutConfig
+from slime_rl.rollout.engines import FinishReason, GenerateRequest, PauseMode, SamplingParams
+from slime_rl.rollout.engines.actor import (
+    ActorClient,
+    start_engine_actor,
+    start_engine_actor_from_config,
+)
+from slime_rl.rollout.engines.conformance import (
+    check_logprobs_match,
+    load_reference,
+    make_prompts,
+    wait_for_tokens,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir, tiny_model_dir_b):
+    return {"a": load_reference(tiny_model_dir), "b": load_reference(tiny_model_dir_b)}
+
+
+@pytest.fixture(scope="module")
+def client(ray_cluster, tiny_model_dir):
+    handle = start_engine_actor(
+        "hf",
+        tiny_model_dir,
+        name="test-engine-actor",
+        num_cpus=0,
+        num_threads=1,
+        weight_update_timeout_s=1.0,
+    )
+    c = ActorClient(handle, timeout_s=120)
+    yield c
+    c.close()
+
+
+def test_concurrent_generation_through_the_actor(client, models):
+    prompts = make_prompts(10, models["a"].config.vocab_size, seed=1)
+    results = check_logprobs_match(client, models["a"], prompts, "actor")
+    assert [r.request_id for r in results] == [f"actor-{i}" for i in range(10)]
+    health = client.health()
+    assert health.ok and health.backend == "hf" and health.num_running == 0
+
+
+def test_publisher_paths_load_weights(client, models):
+    """Three ways a weight publisher can feed the actor; each must land the full model."""
+    prompts = make_prompts(3, models["a"].config.vocab_size, seed=2)
+    items_b = list(models["b"].state_dict().items())
+    items_a = list(models["a"].state_dict().items())
+    h = client.handle
+    # 1. one ObjectRef of a whole state dict
+    assert ray.get(h.update_weights.remote(1, ray.put(dict(items_b))), timeout=60) == 1
+    check_logprobs_match(client, models["b"], prompts, "ref-dict")
+    # 2. a list of buckets (plain lists of (name, tensor))
+    buckets = [items_a[i : i + 10] for i in range(0, len(items_a), 10)]
+    assert ray.get(h.update_weights.remote(2, buckets), timeout=60) == 2
+    check_logprobs_match(client, models["a"], prompts, "bucket-list")
+    # 3. begin / load_bucket(ObjectRef) / commit, as a streaming publisher would
+    ray.get(h.begin_weight_update.remote(3), timeout=30)
+    for i in range(0, len(items_b), 10):
+        ray.get(h.load_weight_bucket.remote(ray.put(items_b[i : i + 10])), timeout=30)
+    assert client.version() == 2, "staged buckets must not change the live weights"
+    assert ray.get(h.commit_weight_update.remote("keep"), timeout=60) == 3
+    check_logprobs_match(client, models["b"], prompts, "trio")
+    assert client.version() == 3
+
+
+def test_trainer_weight_bucket_stream(client, models):
+    """The trainer's `WeightBucket`s (tied lm_head left out) fed one by one to receive_bucket."""
+    from slime_rl.trainer.weights import WeightBucket
+
+    state = {k: t for k, t in models["b"].state_dict().items() if k != "lm_head.weight"}
+    names = list(state)
+    chunks = [names[i : i + 12] for i in range(0, len(names), 12)]
+    v = client.version() + 1
+    h = client.handle
+    returned = [
+        ray.get(
+            h.receive_bucket.remote(WeightBucket(v, i, len(chunks), c, [state[n] for n in c])),
+            timeout=60,
+        )
+        for i, c in enumerate(chunks)
+    ]
+    assert returned == [None] * (len(chunks) - 1) + [v]
+    check_logprobs_match(
+        client, models["b"], make_prompts(2, models["a"].config.vocab_size, seed=4), "stream"
+    )
+    stray = WeightBucket(v + 5, 1, 2, names[:1], [state[names[0]]])
+    with pytest.raises(
+        ray.exceptions.RayTaskError, match="load_weight_bucket before begin_weight_update"
+    ):
+        ray.get(h.receive_bucket.remote(stray), timeout=30)
+
+
+def test_commit_timeout_names_actor_and_version(client, models):
+    prompt = make_prompts(1, models["a"].config.vocab_size, seed=3)[0]
+    long = SamplingParams(max_new_tokens=1000, ignore_eos=True)
+    fut = client.submit_generate(GenerateRequest("long", prompt, long))
+    wait_for_tokens(client, "long", 1)
+    v = client.version()
+    with pytest.raises(
+        TimeoutError, match=rf"test-engine-actor.*version {v + 1}.*weight_update_timeout_s"
+    ):
+        client.update_weights(v + 1, models["a"].state_dict(), PauseMode.WAIT)  # waits for "long"
+    assert client.version() == v and client.health().ok
+    assert client.abort(["long"])[0].finish_reason is FinishReason.ABORT
+    assert fut.result(timeout=30).finish_reason is FinishReason.ABORT
+    assert client.update_weights(v + 1, models["a"].state_dict(), PauseMode.WAIT) == v + 1
+
+
+def test_shutdown_ends_the_engine(ray_cluster, tiny_model_dir):
+    cfg = RolloutConfig(engine="hf", cpu_threads=1, max_batch_size=4)
+    c = ActorClient(start_engine_actor_from_config(cfg, tiny_model_dir, num_cpus=0), timeout_s=60)
+    assert c.generate(GenerateRequest("x", [5, 6, 7], SamplingParams(max_new_tokens=2))).token_ids
+    ray.get(c.handle.shutdown.remote(), timeout=60)
+    health = c.health()
+    assert not health.ok and health.detail == "shut down"
+    with pytest.raises(ray.exceptions.RayTaskError, match="shut down"):
+        c.generate(GenerateRequest("y", [5, 6]))
+    c.close()
