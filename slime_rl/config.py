@@ -153,11 +153,28 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
+    def sampling_temperature(self) -> float:
+        """Temperature of the distribution the engines sample from (1.0 for greedy)."""
+        return self.rollout.temperature if self.rollout.temperature > 0 else 1.0
+
+    def validate(self) -> None:
+        """Rules that span sections."""
+        sampling_t = self.sampling_temperature()
+        if self.trainer.batching.temperature != sampling_t:
+            raise ValueError(
+                f"trainer.batching.temperature={self.trainer.batching.temperature} must equal the rollout "
+                f"sampling temperature ({sampling_t}; 1.0 when rollout.temperature=0): the trainer recomputes "
+                f"the engine's log-probs at that temperature for the importance ratio. "
+                f"Set trainer.batching.temperature={sampling_t}"
+            )
+
     @property
     def run_dir(self) -> Path:
         """`<run.output_dir>/<run.name>`."""
         return Path(self.run.output_dir) / self.run.name
 
+
+_TRAINER_TEMPERATURE = "trainer.batching.temperature"
 
 REQUIRED_PATHS = ("model.path", "data.train_path")
 """Keys that must name an existing file or folder when `check_paths` is on."""
@@ -210,6 +227,9 @@ def load_config(
     if missing:
         raise ConfigError(f"{missing[0]} is required but not set; set it in the YAML file or pass {missing[0]}=...")
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    if not any(OmegaConf.select(layer, _TRAINER_TEMPERATURE) is not None for _, layer in layers):
+        # Unless set explicitly, the trainer scores log-probs at the sampling temperature.
+        cfg.trainer.batching.temperature = cfg.sampling_temperature()
     _check_cross_field(cfg, prefix="")
     if check_paths:
         _check_paths(cfg)

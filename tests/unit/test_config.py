@@ -94,6 +94,16 @@ def test_missing_and_nonexistent_model_path(paths: list[str], tmp_path: Path) ->
     assert cfg.model.path == "/no/such/model"
 
 
+def test_trainer_temperature_follows_sampling_temperature(paths: list[str]) -> None:
+    assert load_config(None, [*paths, "rollout.temperature=0.7"]).trainer.batching.temperature == 0.7
+    # greedy sampling: the trainer scores at temperature 1
+    assert load_config(None, [*paths, "rollout.temperature=0"]).trainer.batching.temperature == 1.0
+    # set explicitly to something else: refused, naming both keys
+    with pytest.raises(ConfigError, match=r"trainer.batching.temperature=0.5 must equal the rollout sampling temperature \(0.7"):
+        load_config(None, [*paths, "rollout.temperature=0.7", "trainer.batching.temperature=0.5"])
+    assert load_config(None, [*paths, "rollout.temperature=0.7", "trainer.batching.temperature=0.7"]).trainer.batching.temperature == 0.7
+
+
 def test_bad_files_and_overrides(tmp_path: Path, paths: list[str]) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml", paths)
