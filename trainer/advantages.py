@@ -7,12 +7,16 @@ the masked tokens only, so a tool observation in the middle of a response is ski
 
 Statistics that span the whole global batch (REINFORCE++ and GAE whitening) go through
 ``all_reduce_sum`` so every trainer rank normalises with the same numbers; group statistics
-(GRPO, RLOO) need no communication because a group never spans two ranks.
+(GRPO, RLOO) need no communication because a group never spans two ranks. GRPO and RLOO
+score each sample by its sequence reward ``rewards_B`` (the reward minus the summed KL
+penalty), so a sample without loss tokens still counts in its group's baseline; samples with
+``valid_B`` = False (excluded statuses such as failed rewards) are left out of the group
+statistics, and a group with fewer than two valid samples gets zero advantage.
 
 >>> import torch
 >>> inp = AdvantageInputs(
 ...     token_rewards_BL=torch.tensor([[0.0, 1.0], [0.0, 0.0]]),
-...     mask_BL=torch.ones(2, 2), group_index_B=torch.tensor([0, 0]))
+...     mask_BL=torch.ones(2, 2), group_index_B=torch.tensor([0, 0]), rewards_B=torch.tensor([1.0, 0.0]))
 >>> compute_advantages("grpo", inp, AdvantageConfig(norm_std=False)).advantages_BL
 tensor([[ 0.5000,  0.5000],
         [-0.5000, -0.5000]])
@@ -36,12 +40,16 @@ def _identity(t: torch.Tensor) -> torch.Tensor:
 @dataclasses.dataclass(frozen=True)
 class AdvantageInputs:
     """What an estimator may read. ``token_rewards_BL`` holds the sample reward on its last
-    loss token plus any per-token KL penalty; ``values_BL`` is the critic's value (gae only)."""
+    loss token plus any per-token KL penalty; ``rewards_B`` the sequence score (reward minus
+    summed KL penalty) used by group baselines; ``values_BL`` is the critic's value (gae only);
+    ``valid_B`` (bool, default all) marks samples that may enter group statistics."""
 
     token_rewards_BL: torch.Tensor
     mask_BL: torch.Tensor
     group_index_B: torch.Tensor
+    rewards_B: torch.Tensor
     values_BL: torch.Tensor | None = None
+    valid_B: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,16 +94,26 @@ def place_rewards(rewards_B: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tenso
     return out_BL
 
 
-def _group_stats(scores_B: torch.Tensor, group_index_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample (group mean, group unbiased std, group size)."""
+def _group_stats(
+    scores_B: torch.Tensor, group_index_B: torch.Tensor, valid_B: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample (group mean, group unbiased std, group size) over the valid samples of each group."""
     n_groups = int(group_index_B.max().item()) + 1 if group_index_B.numel() else 0
-    count_G = torch.zeros(n_groups).index_add_(0, group_index_B, torch.ones_like(scores_B))
-    sum_G = torch.zeros(n_groups).index_add_(0, group_index_B, scores_B)
+    v_B = valid_B.float()
+    count_G = torch.zeros(n_groups).index_add_(0, group_index_B, v_B)
+    sum_G = torch.zeros(n_groups).index_add_(0, group_index_B, scores_B * v_B)
     mean_G = sum_G / count_G.clamp(min=1)
-    dev_B = scores_B - mean_G[group_index_B]
+    dev_B = (scores_B - mean_G[group_index_B]) * v_B
     ss_G = torch.zeros(n_groups).index_add_(0, group_index_B, dev_B * dev_B)
     std_G = torch.sqrt(ss_G / (count_G - 1).clamp(min=1))
     return mean_G[group_index_B], std_G[group_index_B], count_G[group_index_B]
+
+
+def _scores(inp: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sequence scores, group index, valid) on CPU."""
+    scores_B = inp.rewards_B.float().cpu()
+    valid_B = torch.ones_like(scores_B, dtype=torch.bool) if inp.valid_B is None else inp.valid_B.bool().cpu()
+    return scores_B, inp.group_index_B.cpu(), valid_B
 
 
 def _broadcast(score_B: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
@@ -105,22 +123,25 @@ def _broadcast(score_B: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
 @register("grpo")
 def grpo(inp: AdvantageInputs, cfg: AdvantageConfig, all_reduce_sum: AllReduce) -> AdvantageOutputs:
     """A_i = (R_i - mean_group(R)) [/ (std_group(R) + eps)], the same on every token of sample i.
-    R_i is the summed token reward (the reward minus any KL penalty). std is unbiased (n-1)."""
-    scores_B = (inp.token_rewards_BL * inp.mask_BL).sum(dim=1).float().cpu()
-    mean_B, std_B, _ = _group_stats(scores_B, inp.group_index_B.cpu())
+    R_i is the sequence reward (minus any summed KL penalty). std is unbiased (n-1); groups of
+    fewer than two valid samples, and invalid samples, get 0."""
+    scores_B, group_B, valid_B = _scores(inp)
+    mean_B, std_B, n_B = _group_stats(scores_B, group_B, valid_B)
     adv_B = scores_B - mean_B
     if cfg.norm_std:
         adv_B = adv_B / (std_B + cfg.eps)
+    adv_B = torch.where(valid_B & (n_B > 1), adv_B, torch.zeros_like(adv_B))
     adv_BL = _broadcast(adv_B.to(inp.mask_BL.device), inp.mask_BL)
     return AdvantageOutputs(adv_BL, adv_BL)
 
 
 @register("rloo")
 def rloo(inp: AdvantageInputs, cfg: AdvantageConfig, all_reduce_sum: AllReduce) -> AdvantageOutputs:
-    """A_i = R_i - mean_{j != i, same group} R_j = n/(n-1) (R_i - mean). Groups of one get 0."""
-    scores_B = (inp.token_rewards_BL * inp.mask_BL).sum(dim=1).float().cpu()
-    mean_B, _, n_B = _group_stats(scores_B, inp.group_index_B.cpu())
-    adv_B = torch.where(n_B > 1, (scores_B - mean_B) * n_B / (n_B - 1).clamp(min=1), torch.zeros_like(scores_B))
+    """A_i = R_i - mean_{j != i, same group, valid} R_j = n/(n-1) (R_i - mean). Groups of one get 0."""
+    scores_B, group_B, valid_B = _scores(inp)
+    mean_B, _, n_B = _group_stats(scores_B, group_B, valid_B)
+    adv_B = (scores_B - mean_B) * n_B / (n_B - 1).clamp(min=1)
+    adv_B = torch.where(valid_B & (n_B > 1), adv_B, torch.zeros_like(adv_B))
     adv_BL = _broadcast(adv_B.to(inp.mask_BL.device), inp.mask_BL)
     return AdvantageOutputs(adv_BL, adv_BL)
 

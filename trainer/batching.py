@@ -39,6 +39,16 @@ def group_order(table: pa.Table) -> list[str]:
     return list(seen)
 
 
+def check_global_batch(table: pa.Table, global_batch_groups: int) -> None:
+    """Refuse a global batch whose number of distinct groups is not ``trainer.global_batch_groups``."""
+    n = len(group_order(table))
+    if n != global_batch_groups:
+        raise ValueError(
+            f"the global batch has {n} group(s) but trainer.global_batch_groups={global_batch_groups}; "
+            "the driver must hand train_step exactly that many whole groups (or set global_batch_groups to match)"
+        )
+
+
 def split_groups(table: pa.Table, num_ranks: int) -> list[pa.Table]:
     """Cut a global batch into ``num_ranks`` tables of whole groups with similar token counts.
 
@@ -82,13 +92,19 @@ class RankBatch:
     rewards_N: torch.Tensor  # (N,) float
     group_index_N: torch.Tensor  # (N,) long, 0..G-1 in order of first appearance
     policy_version_N: torch.Tensor  # (N,) long
+    keep_N: torch.Tensor | None = None  # (N,) bool: status not excluded (None = all kept)
+
+    @property
+    def kept_N(self) -> torch.Tensor:
+        return torch.ones(self.num_rows, dtype=torch.bool) if self.keep_N is None else self.keep_N
 
     @property
     def num_rows(self) -> int:
         return len(self.response_ids)
 
     @classmethod
-    def from_table(cls, table: pa.Table) -> RankBatch:
+    def from_table(cls, table: pa.Table, exclude_status: tuple[str, ...] | list[str] = ()) -> RankBatch:
+        """Dense tensors of ``table``; rows whose ``status`` is in ``exclude_status`` get keep_N False."""
         cols = table.select(["prompt_ids", "response_ids", "reward", "group_id", "policy_version"]).to_pydict()
         n = table.num_rows
         lens_N = np.array([len(r) for r in cols["response_ids"]], dtype=np.int64)
@@ -108,6 +124,10 @@ class RankBatch:
         behaviour_NR = dense("response_logprobs", torch.float32)
         versions_NR = dense("token_versions", torch.long)
         index = {g: j for j, g in enumerate(dict.fromkeys(cols["group_id"]))}
+        keep_N = None
+        if exclude_status:
+            excluded = set(exclude_status)
+            keep_N = torch.tensor([s not in excluded for s in table.column("status").to_pylist()], dtype=torch.bool)
         return cls(
             prompt_ids=cols["prompt_ids"],
             response_ids=cols["response_ids"],
@@ -117,6 +137,7 @@ class RankBatch:
             rewards_N=torch.tensor(cols["reward"], dtype=torch.float32),
             group_index_N=torch.tensor([index[g] for g in cols["group_id"]], dtype=torch.long),
             policy_version_N=torch.tensor(cols["policy_version"], dtype=torch.long),
+            keep_N=keep_N,
         )
 
     def minibatch_rows(self, num_minibatches: int) -> list[list[int]]:

@@ -2,13 +2,19 @@
 
     <dir>/dcp/            torch.distributed.checkpoint: policy (+ critic) weights and AdamW
                           state, written shard-by-shard by every rank (reshardable on load)
-    <dir>/rank<r>.pt      per-rank: schedulers, step, version, torch CPU/CUDA RNG states
-    <dir>/meta.json       step, version, world size (written by rank 0, last: its presence
-                          marks a complete checkpoint)
+    <dir>/rank<r>.pt      per-rank: schedulers, step, version, RNG states (torch CPU/CUDA,
+                          numpy, python ``random``)
+    <dir>/hf/             the policy as an HF folder (transformers / vLLM load it), unless
+                          ``trainer.checkpoint_hf=false``
+    <dir>/meta.json       step, version, world size (written by rank 0, last)
 
-Every rank calls ``save_checkpoint`` / ``load_checkpoint`` (collectives inside). Loading on
-another world size works for weights and optimizer (DCP reshards); RNG comes from the same
-rank's file when it exists, else rank 0's.
+Atomic: everything is written to ``<dir>.tmp``; rank 0 then adds meta.json and renames the
+folder to ``<dir>`` (an older checkpoint at ``<dir>`` is replaced only after the new one is
+complete). A crash mid-save leaves at most a ``<dir>.tmp`` that ``load_checkpoint`` refuses.
+
+Every rank calls ``save_checkpoint`` / ``load_checkpoint`` (collectives inside) and all ranks
+must see the same file system. Loading on another world size works for weights and
+optimizer (DCP reshards); RNG comes from the same rank's file when it exists, else rank 0's.
 """
 
 from __future__ import annotations
@@ -16,11 +22,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import random
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -50,18 +59,41 @@ def _quiet_single_process(core: TrainerCore) -> Iterator[None]:
 
 
 def _rng_state() -> dict[str, Any]:
-    rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    rng: dict[str, Any] = {"cpu": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     return rng
 
 
-def save_checkpoint(core: TrainerCore, path: str | Path) -> Path:
-    """Write a checkpoint of ``core`` to folder ``path`` (every rank calls this)."""
+def _set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if "numpy" in rng:
+        np.random.set_state(rng["numpy"])
+    if "python" in rng:
+        random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def _tmp_path(out: Path) -> Path:
+    return out.with_name(out.name + ".tmp")
+
+
+def save_checkpoint(core: TrainerCore, path: str | Path, hf: bool | None = None) -> Path:
+    """Write a checkpoint of ``core`` to folder ``path`` atomically (every rank calls this).
+
+    ``hf`` (default ``trainer.checkpoint_hf``) adds ``<path>/hf``, an HF export of the policy.
+    """
+    from slime_rl.trainer.weights import export_hf
+
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(out)
+    if core.rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)  # debris of an earlier crashed save
+    core.barrier("save_checkpoint (start)")
+    tmp.mkdir(parents=True, exist_ok=True)
     with _quiet_single_process(core):
-        dcp.save(_app_state(core), checkpoint_id=str(out / "dcp"), no_dist=not core.distributed)
+        dcp.save(_app_state(core), checkpoint_id=str(tmp / "dcp"), no_dist=not core.distributed)
     extra = {
         "scheduler": core.scheduler.state_dict(),
         "critic_scheduler": core.critic_scheduler.state_dict() if core.critic_scheduler is not None else None,
@@ -69,11 +101,22 @@ def save_checkpoint(core: TrainerCore, path: str | Path) -> Path:
         "version": core.version,
         "rng": _rng_state(),
     }
-    torch.save(extra, out / f"rank{core.rank}.pt")
-    core.barrier("save_checkpoint")
+    torch.save(extra, tmp / f"rank{core.rank}.pt")
+    if core.cfg.checkpoint_hf if hf is None else hf:
+        export_hf(core.policy, tmp / "hf", core.model_path, write=core.rank == 0)  # collective
+    core.barrier("save_checkpoint (written)")
     if core.rank == 0:
         meta = {"step": core.step, "version": core.version, "world_size": core.world_size}
-        (out / "meta.json").write_text(json.dumps(meta))
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        old = out.with_name(out.name + ".old")
+        if out.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            out.rename(old)
+        tmp.rename(out)  # atomic on one file system: <path> is complete or absent
+        if old.exists():
+            shutil.rmtree(old)
+    core.barrier("save_checkpoint (renamed)")
     logger.info("trainer rank %d saved checkpoint step %d to %s", core.rank, core.step, out)
     return out
 
@@ -82,7 +125,10 @@ def load_checkpoint(core: TrainerCore, path: str | Path) -> dict[str, int]:
     """Restore ``core`` from folder ``path`` (every rank calls this); returns step and version."""
     src = Path(path)
     if not (src / "meta.json").exists():
-        raise ValueError(f"{src} is not a complete trainer checkpoint (no meta.json); pick a folder written by save_checkpoint")
+        hint = f" ({_tmp_path(src)} exists: a save was interrupted)" if _tmp_path(src).exists() else ""
+        raise ValueError(
+            f"{src} is not a complete trainer checkpoint (no meta.json){hint}; pick a folder written by save_checkpoint"
+        )
     state = _app_state(core)
     with _quiet_single_process(core):
         dcp.load(state, checkpoint_id=str(src / "dcp"), no_dist=not core.distributed)
@@ -100,8 +146,6 @@ def load_checkpoint(core: TrainerCore, path: str | Path) -> dict[str, int]:
         core.critic_scheduler.load_state_dict(extra["critic_scheduler"])
     core.step = int(extra["step"])
     core.version = int(extra["version"])
-    torch.set_rng_state(extra["rng"]["cpu"])
-    if "cuda" in extra["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(extra["rng"]["cuda"])
+    _set_rng_state(extra["rng"])
     logger.info("trainer rank %d resumed step %d version %d from %s", core.rank, core.step, core.version, src)
     return {"step": core.step, "version": core.version}

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
+SAMPLE_STATUSES = ("completed", "truncated", "aborted", "failed")
+"""Values of the sample ``status`` column (buffers.schema.Status; kept in step by a test)."""
+
 
 @dataclass
 class AdvantageConfig:
@@ -69,7 +72,7 @@ class KLConfig:
     coef: float = field(default=0.0, metadata={"ge": 0})
     """KL weight; 0 = no KL and no reference model is loaded."""
     estimator: str = field(default="k3", metadata={"choices": ("k1", "k2", "k3")})
-    """Per-token estimator of KL(policy || reference) from sampled tokens."""
+    """Per-token estimator of KL(policy || reference) from sampled tokens. As a loss (mode=loss) k1's expected gradient on-policy is 0, k2's gradient equals the gradient of the KL, k3 is an unbiased KL value but a biased KL gradient."""
     mode: str = field(default="loss", metadata={"choices": ("loss", "reward")})
     """`loss`: add coef * KL to the loss; `reward`: subtract coef * KL from per-token rewards before advantages."""
     ref_path: str | None = None
@@ -142,6 +145,10 @@ class TrainerConfig:
     """Limit for every collective and remote call; beyond it the step fails naming the worker."""
     seed: int = 0
     """Seed of torch RNGs in the workers."""
+    exclude_status: list[str] = field(default_factory=lambda: ["failed", "aborted"])
+    """Samples with these `status` values get no loss and are left out of group baselines (GRPO/RLOO mean, std and leave-one-out); a group with fewer than 2 remaining samples gets zero advantage. Values: completed, truncated, aborted, failed."""
+    checkpoint_hf: bool = True
+    """Also write an HF export of the policy (transformers / vLLM loadable) to `<checkpoint>/hf`."""
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     """Advantage estimator."""
     loss: LossConfig = field(default_factory=LossConfig)
@@ -165,6 +172,16 @@ class TrainerConfig:
                 f"global_batch_groups={self.global_batch_groups} is too small: each of num_workers={self.num_workers} "
                 f"needs whole groups for each of batching.updates_per_batch={self.batching.updates_per_batch} updates; "
                 f"use at least {need}"
+            )
+        bad = [s for s in self.exclude_status if s not in SAMPLE_STATUSES]
+        if bad:
+            raise ValueError(
+                f"exclude_status has unknown value(s) {bad}; each must be one of {list(SAMPLE_STATUSES)}"
+            )
+        if self.kl.coef > 0 and self.kl.mode == "loss" and self.kl.estimator == "k1":
+            logger.warning(
+                "trainer.kl.estimator=k1 with kl.mode=loss has zero expected gradient on-policy (E[grad log pi] = 0), "
+                "so it barely regularises; use estimator=k2 (its gradient is the KL's) or k3, or mode=reward"
             )
         if self.off_policy.proximal == "engine" and self.off_policy.is_mode != "none":
             logger.warning(

@@ -36,18 +36,28 @@ from slime_rl.trainer.advantages import (
     compute_advantages,
     place_rewards,
 )
-from slime_rl.trainer.batching import MicroBatch, RankBatch, dummy_micro_batch, plan_micro_batches
+from slime_rl.trainer.batching import (
+    MicroBatch,
+    RankBatch,
+    check_global_batch,
+    dummy_micro_batch,
+    plan_micro_batches,
+)
 from slime_rl.trainer.config import TrainerConfig
 from slime_rl.trainer.kl import kl_estimate
-from slime_rl.trainer.losses import LossNorm, aggregate, policy_loss, value_loss
+from slime_rl.trainer.losses import LossNorm, aggregate, value_loss
 from slime_rl.trainer.metrics import StepMetrics
-from slime_rl.trainer.off_policy import behaviour_weight, record_mismatch, record_ratios
+from slime_rl.trainer.objective import ObjectiveInputs, micro_batch_loss
+from slime_rl.trainer.off_policy import record_mismatch, record_ratios
 from slime_rl.trainer.optim import build_optimizer, build_scheduler, clip_grad_norm
 from slime_rl.trainer.weights import WeightBucket, export_hf, iter_weight_buckets
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_COLUMNS = ("group_id", "prompt_ids", "response_ids", "response_logprobs", "loss_mask", "token_versions", "reward", "policy_version")
+REQUIRED_COLUMNS = (
+    "group_id", "prompt_ids", "response_ids", "response_logprobs", "loss_mask", "token_versions", "reward",
+    "policy_version", "status",
+)
 
 
 class TrainerCore:
@@ -113,17 +123,28 @@ class TrainerCore:
         """Full policy tensors in buckets tagged with the current version (collective: all ranks iterate)."""
         return iter_weight_buckets(self.policy, self.version, bucket_bytes, include_tied)
 
+    def gradients(self) -> dict[str, torch.Tensor]:
+        """Full policy gradients of the last optimizer update (after clipping), on CPU, by parameter
+        name; parameters without a gradient are left out. Collective under FSDP2 (all ranks call it)."""
+        out = {}
+        for name, p in self.policy.named_parameters():
+            if p.grad is not None:
+                g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                out[name] = g.detach().to("cpu").clone()
+        return out
+
     def export_hf(self, out_dir: str | Path) -> Path | None:
         """HF folder of the current policy (+ tokenizer from the model folder); rank 0 writes."""
         path = export_hf(self.policy, out_dir, self.model_path, write=self.rank == 0)
         self.barrier("export_hf")
         return path
 
-    def save_checkpoint(self, path: str | Path) -> Path:
-        """Model, optimizer, scheduler, step, version, RNG (all ranks call it)."""
+    def save_checkpoint(self, path: str | Path, hf: bool | None = None) -> Path:
+        """Model, optimizer, scheduler, step, version, RNG, and an HF export in ``<path>/hf`` when
+        ``hf`` (default ``trainer.checkpoint_hf``); written atomically (all ranks call it)."""
         from slime_rl.trainer.checkpoint import save_checkpoint
 
-        return save_checkpoint(self, path)
+        return save_checkpoint(self, path, hf)
 
     def load_checkpoint(self, path: str | Path) -> dict[str, int]:
         """Restore what ``save_checkpoint`` wrote; returns ``{"step", "version"}``."""
@@ -152,30 +173,37 @@ class TrainerCore:
             raise ValueError(f"trainer rank {self.rank} step {self.step + 1}: batch lacks column(s) {missing} of SAMPLE_SCHEMA")
         if table.num_rows == 0:
             raise ValueError(f"trainer rank {self.rank} step {self.step + 1}: got an empty batch; every rank needs whole groups")
+        if not self.distributed:  # with workers, TrainerWorker checks the global table before splitting it
+            check_global_batch(table, self.cfg.global_batch_groups)
         start = time.perf_counter()
         cfg = self.cfg
-        rb = RankBatch.from_table(table)
+        rb = RankBatch.from_table(table, cfg.exclude_status)
         dev = self.device
-        mask_NR = rb.mask_NR.to(dev)
+        keep_N = rb.kept_N.to(dev)
+        mask_NR = rb.mask_NR.to(dev) * keep_N[:, None]  # excluded statuses carry no loss
         behaviour_NR = rb.behaviour_NR.to(dev)
         staleness_NR = (self.version - rb.versions_NR).to(dev)
         metrics = StepMetrics()
         pre = self._pre_pass(rb)
 
         # Rewards -> advantages (the KL-in-reward penalty uses the pre-update policy).
-        token_rewards_NR = place_rewards(rb.rewards_N.to(dev), mask_NR)
+        rewards_N = rb.rewards_N.to(dev)
+        token_rewards_NR = place_rewards(rewards_N, mask_NR)
         if self.reference is not None and cfg.kl.mode == "reward":
             policy_NR = pre.get("proximal", behaviour_NR)
             kl_NR = kl_estimate(cfg.kl.estimator, policy_NR, pre["ref"]) * mask_NR
             token_rewards_NR = token_rewards_NR - cfg.kl.coef * kl_NR
+            rewards_N = rewards_N - cfg.kl.coef * kl_NR.sum(dim=1)
             metrics.add_mean("train/kl_reward_penalty", kl_NR.sum(), mask_NR.sum())
         adv = compute_advantages(
             cfg.advantage.estimator,
-            AdvantageInputs(token_rewards_NR, mask_NR, rb.group_index_N.to(dev), pre.get("values")),
+            AdvantageInputs(token_rewards_NR, mask_NR, rb.group_index_N.to(dev), rewards_N, pre.get("values"), keep_N),
             cfg.advantage,
             self.all_reduce_sum,
         )
-        metrics.add_mean("train/reward_mean", rb.rewards_N.sum(), rb.num_rows)
+        kept = keep_N.float()
+        metrics.add_mean("train/excluded_samples", rb.num_rows - kept.sum(), 1.0 / self.world_size)
+        metrics.add_mean("train/reward_mean", (rb.rewards_N.to(dev) * kept).sum(), kept.sum())
         metrics.add_mean("train/advantage_mean", (adv.advantages_BL * mask_NR).sum(), mask_NR.sum())
         metrics.add_mean("train/response_len", sum(len(r) for r in rb.response_ids), rb.num_rows)
         metrics.add_mean("train/loss_tokens", mask_NR.sum(), 1.0 / self.world_size)
@@ -192,6 +220,7 @@ class TrainerCore:
             n_tok, n_seq = self.all_reduce_sum(local).tolist()
             norm = LossNorm(n_tok, n_seq)
             mbs = self._synced_micro_batches(rb, rows)
+            metrics.add_mean("train/micro_batches", sum(not mb.dummy for mb in mbs), 1.0 / self.world_size)
             self.optimizer.zero_grad(set_to_none=True)
             if self.critic_optimizer is not None:
                 self.critic_optimizer.zero_grad(set_to_none=True)
@@ -269,35 +298,30 @@ class TrainerCore:
         rows = mb.rows.to(self.device)
         take = lambda x_NR: x_NR[rows, : mb.width]  # noqa: E731
         mask_BR = take(mask_NR) * (0.0 if mb.dummy else 1.0)
-        behaviour_BR = take(behaviour_NR)
         with model_lib.autocast(self.device, cfg.batching.precision):
             logprobs_BR, entropy_BR = model_lib.response_logprobs(
                 self.policy, mb, cfg.batching.temperature, with_entropy=True, entropy_grad=lc.entropy_coef > 0
             )
-        if cfg.off_policy.proximal == "engine":
-            proximal_BR = behaviour_BR
-            weight_BR = torch.ones_like(behaviour_BR)
-            record_mismatch(metrics, logprobs_BR.detach(), behaviour_BR, take(staleness_NR), mask_BR)
-        else:
-            proximal_BR = take(pre["proximal"]) if "proximal" in pre else logprobs_BR.detach()
-            weight_BR = behaviour_weight(proximal_BR, behaviour_BR, cfg.off_policy.is_mode, cfg.off_policy.is_cap)
-            record_mismatch(metrics, proximal_BR, behaviour_BR, take(staleness_NR), mask_BR)
-        pg = policy_loss(lc.policy_loss, logprobs_BR, proximal_BR, take(adv.advantages_BL), mask_BR, lc)
-        record_ratios(metrics, pg.ratio_BL, weight_BR, pg.clipped_BL, pg.dual_clipped_BL, mask_BR)
+        inp = ObjectiveInputs(
+            logprobs_BL=logprobs_BR,
+            proximal_BL=take(pre["proximal"]) if "proximal" in pre else None,
+            behaviour_BL=take(behaviour_NR),
+            advantages_BL=take(adv.advantages_BL),
+            mask_BL=mask_BR,
+            sft_mask_BL=mask_BR * sft_ok_N[rows][:, None],
+            entropy_BL=entropy_BR,
+            ref_BL=take(pre["ref"]) if "ref" in pre else None,
+        )
+        obj = micro_batch_loss(inp, lc, cfg.off_policy, cfg.kl, norm)
+        loss = obj.loss
+        mismatch_BR = logprobs_BR.detach() if cfg.off_policy.proximal == "engine" else obj.anchor_BL
+        record_mismatch(metrics, mismatch_BR, inp.behaviour_BL, take(staleness_NR), mask_BR)
+        record_ratios(metrics, obj.pg.ratio_BL, obj.weight_BL, obj.pg.clipped_BL, obj.pg.dual_clipped_BL, mask_BR)
         n_tok = mask_BR.sum()
-        loss = aggregate(pg.loss_BL * weight_BR, mask_BR, lc.aggregation, norm)
-        metrics.add_mean("train/pg_loss", (pg.loss_BL * weight_BR * mask_BR).sum().detach(), n_tok)
+        metrics.add_mean("train/pg_loss", (obj.pg.loss_BL * obj.weight_BL * mask_BR).sum().detach(), n_tok)
         metrics.add_mean("train/entropy", (entropy_BR.detach() * mask_BR).sum(), n_tok)
-        if lc.entropy_coef > 0:
-            loss = loss - lc.entropy_coef * aggregate(entropy_BR, mask_BR, lc.aggregation, norm)
-        if self.reference is not None:
-            kl_BR = kl_estimate(cfg.kl.estimator, logprobs_BR, take(pre["ref"]))
-            metrics.add_mean("train/kl", (kl_BR.detach() * mask_BR).sum(), n_tok)
-            if cfg.kl.mode == "loss":
-                loss = loss + cfg.kl.coef * aggregate(kl_BR, mask_BR, lc.aggregation, norm)
-        if lc.sft_coef > 0:
-            sft_mask_BR = mask_BR * sft_ok_N[rows][:, None]
-            loss = loss + lc.sft_coef * aggregate(-logprobs_BR, sft_mask_BR, lc.aggregation, norm)
+        if obj.kl_BL is not None:
+            metrics.add_mean("train/kl", (obj.kl_BL.detach() * mask_BR).sum(), n_tok)
         metrics.add_mean("train/logprob_mean", (logprobs_BR.detach() * mask_BR).sum(), n_tok)
         (loss * self.world_size).backward()
         if self.critic is not None:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
+import torch
 from slime_rl.trainer.config import TrainerConfig
 from slime_rl.trainer.weights import WeightBucket
 from slime_rl.trainer.worker import TrainerWorker, model_dir
@@ -121,6 +122,10 @@ class TrainerGroup:
     def weight_buckets(self, bucket_bytes: int, include_tied: bool = False) -> list[WeightBucket]:
         """Every bucket of the current weights (gathered on rank 0, returned through Ray)."""
         return self._call_all("weight_buckets", bucket_bytes, include_tied)[0]
+
+    def gradients(self) -> dict[str, torch.Tensor]:
+        """Full policy gradients of the last update (after clipping), gathered on rank 0 (for tests and debugging)."""
+        return self._call_all("gradients")[0]
 
     def publish_weights(
         self, bucket_bytes: int, sink: Callable[[WeightBucket], Any], include_tied: bool = False

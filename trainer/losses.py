@@ -43,6 +43,27 @@ class PolicyLossOut:
     dual_clipped_BL: torch.Tensor
 
 
+def _token_mean(masked_BL: torch.Tensor, m_BL: torch.Tensor, norm: LossNorm) -> torch.Tensor:
+    return masked_BL.sum() / max(norm.num_tokens, 1.0)
+
+
+def _seq_mean_token_mean(masked_BL: torch.Tensor, m_BL: torch.Tensor, norm: LossNorm) -> torch.Tensor:
+    per_seq_B = masked_BL.sum(dim=1) / m_BL.sum(dim=1).clamp(min=1.0)
+    return per_seq_B.sum() / max(norm.num_seqs, 1.0)
+
+
+def _seq_mean_token_sum(masked_BL: torch.Tensor, m_BL: torch.Tensor, norm: LossNorm) -> torch.Tensor:
+    return masked_BL.sum() / max(norm.num_seqs, 1.0)
+
+
+AggregateFn = Callable[[torch.Tensor, torch.Tensor, LossNorm], torch.Tensor]
+AGGREGATIONS: dict[str, AggregateFn] = {
+    "token_mean": _token_mean,
+    "seq_mean_token_mean": _seq_mean_token_mean,
+    "seq_mean_token_sum": _seq_mean_token_sum,
+}
+
+
 def aggregate(loss_BL: torch.Tensor, mask_BL: torch.Tensor, mode: str, norm: LossNorm) -> torch.Tensor:
     """This micro-batch's share of the global aggregate (sum the shares over micro-batches and ranks).
 
@@ -50,18 +71,10 @@ def aggregate(loss_BL: torch.Tensor, mask_BL: torch.Tensor, mode: str, norm: Los
     seq_mean_token_mean: sum over sequences of (per-sequence token mean) / global sequence count
     seq_mean_token_sum:  sum over sequences of (per-sequence token sum) / global sequence count
     """
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"trainer.loss.aggregation={mode!r} is unknown; choose one of {sorted(AGGREGATIONS)}")
     m_BL = mask_BL.to(loss_BL.dtype)
-    masked_BL = loss_BL * m_BL
-    if mode == "token_mean":
-        return masked_BL.sum() / max(norm.num_tokens, 1.0)
-    if mode == "seq_mean_token_mean":
-        per_seq_B = masked_BL.sum(dim=1) / m_BL.sum(dim=1).clamp(min=1.0)
-        return per_seq_B.sum() / max(norm.num_seqs, 1.0)
-    if mode == "seq_mean_token_sum":
-        return masked_BL.sum() / max(norm.num_seqs, 1.0)
-    raise ValueError(
-        f"trainer.loss.aggregation={mode!r} is unknown; choose token_mean, seq_mean_token_mean or seq_mean_token_sum"
-    )
+    return AGGREGATIONS[mode](loss_BL * m_BL, m_BL, norm)
 
 
 def _clipped_surrogate(

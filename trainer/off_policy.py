@@ -19,25 +19,41 @@ current version (staleness 0) isolate the second: their gap is logged on its own
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from slime_rl.trainer.metrics import StepMetrics
 
-IS_MODES = ("truncate", "mask", "none")
+
+def _raw_weight(proximal_BL: torch.Tensor, behaviour_BL: torch.Tensor) -> torch.Tensor:
+    return torch.exp((proximal_BL - behaviour_BL).clamp(-20.0, 20.0))
+
+
+def _truncate(proximal_BL: torch.Tensor, behaviour_BL: torch.Tensor, cap: float) -> torch.Tensor:
+    return _raw_weight(proximal_BL, behaviour_BL).clamp(max=cap)
+
+
+def _mask(proximal_BL: torch.Tensor, behaviour_BL: torch.Tensor, cap: float) -> torch.Tensor:
+    w_BL = _raw_weight(proximal_BL, behaviour_BL)
+    return torch.where(w_BL <= cap, w_BL, torch.zeros_like(w_BL))
+
+
+def _none(proximal_BL: torch.Tensor, behaviour_BL: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.ones_like(proximal_BL)
+
+
+WeightFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+IS_WEIGHTS: dict[str, WeightFn] = {"truncate": _truncate, "mask": _mask, "none": _none}
 
 
 def behaviour_weight(
     proximal_BL: torch.Tensor, behaviour_BL: torch.Tensor, mode: str, cap: float
 ) -> torch.Tensor:
     """Per-token importance weight pi_prox / pi_b after truncation or masking (no gradient)."""
-    if mode not in IS_MODES:
-        raise ValueError(f"trainer.off_policy.is_mode={mode!r} is unknown; choose one of {IS_MODES}")
+    if mode not in IS_WEIGHTS:
+        raise ValueError(f"trainer.off_policy.is_mode={mode!r} is unknown; choose one of {sorted(IS_WEIGHTS)}")
     with torch.no_grad():
-        if mode == "none":
-            return torch.ones_like(proximal_BL)
-        w_BL = torch.exp((proximal_BL - behaviour_BL).clamp(-20.0, 20.0))
-        if mode == "truncate":
-            return w_BL.clamp(max=cap)
-        return torch.where(w_BL <= cap, w_BL, torch.zeros_like(w_BL))
+        return IS_WEIGHTS[mode](proximal_BL.detach(), behaviour_BL, cap)
 
 
 def record_mismatch(

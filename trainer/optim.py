@@ -24,17 +24,29 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], lr: float, cfg: OptimC
     )
 
 
+def _constant(progress: float, cfg: OptimConfig) -> float:
+    return 1.0
+
+
+def _cosine(progress: float, cfg: OptimConfig) -> float:
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+SCHEDULES: dict[str, Callable[[float, OptimConfig], float]] = {"constant": _constant, "cosine": _cosine}
+"""LR multiplier after warm-up as a function of progress in [0, 1] over total_steps - warmup_steps."""
+
+
 def lr_lambda(cfg: OptimConfig) -> Callable[[int], float]:
-    """LR multiplier at optimizer step s (0-based): (s+1)/warmup during warm-up, then 1 or cosine."""
+    """LR multiplier at optimizer step s (0-based): (s+1)/warmup during warm-up, then ``SCHEDULES[cfg.schedule]``."""
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"trainer.optim.schedule={cfg.schedule!r} is unknown; choose one of {sorted(SCHEDULES)}")
+    after_warmup = SCHEDULES[cfg.schedule]
 
     def factor(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
-            return 1.0
         span = max(cfg.total_steps - cfg.warmup_steps, 1)
-        progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return after_warmup(min(max(step - cfg.warmup_steps, 0) / span, 1.0), cfg)
 
     return factor
 

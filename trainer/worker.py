@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 import torch.distributed as dist
-from slime_rl.trainer.batching import split_groups
+from slime_rl.trainer.batching import check_global_batch, split_groups
 from slime_rl.trainer.config import TrainerConfig
 from slime_rl.trainer.core import TrainerCore
 from slime_rl.trainer.weights import WeightBucket
@@ -84,6 +84,8 @@ class TrainerWorker:
         """Train on this rank's share of the global batch ``table`` (whole groups)."""
         core = self._core()
         try:
+            if self.world_size > 1:  # a single rank's TrainerCore checks the table itself
+                check_global_batch(table, self.cfg.global_batch_groups)
             mine = split_groups(table, self.world_size)[self.rank] if self.world_size > 1 else table
             return core.train_step(mine)
         except Exception as e:
@@ -95,6 +97,11 @@ class TrainerWorker:
         """All buckets of the current weights on rank 0 (None elsewhere; every rank must be called)."""
         buckets = list(self._core().iter_weight_buckets(bucket_bytes, include_tied))
         return buckets if self.rank == 0 else None
+
+    def gradients(self) -> dict[str, torch.Tensor] | None:
+        """Full gradients of the last update on rank 0 (None elsewhere; every rank must be called)."""
+        grads = self._core().gradients()
+        return grads if self.rank == 0 else None
 
     def publish_weights(
         self, bucket_bytes: int, sink: Callable[[WeightBucket], Any], include_tied: bool = False

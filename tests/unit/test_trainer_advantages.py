@@ -20,13 +20,16 @@ def _close(t: torch.Tensor, expected, atol: float = 1e-6) -> None:
     torch.testing.assert_close(t, torch.tensor(expected, dtype=t.dtype), atol=atol, rtol=0)
 
 
-def _inputs(rewards, groups, width=2, mask=None, values=None):
+def _inputs(rewards, groups, width=2, mask=None, values=None, valid=None):
     mask_BL = torch.ones(len(rewards), width) if mask is None else torch.tensor(mask, dtype=torch.float32)
+    rewards_B = torch.tensor(rewards, dtype=torch.float32)
     return AdvantageInputs(
-        token_rewards_BL=place_rewards(torch.tensor(rewards, dtype=torch.float32), mask_BL),
+        token_rewards_BL=place_rewards(rewards_B, mask_BL),
         mask_BL=mask_BL,
         group_index_B=torch.tensor(groups),
+        rewards_B=rewards_B,
         values_BL=None if values is None else torch.tensor(values, dtype=torch.float32),
+        valid_B=None if valid is None else torch.tensor(valid),
     )
 
 
@@ -108,3 +111,26 @@ def test_whitening_across_ranks_matches_whole_batch():
     top = masked_whiten(x[:2], mask[:2], 1e-8, lambda t: t + stats(x[2:], mask[2:]))
     bottom = masked_whiten(x[2:], mask[2:], 1e-8, lambda t: t + stats(x[:2], mask[:2]))
     torch.testing.assert_close(torch.cat([top, bottom]), full)
+
+
+def test_group_baseline_uses_sequence_reward_of_rows_without_loss_tokens():
+    # Row 2 has no loss token but reward 1: it still counts in the group mean (2/3), so
+    # Dr.GRPO gives 1 - 2/3 and 0 - 2/3 (not 1 - 1/3, 0 - 1/3 as if its reward were 0).
+    mask = [[1, 1], [1, 1], [0, 0]]
+    out = compute_advantages("grpo", _inputs([1, 0, 1], [0, 0, 0], mask=mask), AdvantageConfig(norm_std=False))
+    _close(out.advantages_BL, [[1 / 3, 1 / 3], [-2 / 3, -2 / 3], [0.0, 0.0]])
+    # RLOO: 1 - mean(0, 1) = 0.5 ; 0 - mean(1, 1) = -1
+    out = compute_advantages("rloo", _inputs([1, 0, 1], [0, 0, 0], mask=mask), AdvantageConfig())
+    _close(out.advantages_BL, [[0.5, 0.5], [-1.0, -1.0], [0.0, 0.0]])
+
+
+def test_invalid_samples_leave_group_statistics():
+    # g0: rewards 1, 0, 5 with the 5 invalid -> mean .5, unbiased std .7071 over the two valid ones.
+    # g1: one valid (3) and one invalid (9) -> fewer than 2 valid samples: zero advantage.
+    valid = [True, True, False, True, False]
+    inp = _inputs([1, 0, 5, 3, 9], [0, 0, 0, 1, 1], valid=valid)
+    a = 0.5 / (math.sqrt(0.5) + 1e-6)
+    out = compute_advantages("grpo", inp, AdvantageConfig(norm_std=True))
+    assert out.advantages_BL[:, 0].tolist() == pytest.approx([a, -a, 0.0, 0.0, 0.0], abs=1e-5)
+    out = compute_advantages("rloo", inp, AdvantageConfig())
+    assert out.advantages_BL[:, 0].tolist() == pytest.approx([1.0, -1.0, 0.0, 0.0, 0.0])

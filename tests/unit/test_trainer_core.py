@@ -23,7 +23,7 @@ def _one_thread():
 
 
 def _cfg(**kw) -> TrainerConfig:
-    cfg = TrainerConfig(lr=kw.pop("lr", 1e-3))
+    cfg = TrainerConfig(lr=kw.pop("lr", 1e-3), global_batch_groups=kw.pop("global_batch_groups", 2))
     cfg.batching.max_tokens_per_micro_batch = 64
     for k, v in kw.items():
         section, _, name = k.rpartition("__")
@@ -84,8 +84,8 @@ def test_loss_mask_honoured(tiny_model_dir):
     extra = _with_column(extra, "loss_mask", [[0] * len(r) for r in extra.column("response_ids").to_pylist()], pa.list_(pa.int32()))
     with_extra = pa.concat_tables([altered, extra])
     results = []
-    for table in (masked, with_extra):
-        core = TrainerCore(_cfg(), tiny_model_dir)
+    for table, groups in ((masked, 2), (with_extra, 3)):
+        core = TrainerCore(_cfg(global_batch_groups=groups), tiny_model_dir)
         m = core.train_step(table)
         results.append((m, _params(core)))
     (m1, p1), (m2, p2) = results
