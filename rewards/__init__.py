@@ -8,7 +8,7 @@
 Nothing here imports Ray, rollout or trainer code.
 """
 
-from slime_rl.rewards.config import RewardComponentConfig, RewardConfig
+from slime_rl.rewards.config import RewardComponentConfig, RewardConfig, redacted
 from slime_rl.rewards.loader import (
     RewardComponent,
     RewardLoadError,
@@ -18,7 +18,17 @@ from slime_rl.rewards.loader import (
     resolve_reference,
 )
 from slime_rl.rewards.outcome import AllRewardsFailedError, RewardOutcome, RewardStepStats
-from slime_rl.rewards.protocol import BatchedRewardFn, RewardFn, RewardResult, batched, is_batched
+from slime_rl.rewards.protocol import (
+    BatchedRewardFn,
+    RewardFn,
+    RewardResult,
+    batched,
+    checked_by,
+    is_batched,
+    is_queued,
+    queued,
+    work_started,
+)
 from slime_rl.rewards.registry import BUILTINS
 from slime_rl.rewards.runner import RewardRunner
 
@@ -36,9 +46,14 @@ __all__ = [
     "RewardRunner",
     "RewardStepStats",
     "batched",
+    "checked_by",
     "components_from_config",
     "is_batched",
+    "is_queued",
+    "queued",
+    "redacted",
     "load_reward",
     "resolve_config",
     "resolve_reference",
+    "work_started",
 ]

@@ -6,8 +6,11 @@ loader checks them and names the full key path on error.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+_SECRET_WORDS = ("api_key", "apikey", "token", "secret", "password", "authorization")
 
 
 @dataclass
@@ -37,6 +40,28 @@ class RewardConfig:
     default_score: float = 0.0
     """Score given to a sample whose reward failed (exception, timeout or NaN)."""
     max_workers: int = field(default=4, metadata={"ge": 1})
-    """Threads that run blocking (non-async) reward functions, so they never block the event loop."""
+    """Threads (or processes, see `executor`) that run blocking (non-async) reward functions, so they never block the event loop."""
+    executor: str = field(default="thread", metadata={"choices": ("thread", "process")})
+    """Where blocking rewards run: `thread` (cheap; a call past its timeout keeps its thread) or `process` (CPU parallelism; a call past its timeout is killed)."""
     failure_policy: str = field(default="raise", metadata={"choices": ("raise", "warn")})
     """When one reward term fails on every sample of a step: `raise` stops the run, `warn` logs and goes on."""
+
+
+def _is_secret(key: str) -> bool:
+    k = key.lower()
+    return any(w in k for w in _SECRET_WORDS) and not k.endswith("_env")
+
+
+def _redact(kwargs: Any) -> Any:
+    if isinstance(kwargs, dict):
+        return {k: "***" if _is_secret(str(k)) and v else _redact(v) for k, v in kwargs.items()}
+    if isinstance(kwargs, list):
+        return [_redact(v) for v in kwargs]
+    return kwargs
+
+
+def redacted(cfg: RewardConfig) -> RewardConfig:
+    """A copy of ``cfg`` fit to be saved with a run: literal keys, tokens and passwords in
+    ``kwargs`` become ``"***"`` (``*_env`` fields, which name variables, are kept)."""
+    combine = [dataclasses.replace(t, kwargs=_redact(dict(t.kwargs))) for t in cfg.combine]
+    return dataclasses.replace(cfg, kwargs=_redact(dict(cfg.kwargs)), combine=combine)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from slime_rl.rewards.protocol import is_batched
+from slime_rl.rewards.protocol import is_batched, is_queued, kwargs_check
 from slime_rl.rewards.registry import BUILTINS
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,10 @@ class RewardComponent:
     weight: float = 1.0
     is_async: bool = False
     is_batched: bool = False
+    is_queued: bool = False
+    """Declared with ``@queued``: its timeout starts at ``work_started()``, not at the call."""
+    load_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    """The kwargs it was loaded with (a worker process rebuilds it from ``ref`` and these)."""
 
 
 def _fail(key: str, ref: str, reason: str) -> RewardLoadError:
@@ -104,15 +108,21 @@ def _import_file(path: Path, key: str, ref: str) -> Any:
     if spec is None or spec.loader is None:
         raise _fail(key, ref, f"cannot load {path} as a Python module")
     module = importlib.util.module_from_spec(spec)
-    # Siblings of the file (helper modules) stay importable from inside the reward.
-    if str(path.parent) not in sys.path:
-        sys.path.append(str(path.parent))
+    # Siblings of the file (helper modules) are importable while the file itself is imported
+    # (imports at its top); the folder is not left on the process-wide sys.path afterwards.
+    folder = str(path.parent)
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
     sys.modules[mod_name] = module
     try:
         spec.loader.exec_module(module)
-    except BaseException as e:
+    except (Exception, SystemExit) as e:  # KeyboardInterrupt still stops the program
         del sys.modules[mod_name]
         raise _fail(key, ref, f"importing {path} failed: {type(e).__name__}: {e}") from e
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
     return module
 
 
@@ -123,7 +133,7 @@ def _import_module(target: str, key: str, ref: str) -> Any:
         if e.name and (target == e.name or target.startswith(e.name + ".")):
             raise _fail(key, ref, f"no such module: {target!r} ({e})") from e
         raise _fail(key, ref, f"importing module {target!r} failed: {type(e).__name__}: {e}") from e
-    except BaseException as e:
+    except (Exception, SystemExit) as e:
         raise _fail(key, ref, f"importing module {target!r} failed: {type(e).__name__}: {e}") from e
 
 
@@ -202,6 +212,12 @@ def load_reward(
     else:
         fn = obj
         _check_call(fn, kwargs, attr, key, ref)
+        check = kwargs_check(fn)
+        if check is not None:
+            try:
+                check(**kwargs)
+            except (TypeError, ValueError) as e:
+                raise _fail(key, ref, f"bad kwargs: {e}") from e
         call_kwargs = kwargs
     return RewardComponent(
         name=name or default_name,
@@ -211,6 +227,8 @@ def load_reward(
         weight=float(weight),
         is_async=_is_async(fn),
         is_batched=is_batched(fn) or is_batched(obj),
+        is_queued=is_queued(fn) or is_queued(obj),
+        load_kwargs=kwargs,
     )
 
 

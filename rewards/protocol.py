@@ -22,6 +22,7 @@ True
 
 from __future__ import annotations
 
+import contextvars
 import math
 import numbers
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -33,6 +34,10 @@ RewardResult = float | Mapping[str, Any]
 """A float score, or a mapping with a numeric ``score`` and extra fields."""
 
 _BATCHED_ATTR = "__slime_rl_batched__"
+_QUEUED_ATTR = "__slime_rl_queued__"
+_WORK_STARTED: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "slime_rl_reward_work_started", default=None
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -67,6 +72,53 @@ def batched(fn: F) -> F:
 def is_batched(fn: Any) -> bool:
     """True when ``fn`` (or its class) was declared with :func:`batched`."""
     return bool(getattr(fn, _BATCHED_ATTR, False) or getattr(type(fn), _BATCHED_ATTR, False))
+
+
+_CHECK_ATTR = "__slime_rl_check__"
+
+
+def checked_by(check: Callable[..., None]) -> Callable[[F], F]:
+    """Attach a start-up check of a reward function's kwargs: the loader calls
+    ``check(**kwargs)`` once, and a ``ValueError``/``TypeError`` stops the run there (naming
+    the config key) instead of failing every sample."""
+
+    def wrap(fn: F) -> F:
+        setattr(fn, _CHECK_ATTR, check)
+        return fn
+
+    return wrap
+
+
+def kwargs_check(fn: Any) -> Callable[..., None] | None:
+    """The start-up check attached with :func:`checked_by`, if any."""
+    return getattr(fn, _CHECK_ATTR, None)
+
+
+def queued(fn: F) -> F:
+    """Declare that an async reward (function or class) waits for its own concurrency slots
+    (a semaphore, a connection pool) and calls :func:`work_started` once it has one.
+
+    The runner's per-call timeout (``reward.timeout_s``) then starts at that call instead of
+    when the call was made, so time spent queueing behind other samples never counts.
+    """
+    setattr(fn, _QUEUED_ATTR, True)
+    return fn
+
+
+def is_queued(fn: Any) -> bool:
+    """True when ``fn`` (or its class) was declared with :func:`queued`."""
+    return bool(getattr(fn, _QUEUED_ATTR, False) or getattr(type(fn), _QUEUED_ATTR, False))
+
+
+def work_started() -> None:
+    """Tell the runner that the current reward call stopped queueing and started working.
+
+    Only the first call per reward call counts; outside a :func:`queued` reward run by the
+    runner it does nothing.
+    """
+    callback = _WORK_STARTED.get()
+    if callback is not None:
+        callback()
 
 
 def _as_number(value: Any) -> float | None:

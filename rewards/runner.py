@@ -1,8 +1,11 @@
 """Score groups of samples with one or several weighted reward terms, concurrently and safely.
 
     rollout worker ── await runner.score(group) ──► for each term × sample (or × group if batched):
-                                                      async fn   -> asyncio task (wait_for timeout)
+                                                      async fn   -> asyncio task (wait_for timeout;
+                                                                    @queued: from work_started())
                                                       blocking fn -> thread pool (timeout from start)
+                                                                    or process pool (executor=process;
+                                                                    killed past the timeout)
                        ◄── list[RewardOutcome] ────── normalise, weighted sum, failures -> default
     rollout worker ── runner.end_step() ──► RewardStepStats (metrics; all-failed guard)
 
@@ -37,11 +40,13 @@ from slime_rl.buffers.schema import Sample
 from slime_rl.rewards.config import RewardConfig
 from slime_rl.rewards.loader import RewardComponent, components_from_config
 from slime_rl.rewards.outcome import FAILURE_POLICIES, RewardOutcome, RewardStepStats
-from slime_rl.rewards.protocol import normalize_result
+from slime_rl.rewards.process_pool import RewardProcessPool, WorkerError
+from slime_rl.rewards.protocol import _WORK_STARTED, normalize_result
 
 logger = logging.getLogger(__name__)
 
 _Term = tuple[float, dict[str, float], dict[str, Any]]
+EXECUTORS = ("thread", "process")
 
 
 class _NoFreeWorker(Exception):
@@ -59,6 +64,7 @@ class RewardRunner:
         default_score: float = 0.0,
         max_workers: int = 4,
         failure_policy: str = "raise",
+        executor: str = "thread",
     ) -> None:
         if not components:
             raise ValueError("RewardRunner needs at least one reward component")
@@ -70,12 +76,25 @@ class RewardRunner:
             raise ValueError(f"reward.failure_policy={failure_policy!r}; allowed: {FAILURE_POLICIES}")
         if timeout_s <= 0:
             raise ValueError(f"reward.timeout_s={timeout_s} must be > 0")
+        if executor not in EXECUTORS:
+            raise ValueError(f"reward.executor={executor!r}; allowed: {EXECUTORS}")
+        for comp in components:
+            own = getattr(comp.fn, "call_time_limit_s", None)
+            if isinstance(own, (int, float)) and timeout_s < own:
+                raise ValueError(
+                    f"reward.timeout_s={timeout_s:g} is below the {own:g} s that reward "
+                    f"'{comp.name}' may take for one unit of work (its own timeout_s), so it would "
+                    f"time out calls that are still within their limit; raise reward.timeout_s "
+                    f"to at least {own:g} or lower the reward's timeout_s"
+                )
         self.components = list(components)
         self.timeout_s = float(timeout_s)
         self.default_score = float(default_score)
         self.max_workers = int(max_workers)
         self.failure_policy = failure_policy
+        self.executor = executor
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._procs: RewardProcessPool | None = None
         self._stats = RewardStepStats()
         self._lock = threading.Lock()
         self._overdue = 0  # pool threads still running a call that timed out
@@ -89,6 +108,7 @@ class RewardRunner:
             default_score=cfg.default_score,
             max_workers=cfg.max_workers,
             failure_policy=cfg.failure_policy,
+            executor=cfg.executor,
         )
 
     # -- scoring -------------------------------------------------------------------------
@@ -165,7 +185,11 @@ class RewardRunner:
         """Call one term with the timeout; return ``(result, None)`` or ``(None, error text)``."""
         try:
             if comp.is_async:
-                result = await asyncio.wait_for(comp.fn(arg, **comp.kwargs), self.timeout_s)
+                result = await self._call_async(comp, arg)
+            elif self.executor == "process":
+                if self._procs is None:
+                    self._procs = RewardProcessPool(self.max_workers)
+                result = await self._procs.call(comp, arg, self.timeout_s)
             else:
                 result = await self._call_blocking(comp, arg)
             if inspect.isawaitable(result):  # a plain callable that returned a coroutine
@@ -180,9 +204,32 @@ class RewardRunner:
             )
         except asyncio.CancelledError:
             raise
+        except WorkerError as e:
+            return None, str(e)
         except Exception as e:
             logger.debug("reward %s raised", comp.name, exc_info=True)
             return None, f"{type(e).__name__}: {e}"
+
+    async def _call_async(self, comp: RewardComponent, arg: Any) -> Any:
+        """Await an async term; for a ``@queued`` one the timeout starts at ``work_started()``."""
+        coro = comp.fn(arg, **comp.kwargs)
+        if not comp.is_queued:
+            return await asyncio.wait_for(coro, self.timeout_s)
+        started = asyncio.Event()
+
+        async def run() -> Any:
+            _WORK_STARTED.set(started.set)  # a task has its own context copy
+            return await coro
+
+        task = asyncio.ensure_future(run())
+        signal = asyncio.ensure_future(started.wait())
+        try:
+            await asyncio.wait({task, signal}, return_when=asyncio.FIRST_COMPLETED)
+            return await asyncio.wait_for(task, self.timeout_s)
+        finally:
+            signal.cancel()
+            if not task.done():
+                task.cancel()
 
     async def _call_blocking(self, comp: RewardComponent, arg: Any) -> Any:
         """Run a blocking term in the pool; its timeout starts when a worker picks it up.
@@ -264,7 +311,11 @@ class RewardRunner:
         self.close()
 
     def close(self) -> None:
-        """Shut the thread pool down without waiting for calls that overran their timeout."""
+        """Shut the thread pool down without waiting for calls that overran their timeout,
+        and kill the reward worker processes."""
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        if self._procs is not None:
+            self._procs.close()
+            self._procs = None

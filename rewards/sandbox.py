@@ -1,21 +1,31 @@
-"""Run untrusted Python in a throw-away folder with resource limits and no network.
+"""Run untrusted Python in a throw-away, isolated folder with resource limits and no network.
 
-    Sandbox.run(code, stdin)
-      └─ mkdtemp (owned by the sandbox user) ── write main.py
-      └─ [unshare --net --pid --fork --kill-child (--setuid nobody | --map-root-user)]
-           python -I -c LAUNCHER spec        (own session = own process group)
-             LAUNCHER: setrlimit(AS, CPU, NPROC, FSIZE, NOFILE, CORE) -> [audit hook] -> runpy main.py
-      └─ wall-time timeout -> SIGKILL the process group (a pid namespace takes every descendant
-         with it; without one, leftovers are found by an environment token and killed)
-      └─ rmtree the folder
+    Sandbox.run(code, stdin, tests=None)
+      └─ mkdtemp ── write main.py (+ files)        pipes: secret (tests + nonce) ─► fd, verdict ◄─ fd
+      └─ unshare --mount --net --pid --fork --kill-child --mount-proc [--user --map-root-user]
+           python -I -c sandbox_launcher.py spec   (own session = own process group)
+             isolate: read-only binds of /usr /etc ... and the interpreter, fresh /proc, minimal
+                      /dev, one capped tmpfs for /tmp /var/tmp /dev/shm and the work folder
+                      -> chroot -> drop privileges (nobody, or no capabilities)
+             read + close the secret pipe -> setrlimit -> main.py -> tests -> nonce to verdict
+      └─ wall-time timeout -> SIGKILL the process group (the pid namespace takes every descendant)
+      └─ rmtree the folder (whatever the program wrote lived in the tmpfs and is gone already)
 
 Containment of each threat:
 - infinite loop: RLIMIT_CPU and the wall-time kill;
 - memory hog: RLIMIT_AS (MemoryError or failed allocation);
 - fork bomb: RLIMIT_NPROC (counted per user, so as root the program runs as ``nobody``,
   and without root inside a fresh user namespace) plus the pid namespace;
-- network: a fresh network namespace (no interfaces up); where ``unshare`` is unavailable an
-  audit hook refuses AF_INET/AF_INET6 sockets and starting other programs.
+- network: a fresh network namespace (no interfaces up);
+- file system: a mount namespace; nothing of the host is writable, only system folders
+  and the interpreter are visible (read-only), and every write lands in one tmpfs capped in
+  size (``disk_mb``) and number of files (``max_files``);
+- scoring cheats: assert-style tests and the success nonce arrive over a pipe the launcher
+  closes before the program runs; they are in no file, argument or environment variable.
+
+``network="audit"`` (explicit opt-in) runs without namespaces: an audit hook refuses
+AF_INET/AF_INET6 sockets and starting programs. ctypes bypasses it and there is no
+file-system isolation; it is not a security boundary.
 """
 
 from __future__ import annotations
@@ -37,28 +47,12 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 NOBODY = 65534
-
-_LAUNCHER = r"""
-import json, os, resource, sys
-spec = json.loads(sys.argv[1])
-for name, value in spec["rlimits"].items():
-    resource.setrlimit(getattr(resource, name), (value, value))
-if spec["block_network"]:
-    import socket
-    _inet = {int(socket.AF_INET), int(socket.AF_INET6)}
-    _exec = {"os.exec", "os.posix_spawn", "os.spawn", "os.system", "subprocess.Popen", "pty.spawn"}
-    def _hook(event, args):
-        if event == "socket.__new__" and len(args) > 1 and int(args[1]) in _inet:
-            raise PermissionError("network access is disabled in the reward sandbox")
-        if event in _exec:
-            raise PermissionError("starting programs is disabled in the reward sandbox")
-    sys.addaudithook(_hook)
-    del socket
-sys.argv = [spec["file"]]
-sys.path.insert(0, os.getcwd())
-import runpy
-runpy.run_path(spec["file"], run_name="__main__")
-"""
+_LAUNCHER = (Path(__file__).with_name("sandbox_launcher.py")).read_text()
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+_PREFIXES = (
+    "import json, os, sys; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, "
+    "sys.base_exec_prefix, os.path.dirname(os.path.realpath(sys.executable))]))"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +71,10 @@ class SandboxLimits:
     """Largest file the program may write (RLIMIT_FSIZE)."""
     open_files: int = 64
     """Open file descriptors (RLIMIT_NOFILE)."""
+    disk_mb: int = 64
+    """Size of the one tmpfs behind the work folder, /tmp, /var/tmp and /dev/shm."""
+    max_files: int = 1024
+    """Files and folders the program may create in all (the tmpfs's inode cap)."""
     max_output_bytes: int = 1 << 20
     """Bytes of stdout/stderr kept (the rest is read and dropped)."""
 
@@ -88,6 +86,8 @@ class SandboxResult:
     stderr: str
     timed_out: bool
     seconds: float
+    tests_passed: bool | None = None
+    """With ``tests``: True only when the tests ran to their end after the program."""
 
 
 def _count_tasks(uid: int) -> int:
@@ -120,13 +120,18 @@ def _kill_by_token(token: str) -> None:
             continue
 
 
+def _under(path: str, dirs: list[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dirs)
+
+
 class Sandbox:
     """Runs Python source under :class:`SandboxLimits`; probes the host once at construction.
 
-    ``network``: ``"unshare"`` (namespaces, required), ``"audit"`` (audit hook only) or
-    ``"auto"`` (namespaces when ``unshare`` works here). ``python``: the interpreter, or
-    ``"auto"`` for the first of this interpreter and the system ``python3`` that the sandbox
-    user can run (as root the program runs as ``nobody``, who may not read a venv under /root).
+    ``network``: ``"auto"`` or ``"unshare"`` (network, mount and pid namespaces; an error
+    when this host cannot create them), or ``"audit"`` (explicit opt-in, logs a warning: an
+    audit hook only, bypassable with ctypes, no file-system isolation). ``python``: the
+    interpreter, or ``"auto"`` for the first of this interpreter and the system ``python3``
+    that works in the sandbox; its prefix folders are visible read-only inside.
 
     >>> import asyncio
     >>> box = Sandbox(SandboxLimits(wall_s=5))
@@ -142,49 +147,76 @@ class Sandbox:
         self.limits = limits or SandboxLimits()
         self.is_root = os.geteuid() == 0
         self.uid, self.gid = (NOBODY, NOBODY) if self.is_root else (os.getuid(), os.getgid())
+        self.mode = "audit" if network == "audit" else "unshare"
+        self.isolated = self.mode == "unshare"
         self._unshare = shutil.which("unshare")
+        if self.mode == "audit":
+            logger.warning(
+                "reward sandbox network='audit': an audit hook only (ctypes bypasses it) and no "
+                "file-system isolation; this is not a security boundary"
+            )
+        elif not self._unshare:
+            raise RuntimeError(
+                "no usable sandbox on this host: util-linux `unshare` is not installed. Install "
+                "it, or opt in to the weak network='audit' mode (not a security boundary)."
+            )
         pythons = [python] if python != "auto" else [sys.executable, "/usr/bin/python3", shutil.which("python3")]
-        modes = {"auto": ["unshare", "audit"], "unshare": ["unshare"], "audit": ["audit"]}[network]
         problems = []
-        for mode in modes:
-            if mode == "unshare" and not self._unshare:
-                problems.append("unshare: not installed")
-                continue
-            for exe in dict.fromkeys(p for p in pythons if p):
-                self.mode, self.python = mode, exe
-                err = self._probe()
-                if err is None:
-                    logger.debug("sandbox: network=%s python=%s uid=%d", mode, exe, self.uid)
-                    return
-                problems.append(f"{mode} + {exe}: {err}")
+        for exe in dict.fromkeys(p for p in pythons if p):
+            self.python = exe
+            self.binds = self._binds(exe)
+            err = self._probe()
+            if err is None:
+                logger.debug("sandbox: mode=%s python=%s uid=%d", self.mode, exe, self.uid)
+                return
+            problems.append(f"{self.mode} + {exe}: {err}")
         raise RuntimeError(
             "no usable sandbox on this host: " + "; ".join(problems)
-            + ". Install util-linux `unshare`, or pass python= an interpreter that uid "
-            f"{self.uid} can run."
+            + ". The sandbox needs `unshare` with mount/net/pid namespaces (root, or unprivileged "
+            "user namespaces enabled); pass python= an interpreter that works there, or opt in to "
+            "the weak network='audit' mode (not a security boundary)."
         )
 
     # -- command construction -------------------------------------------------------------
 
+    def _binds(self, exe: str) -> list[str]:
+        """Folders visible (read-only) inside: system folders plus the interpreter's prefixes."""
+        binds = [d for d in _SYSTEM_DIRS if os.path.lexists(d)]
+        if not self.isolated:
+            return binds
+        try:
+            out = subprocess.run([exe, "-I", "-c", _PREFIXES], capture_output=True, text=True, timeout=30)
+            prefixes = json.loads(out.stdout) if out.returncode == 0 else []
+        except (OSError, subprocess.SubprocessError, ValueError):
+            prefixes = []
+        for p in prefixes:
+            p = os.path.realpath(p)
+            if p != "/" and not _under(p, binds):
+                binds = [b for b in binds if not _under(b, [p])] + [p]
+        return binds
+
     def _argv(self, spec: dict) -> list[str]:
         wrapper: list[str] = []
-        if self.mode == "unshare":
-            wrapper = [self._unshare, "--net", "--pid", "--fork", "--kill-child"]
-            if self.is_root:
-                wrapper += ["--setgid", str(self.gid), "--setuid", str(self.uid)]
-            else:
-                wrapper += ["--map-root-user"]
+        if self.isolated:
+            wrapper = [self._unshare, "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc"]
+            if not self.is_root:
+                wrapper += ["--user", "--map-root-user"]
         return [*wrapper, self.python, "-I", "-c", _LAUNCHER, json.dumps(spec)]
 
     def _popen_user(self) -> dict:
-        # Without unshare, root drops to nobody through Popen itself (no preexec_fn).
-        if self.is_root and self.mode != "unshare":
+        # Without namespaces, root drops to nobody through Popen itself (no preexec_fn).
+        if self.is_root and not self.isolated:
             return {"user": self.uid, "group": self.gid, "extra_groups": []}
         return {}
 
-    def _spec(self) -> dict:
+    def _inside(self, workdir: str) -> str:
+        """The work folder's path as the program sees it."""
+        return f"/tmp/{os.path.basename(workdir)}" if self.isolated else workdir
+
+    def _spec(self, workdir: str, secret_fd: int | None = None, verdict_fd: int | None = None) -> dict:
         lim = self.limits
         nproc = lim.max_processes
-        if not (self.mode == "unshare" and not self.is_root):
+        if not (self.isolated and not self.is_root):
             # Outside a fresh user namespace RLIMIT_NPROC counts all the user's tasks.
             nproc += _count_tasks(self.uid)
         mb = 1 << 20
@@ -196,14 +228,20 @@ class Sandbox:
             "RLIMIT_NOFILE": lim.open_files,
             "RLIMIT_CORE": 0,
         }
-        return {"rlimits": rlimits, "block_network": self.mode == "audit", "file": "main.py"}
+        return {
+            "rlimits": rlimits, "audit": self.mode == "audit", "file": "main.py",
+            "isolate": self.isolated, "root": workdir, "work": self._inside(workdir),
+            "binds": self.binds, "uid": self.uid, "gid": self.gid, "drop_to_nobody": self.is_root,
+            "disk_bytes": lim.disk_mb * mb, "max_files": lim.max_files,
+            "secret_fd": secret_fd, "verdict_fd": verdict_fd,
+        }
 
     def _probe(self) -> str | None:
         workdir = tempfile.mkdtemp(prefix="slime-rl-sandbox-probe-")
         try:
             self._prepare(Path(workdir), {"main.py": "import json, collections, re\n"})
             proc = subprocess.run(
-                self._argv(self._spec()), cwd=workdir, env=self._env(workdir, "probe"),
+                self._argv(self._spec(workdir)), cwd=workdir, env=self._env(workdir, "probe"),
                 capture_output=True, timeout=30, **self._popen_user(),
             )
             if proc.returncode != 0:
@@ -219,19 +257,19 @@ class Sandbox:
             path = workdir / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
-        if self.is_root:
+        if self.is_root and not self.isolated:
             for root, dirs, names in os.walk(workdir):
                 for n in [*dirs, *names]:
                     os.chown(os.path.join(root, n), self.uid, self.gid)
             os.chown(workdir, self.uid, self.gid)
         os.chmod(workdir, 0o700)
 
-    @staticmethod
-    def _env(workdir: str, token: str) -> dict[str, str]:
+    def _env(self, workdir: str, token: str) -> dict[str, str]:
+        inside = self._inside(workdir)
         return {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "HOME": workdir,
-            "TMPDIR": workdir,
+            "HOME": inside,
+            "TMPDIR": inside,
             "LANG": "C.UTF-8",
             "PYTHONDONTWRITEBYTECODE": "1",
             "OMP_NUM_THREADS": "1",
@@ -242,9 +280,17 @@ class Sandbox:
 
     # -- running ------------------------------------------------------------------------
 
-    async def run(self, code: str, stdin: str = "", files: dict[str, str] | None = None) -> SandboxResult:
+    async def run(
+        self, code: str, stdin: str = "", files: dict[str, str] | None = None, *, tests: str | None = None
+    ) -> SandboxResult:
         """Run ``code`` as ``main.py`` (plus ``files``) with ``stdin``; never raises for what
-        the program does -- a crash, a limit or a timeout shows in the result."""
+        the program does -- a crash, a limit or a timeout shows in the result.
+
+        With ``tests`` (Python source), the tests run in the program's globals after it
+        finishes, and ``tests_passed`` says whether they reached their end. The program cannot
+        read them (no file, argument or environment variable holds them) nor fake the verdict
+        by printing or exiting early: only the launcher knows the nonce the host checks.
+        """
         t0 = time.monotonic()
         token = uuid.uuid4().hex
         workdir = tempfile.mkdtemp(prefix="slime-rl-sandbox-")
@@ -252,13 +298,21 @@ class Sandbox:
         proc = None
         io_tasks: list[asyncio.Future] = []
         timed_out = False
+        nonce = uuid.uuid4().hex
+        secret_r = secret_w = verdict_r = verdict_w = None
+        verdict = b""
         try:
             self._prepare(Path(workdir), {**(files or {}), "main.py": code})
-            spec = await asyncio.to_thread(self._spec)  # may scan /proc: keep it off the loop
+            if tests is not None:
+                secret_r, secret_w = os.pipe()
+                verdict_r, verdict_w = os.pipe()
+            spec = await asyncio.to_thread(self._spec, workdir, secret_r, verdict_w)  # scans /proc
             proc = await asyncio.create_subprocess_exec(
                 *self._argv(spec), cwd=workdir, env=self._env(workdir, token),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, start_new_session=True, **self._popen_user(),
+                stderr=asyncio.subprocess.PIPE, start_new_session=True,
+                pass_fds=tuple(fd for fd in (secret_r, verdict_w) if fd is not None),
+                **self._popen_user(),
             )
             cap = self.limits.max_output_bytes
             io_tasks += [
@@ -266,18 +320,30 @@ class Sandbox:
                 asyncio.ensure_future(_pump(proc.stdout, cap, out)),
                 asyncio.ensure_future(_pump(proc.stderr, cap, err)),
             ]
+            if tests is not None:
+                os.close(secret_r)
+                os.close(verdict_w)
+                secret_r = verdict_w = None
+                message = json.dumps({"tests": tests, "nonce": nonce}).encode()
+                io_tasks.append(asyncio.ensure_future(asyncio.to_thread(_write_all, secret_w, message)))
+                secret_w = None  # _write_all closes it
             timed_out = not await _wait_exit(proc, self.limits.wall_s)
             self._kill(proc, token)
             await _wait_exit(proc, 2.0)
             _, pending = await asyncio.wait(io_tasks, timeout=2.0)
             for t in pending:
                 t.cancel()
+            if verdict_r is not None:
+                verdict = _read_available(verdict_r, len(nonce) + 1)
         finally:
             if proc is not None and proc.returncode is None:  # cancelled: clean up anyway
                 self._kill(proc, token)
             for t in io_tasks:
                 if not t.done():
                     t.cancel()
+            for fd in (secret_r, secret_w, verdict_r, verdict_w):
+                if fd is not None:
+                    _close_quietly(fd)
             shutil.rmtree(workdir, ignore_errors=True)
         return SandboxResult(
             returncode=None if timed_out else proc.returncode,
@@ -285,6 +351,7 @@ class Sandbox:
             stderr=err.decode(errors="replace"),
             timed_out=timed_out,
             seconds=time.monotonic() - t0,
+            tests_passed=None if tests is None else (not timed_out and verdict == nonce.encode()),
         )
 
     def _kill(self, proc: asyncio.subprocess.Process, token: str) -> None:
@@ -292,8 +359,42 @@ class Sandbox:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        if self.mode != "unshare":  # no pid namespace: hunt processes that left the group
+        if not self.isolated:  # no pid namespace: hunt processes that left the group
             _kill_by_token(token)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write ``data`` to a pipe and close it; a reader that died early is not an error."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        pass
+    finally:
+        _close_quietly(fd)
+
+
+def _read_available(fd: int, limit: int) -> bytes:
+    """What is in the pipe now (at most ``limit`` bytes), without waiting for writers."""
+    os.set_blocking(fd, False)
+    data = b""
+    try:
+        while len(data) < limit:
+            chunk = os.read(fd, limit - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except BlockingIOError:
+        pass
+    return data
 
 
 async def _wait_exit(proc: asyncio.subprocess.Process, timeout: float) -> bool:

@@ -11,12 +11,13 @@ A config problem prints one line on stderr and exits with code 2, before anythin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
 
 from slime_rl.config import Config, ConfigError, load_config, save_config, to_yaml
-from slime_rl.rewards import RewardLoadError
+from slime_rl.rewards import RewardLoadError, redacted
 
 EXIT_USAGE = 2
 
@@ -78,7 +79,8 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    path = save_config(cfg, cfg.run_dir / "config.yaml")
+    # the saved copy never holds literal API keys or tokens from reward kwargs
+    path = save_config(dataclasses.replace(cfg, reward=redacted(cfg.reward)), cfg.run_dir / "config.yaml")
     raise NotYetAvailable(
         f"config is valid and was written to {path}, but the RL training loop has not landed yet; "
         "build the model with `slime-rl make-tiny-model` in the meantime"

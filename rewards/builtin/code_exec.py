@@ -9,7 +9,15 @@ Test-case formats (JSON in ``sample.label``, or already parsed in ``sample.metad
 - stdin/stdout: ``{"inputs": ["1 2\\n"], "outputs": ["3\\n"]}`` or ``[{"input": .., "output": ..}]``;
   outputs compare line by line with trailing whitespace ignored;
 - asserts: ``{"asserts": ["assert add(1, 2) == 3"]}`` or ``{"test": "<python with asserts>"}``;
-  the program with the test code appended must exit 0 and reach the end.
+  the tests run in the program's globals after it finishes and must reach their end. They
+  reach the sandbox over a pipe (never a file the program could read), and only the
+  launcher's nonce, not anything the program prints or its exit status, counts as a pass.
+
+Timing: each test case gets ``timeout_s`` of wall time once a sandbox slot is free; the
+runner's ``reward.timeout_s`` starts when the first case of a sample gets its slot
+(:func:`~slime_rl.rewards.protocol.work_started`), so queueing behind other samples never
+counts. It must be at least ``timeout_s`` (checked at start-up); for a sample with many cases
+keep it above ``timeout_s * ceil(cases / max_parallel)``.
 """
 
 from __future__ import annotations
@@ -17,13 +25,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import uuid
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
 from slime_rl.buffers.schema import Sample
 from slime_rl.rewards.builtin.text import final_text
+from slime_rl.rewards.protocol import queued, work_started
 from slime_rl.rewards.sandbox import Sandbox, SandboxLimits
 
 _FENCE_RE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
@@ -76,6 +84,7 @@ def _same_output(got: str, expected: str) -> bool:
     return lines(got) == lines(expected)
 
 
+@queued
 class CodeExecution:
     """Reward = fraction of test cases passed (``score="fraction"``) or 1/0 (``"all"``).
 
@@ -90,6 +99,8 @@ class CodeExecution:
         timeout_s: float = 5.0,
         memory_mb: int = 512,
         max_processes: int = 32,
+        disk_mb: int = 64,
+        max_files: int = 1024,
         max_parallel: int = 4,
         score: str = "fraction",
         tests_key: str = "tests",
@@ -100,15 +111,21 @@ class CodeExecution:
             raise ValueError(f"code_execution score={score!r}; allowed: 'fraction', 'all'")
         limits = SandboxLimits(
             wall_s=timeout_s, cpu_s=max(1, int(timeout_s + 0.999)), memory_mb=memory_mb,
-            max_processes=max_processes,
+            max_processes=max_processes, disk_mb=disk_mb, max_files=max_files,
         )
         self.sandbox = Sandbox(limits, python=python, network=network)
+        self.timeout_s = float(timeout_s)
         self.score_mode = score
         self.tests_key = tests_key
         self.max_parallel = max_parallel
         self._sems: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
             weakref.WeakKeyDictionary()
         )
+
+    @property
+    def call_time_limit_s(self) -> float:
+        """Wall time one test case may take; the runner checks ``reward.timeout_s`` exceeds it."""
+        return self.timeout_s
 
     def _sem(self) -> asyncio.Semaphore:
         loop = asyncio.get_running_loop()
@@ -131,18 +148,16 @@ class CodeExecution:
 
     async def _run_case(self, program: str, case: CodeTest) -> tuple[bool, bool, str]:
         """``(passed, timed_out, detail)`` of one test case."""
-        sentinel = f"__slime_rl_done_{uuid.uuid4().hex}__"
-        code = program
-        if case.expected_stdout is None:
-            code = f"{program}\n\n{case.test_code}\nprint({sentinel!r})\n"
+        tests = case.test_code if case.expected_stdout is None else None
         async with self._sem():
-            res = await self.sandbox.run(code, stdin=case.stdin)
+            work_started()
+            res = await self.sandbox.run(program, stdin=case.stdin, tests=tests)
         if res.timed_out:
             return False, True, f"timed out after {self.sandbox.limits.wall_s:g} s"
         if res.returncode != 0:
             return False, False, f"exit code {res.returncode}: {res.stderr.strip()[-500:]}"
         if case.expected_stdout is None:
-            ok = res.stdout.rstrip().endswith(sentinel)
+            ok = bool(res.tests_passed)
             return ok, False, "" if ok else "the program exited before the tests ran"
         ok = _same_output(res.stdout, case.expected_stdout)
         detail = "" if ok else f"expected {case.expected_stdout[:200]!r}, got {res.stdout[:200]!r}"

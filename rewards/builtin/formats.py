@@ -9,6 +9,7 @@ from typing import Any
 
 from slime_rl.buffers.schema import Mode, Sample
 from slime_rl.rewards.builtin.text import THINK_CLOSE, THINK_OPEN
+from slime_rl.rewards.protocol import checked_by
 
 
 def _think_problem(sample: Sample, allow_empty_block: bool) -> str | None:
@@ -58,18 +59,28 @@ def think_format(
     return {"score": penalty, "format_error": problem}
 
 
+def check_overlong_penalty(*, max_response_len: int, overlong_buffer: int, penalty_factor: float = 1.0) -> None:
+    """Start-up check of :func:`overlong_penalty`'s settings (the loader runs it once)."""
+    if max_response_len <= 0:
+        raise ValueError(f"overlong_penalty: max_response_len={max_response_len} must be > 0")
+    if overlong_buffer <= 0 or overlong_buffer > max_response_len:
+        raise ValueError(
+            f"overlong_penalty: overlong_buffer={overlong_buffer} must be in (0, max_response_len={max_response_len}]"
+        )
+    if penalty_factor < 0:
+        raise ValueError(f"overlong_penalty: penalty_factor={penalty_factor} must be >= 0 (it is subtracted)")
+
+
+@checked_by(check_overlong_penalty)
 def overlong_penalty(
     sample: Sample, *, max_response_len: int, overlong_buffer: int, penalty_factor: float = 1.0
 ) -> dict[str, Any]:
     """DAPO's soft overlong punishment on the response length in tokens.
 
     0 up to ``max_response_len - overlong_buffer`` tokens, then a linear ramp down to
-    ``-penalty_factor`` at ``max_response_len``, and ``-penalty_factor`` beyond.
+    ``-penalty_factor`` at ``max_response_len``, and ``-penalty_factor`` beyond. The settings
+    are checked once at load time (:func:`check_overlong_penalty`), not per sample.
     """
-    if overlong_buffer <= 0 or overlong_buffer > max_response_len:
-        raise ValueError(
-            f"overlong_penalty: overlong_buffer={overlong_buffer} must be in (0, max_response_len={max_response_len}]"
-        )
     n = len(sample.response_ids)
     start = max_response_len - overlong_buffer
     if n <= start:

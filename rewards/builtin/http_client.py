@@ -17,6 +17,8 @@ import random
 import weakref
 from typing import Any
 
+from slime_rl.rewards.protocol import work_started
+
 logger = logging.getLogger(__name__)
 
 
@@ -82,14 +84,16 @@ class JsonClient:
             if attempt:
                 await asyncio.sleep(self._delay(attempt - 1))
             try:
-                async with sem, session.post(url, json=payload, timeout=timeout) as resp:
-                    if resp.status == 429 or resp.status >= 500:
-                        last = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-                        logger.debug("POST %s attempt %d: %s", url, attempt + 1, last)
-                        continue
-                    if resp.status >= 400:
-                        raise HttpError(f"POST {url} -> HTTP {resp.status}: {(await resp.text())[:300]}")
-                    return await resp.json(content_type=None)
+                async with sem:
+                    work_started()  # the runner's timeout starts now, not while queueing
+                    async with session.post(url, json=payload, timeout=timeout) as resp:
+                        if resp.status == 429 or resp.status >= 500:
+                            last = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                            logger.debug("POST %s attempt %d: %s", url, attempt + 1, last)
+                            continue
+                        if resp.status >= 400:
+                            raise HttpError(f"POST {url} -> HTTP {resp.status}: {(await resp.text())[:300]}")
+                        return await resp.json(content_type=None)
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as e:
                 last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                 logger.debug("POST %s attempt %d: %s", url, attempt + 1, last)

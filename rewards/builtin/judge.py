@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Any
@@ -13,6 +14,9 @@ from typing import Any
 from slime_rl.buffers.schema import Sample
 from slime_rl.rewards.builtin.http_client import HttpError, JsonClient
 from slime_rl.rewards.builtin.text import final_text
+from slime_rl.rewards.protocol import queued
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = (
     "Grade the response to the question on a scale from 0 to {max_score:g}.\n\n"
@@ -29,12 +33,15 @@ def _prompt_text(sample: Sample) -> str:
     return "\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in sample.messages)
 
 
+@queued
 class LLMJudge:
     """Reward = the judge's score / ``max_score`` (clamped to [0, 1]).
 
     Template fields: ``{prompt} {response} {label} {max_score} {mode}``; the response is the
-    part after any reasoning block. The API key comes from ``api_key`` or the environment
-    variable ``api_key_env``. An unparseable reply fails the sample (the error shows the reply).
+    part after any reasoning block. The API key comes from the environment variable
+    ``api_key_env`` (preferred: a key written in the config is saved with the run's
+    ``config.yaml``), or from ``api_key``, which logs a warning. An unparseable reply fails
+    the sample (the error shows the reply).
     """
 
     def __init__(
@@ -78,12 +85,25 @@ class LLMJudge:
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.keep_reply = keep_reply
+        if api_key:
+            logger.warning(
+                "llm_judge: api_key is given literally; it is saved with the run's config. Put "
+                "it in an environment variable and set api_key_env (default OPENAI_API_KEY) instead"
+            )
         key = api_key or os.environ.get(api_key_env)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.client = JsonClient(
             timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s,
             headers=headers, max_concurrency=max_concurrency,
         )
+
+    @property
+    def call_time_limit_s(self) -> float:
+        """One request attempt; the runner checks ``reward.timeout_s`` is at least this."""
+        return self.client.timeout_s
+
+    def __repr__(self) -> str:  # never show the Authorization header
+        return f"LLMJudge(url={self.url!r}, model={self.model!r})"
 
     def messages(self, sample: Sample) -> list[dict[str, str]]:
         """The chat messages sent to the judge for ``sample``."""

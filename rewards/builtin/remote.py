@@ -3,7 +3,7 @@
 Request (POST ``url``)::
 
     {"inputs": [{"prompt": str, "response": str, "label": str | null, "mode": str,
-                 "messages": [...], "metadata": {...}}, ...]}
+                 "messages": [...], "tool_calls": [...], "metadata": {...}}, ...]}
 
 Reply: ``{"scores": [...]}`` (or ``{"rewards": [...]}``, or a bare list), one item per input,
 each a number or a dict with ``score`` and extra metrics.
@@ -17,7 +17,7 @@ from typing import Any
 
 from slime_rl.buffers.schema import Sample
 from slime_rl.rewards.builtin.http_client import HttpError, JsonClient
-from slime_rl.rewards.protocol import batched
+from slime_rl.rewards.protocol import batched, queued
 
 
 def sample_payload(sample: Sample) -> dict[str, Any]:
@@ -28,10 +28,12 @@ def sample_payload(sample: Sample) -> dict[str, Any]:
         "label": sample.label,
         "mode": sample.mode,
         "messages": sample.messages,
+        "tool_calls": sample.tool_calls,
         "metadata": sample.metadata,
     }
 
 
+@queued
 @batched
 class RemoteRewardModel:
     """Score a group by POSTing it to ``url`` in chunks of ``batch_size`` (sent concurrently).
@@ -62,6 +64,11 @@ class RemoteRewardModel:
             timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s,
             max_backoff_s=max_backoff_s, headers=headers, max_concurrency=max_concurrency,
         )
+
+    @property
+    def call_time_limit_s(self) -> float:
+        """One request attempt; the runner checks ``reward.timeout_s`` is at least this."""
+        return self.client.timeout_s
 
     async def _chunk(self, samples: Sequence[Sample]) -> list[Any]:
         reply = await self.client.post_json(self.url, {"inputs": [sample_payload(s) for s in samples]})

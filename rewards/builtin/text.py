@@ -55,12 +55,21 @@ def extract_answer(response: str) -> str | None:
         return boxed.strip()
     matches = list(_ANSWER_IS_RE.finditer(text))
     if matches:
-        m = matches[-1]
-        first = _NUMBER_RE.search(m.group(1))
-        if first is not None:
-            return first.group(0)
-        return m.group(1).strip().rstrip(".")
+        phrase = matches[-1].group(1).strip()
+        lead = _NUMBER_RE.match(phrase)
+        if lead is not None and _number_stands_alone(phrase[lead.end() :]):
+            return lead.group(0)  # "42 apples", "42.", "-3 (from ...)"
+        return phrase.rstrip(".")  # "3x+2", "3 + 2 = 5": the whole expression is the answer
     return last_number(text)
+
+
+def _number_stands_alone(rest: str) -> bool:
+    """True when what follows a leading number does not continue it as an expression."""
+    if not rest:
+        return True
+    if rest[0].isalnum() or rest[0] in "^_({[\\'":
+        return False  # 3x, 3^2, 3(x+1), 3\pi
+    return rest.lstrip()[:1] not in ("+", "-", "*", "/", "^", "=", "×", "÷", "·")
 
 
 def normalize_text(text: str) -> str:

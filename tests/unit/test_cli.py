@@ -91,3 +91,13 @@ def test_train_writes_resolved_config_then_says_not_yet(run_files: list[str], tm
     assert "top_k: 5" in written.read_text()
     assert out.returncode == 1
     assert "not yet" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_saved_config_redacts_reward_secrets(run_files: list[str], tmp_path: Path) -> None:
+    reward = tmp_path / "judge.py"
+    reward.write_text("def score(sample, api_key=''):\n    return 1.0\n")
+    out = slime_rl("train", *run_files, f"reward.fn={reward}:score", "reward.kwargs.api_key=sk-secret-123")
+    assert "not yet" in out.stderr, out.stderr
+    written = (tmp_path / "runs" / "r1" / "config.yaml").read_text()
+    assert "sk-secret-123" not in written
+    assert "api_key" in written

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sys
+import threading
 import types
 
 import pytest
 from slime_rl.buffers.schema import Sample
+from slime_rl.rewards import RewardLoadError, load_reward
 from slime_rl.rewards.builtin import (
     exact_match,
     math_answer,
@@ -47,6 +49,10 @@ def test_normalized_match_ignores_case_punctuation_articles():
         ("\\boxed{\\frac{1}{2}}", "0.5", 1.0, 1.0),
         ("It is 1,000 coins", "1000", 1.0, 1.0),
         ("the answer is 42 apples (from 40 + 2)", "42", 1.0, 1.0),
+        ("so the answer is 3x+2", "3", 0.0, 1.0),
+        ("the answer is 3 + 2 = 5", "3", 0.0, 1.0),
+        ("the answer is 3^2", "3", 0.0, 1.0),
+        ("the answer is 3.", "3", 1.0, 1.0),
         ("I do not know", "42", 0.0, 0.0),
     ],
 )
@@ -66,8 +72,16 @@ def test_math_answer_uses_math_verify_when_asked(monkeypatch):
     fake.parse = lambda text, parsing_timeout=5: calls.append(("parse", text, parsing_timeout)) or [text]
     fake.verify = lambda gold, pred, timeout_seconds=5: calls.append(("verify", timeout_seconds)) or True
     monkeypatch.setitem(sys.modules, "math_verify", fake)
-    out = math_answer(_s("\\boxed{x^2+2x+1}", label="(x+1)^2"), use_math_verify=True)
+    out = math_answer(_s("\\boxed{x^2+2x+1}", label="(x+1)^2"), use_math_verify=True, math_verify_timeout_s=3)
     assert out["score"] == 1.0
+    # The main thread (a reward worker process) keeps math-verify's own SIGALRM timeouts ...
+    assert ("parse", "$(x+1)^2$", 3) in calls and ("verify", 3) in calls
+    calls.clear()
+    # ... a worker thread cannot use SIGALRM, so they are off there.
+    worker = threading.Thread(target=math_answer, args=(_s("\\boxed{x^2+2x+1}", label="(x+1)^2"),),
+                              kwargs={"use_math_verify": True})
+    worker.start()
+    worker.join()
     assert ("parse", "$(x+1)^2$", None) in calls and ("verify", None) in calls
 
 
@@ -117,9 +131,13 @@ def test_overlong_penalty_soft_ramp(n_tokens, expected):
     assert out["response_len"] == n_tokens
 
 
-def test_overlong_penalty_rejects_bad_buffer():
-    with pytest.raises(ValueError, match="overlong_buffer=0 must be in"):
-        overlong_penalty(_s("x"), max_response_len=16, overlong_buffer=0)
+def test_overlong_penalty_rejects_bad_buffer_at_load_time():
+    with pytest.raises(RewardLoadError, match=r"reward.fn='overlong_penalty': bad kwargs: .*overlong_buffer=0 must be in"):
+        load_reward("overlong_penalty", {"max_response_len": 16, "overlong_buffer": 0})
+    with pytest.raises(RewardLoadError, match="overlong_buffer=32 must be in"):
+        load_reward("overlong_penalty", {"max_response_len": 16, "overlong_buffer": 32})
+    comp = load_reward("overlong_penalty", {"max_response_len": 16, "overlong_buffer": 4})
+    assert comp.fn(_s("x", n_tokens=14), **comp.kwargs)["score"] == pytest.approx(-0.5)
 
 
 def test_truncated_reasoning_has_no_answer_in_think_mode():

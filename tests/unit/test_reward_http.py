@@ -41,6 +41,7 @@ def test_remote_reward_model_sends_batches_and_returns_scores():
 
     async def handler(request):
         body = await request.json()
+        assert all("tool_calls" in x for x in body["inputs"])
         batches.append([x["prompt"] for x in body["inputs"]])
         return web.json_response({"scores": [{"score": len(x["response"]), "conf": 0.9} for x in body["inputs"]]})
 
@@ -198,8 +199,55 @@ def test_llm_judge_config_errors_at_load_time():
         load_reward("llm_judge", {"base_url": "http://127.0.0.1:1/v1", "model": "m", "score_regex": "score"})
 
 
-def test_sample_payload_is_json_serialisable():
+def test_sample_payload_is_json_serialisable_and_carries_tool_calls():
     from slime_rl.rewards.builtin.remote import sample_payload
 
-    s = Sample("a", "g", [1], [2], prompt="p", response="r", label="1", messages=[{"role": "user", "content": "p"}])
-    assert json.loads(json.dumps(sample_payload(s)))["messages"][0]["role"] == "user"
+    calls = [{"name": "calculator", "arguments": {"expr": "6*7"}, "result": "42"}]
+    s = Sample("a", "g", [1], [2], prompt="p", response="r", label="1",
+               messages=[{"role": "user", "content": "p"}], tool_calls=calls)
+    payload = json.loads(json.dumps(sample_payload(s)))
+    assert payload["messages"][0]["role"] == "user"
+    assert payload["tool_calls"] == calls
+
+
+def test_llm_judge_queueing_behind_max_concurrency_does_not_count_against_the_timeout():
+    async def slow_judge(request):
+        await asyncio.sleep(0.2)
+        return web.json_response({"choices": [{"message": {"content": "Score: 10"}}]})
+
+    async def go():
+        async with serve(slow_judge, "/v1/chat/completions") as base:
+            comp = load_reward("llm_judge", {"base_url": f"{base}/v1", "model": "m", "max_concurrency": 1,
+                                             "timeout_s": 0.5, "max_retries": 0})
+            # 6 requests of 0.2 s through one connection slot take ~1.2 s, more than 0.6 s.
+            runner = RewardRunner([comp], timeout_s=0.6)
+            try:
+                return await runner.score(_samples(6))
+            finally:
+                await runner.aclose()
+
+    outcomes = asyncio.run(go())
+    assert [o.error for o in outcomes] == [None] * 6
+    assert [o.score for o in outcomes] == [1.0] * 6
+
+
+def test_llm_judge_literal_api_key_warns_and_is_redacted_from_saved_config(caplog, monkeypatch):
+    from slime_rl.rewards import RewardComponentConfig, RewardConfig
+    from slime_rl.rewards.config import redacted
+
+    monkeypatch.setenv("MY_JUDGE_KEY", "sk-from-env")
+    with caplog.at_level("WARNING"):
+        from_env = LLMJudge(base_url="http://127.0.0.1:1/v1", model="m", api_key_env="MY_JUDGE_KEY")
+    assert caplog.text == "" and from_env.client.headers["Authorization"] == "Bearer sk-from-env"
+    with caplog.at_level("WARNING"):
+        literal = LLMJudge(base_url="http://127.0.0.1:1/v1", model="m", api_key="sk-literal")
+    assert "api_key is given literally" in caplog.text and "api_key_env" in caplog.text
+    assert "sk-literal" not in repr(literal)
+    cfg = RewardConfig(combine=[RewardComponentConfig(
+        fn="llm_judge", kwargs={"base_url": "http://x/v1", "model": "m", "api_key": "sk-literal", "api_key_env": "K",
+                                "headers": {"Authorization": "Bearer sk-2"}},
+    )])
+    saved = redacted(cfg)
+    assert saved.combine[0].kwargs["api_key"] == "***" and saved.combine[0].kwargs["api_key_env"] == "K"
+    assert "sk-" not in repr(saved)
+    assert cfg.combine[0].kwargs["api_key"] == "sk-literal"  # the original is untouched

@@ -140,3 +140,28 @@ def test_example_custom_reward_file_scores_by_path():
     assert 0.0 < outcomes[1].score < 1.0
     assert outcomes[2].score == 0.0
     runner.close()
+
+
+def test_file_reference_imports_siblings_without_leaving_its_folder_on_sys_path(tmp_path):
+    import sys
+
+    _write(tmp_path, "helper_mod_xyz.py", "BONUS = 0.25\n")
+    path = _write(tmp_path, "uses_helper.py", """
+        import helper_mod_xyz
+
+        def f(sample):
+            return helper_mod_xyz.BONUS
+    """)
+    before = list(sys.path)
+    comp = load_reward(f"{path}:f")
+    assert comp.fn(_sample("x")) == 0.25
+    assert sys.path == before and str(tmp_path) not in sys.path
+
+
+def test_keyboard_interrupt_while_importing_a_reward_file_is_not_swallowed(tmp_path):
+    interrupt = _write(tmp_path, "interrupt.py", "raise KeyboardInterrupt\n")
+    with pytest.raises(KeyboardInterrupt):
+        load_reward(f"{interrupt}:f")
+    exits = _write(tmp_path, "exits.py", "import sys\nsys.exit(3)\n")
+    with pytest.raises(RewardLoadError, match="importing .*exits.py failed: SystemExit: 3"):
+        load_reward(f"{exits}:f")

@@ -16,6 +16,9 @@ from slime_rl.rewards import (
     RewardRunner,
     RewardStepStats,
     batched,
+    is_queued,
+    queued,
+    work_started,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -29,6 +32,7 @@ def _comp(fn, name=None, weight=1.0, **kwargs) -> RewardComponent:
     return RewardComponent(
         name=name or fn.__name__, ref=f"test:{fn.__name__}", fn=fn, kwargs=kwargs, weight=weight,
         is_async=asyncio.iscoroutinefunction(fn), is_batched=getattr(fn, "__slime_rl_batched__", False),
+        is_queued=is_queued(fn),
     )
 
 
@@ -278,3 +282,24 @@ def test_waiting_calls_fail_fast_when_every_worker_is_stuck_past_its_timeout():
     assert [o.failed for o in outcomes] == [True, True, True]
     assert "timed out after 0.3 s" in outcomes[0].error
     assert "no free reward worker: all 1 (reward.max_workers) are still running" in outcomes[1].error
+
+
+def test_queued_async_reward_timeout_starts_when_it_gets_its_slot():
+    slot = asyncio.Semaphore(1)
+
+    @queued
+    async def one_at_a_time(sample):
+        async with slot:
+            work_started()
+            await asyncio.sleep(0.15)
+        return 1.0
+
+    async def hangs_after_start(sample):
+        work_started()  # harmless outside a @queued reward
+        await asyncio.sleep(5)
+
+    # 6 calls x 0.15 s through one slot take ~0.9 s, longer than the 0.5 s timeout.
+    outcomes = _run(RewardRunner([_comp(one_at_a_time)], timeout_s=0.5), _samples(6))
+    assert [o.error for o in outcomes] == [None] * 6
+    outcomes = _run(RewardRunner([_comp(hangs_after_start)], timeout_s=0.2), _samples(1))
+    assert "timed out after 0.2 s" in outcomes[0].error

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from slime_rl.buffers.schema import Sample
@@ -65,9 +66,39 @@ def test_assert_style_tests_and_early_exit_does_not_pass(reward):
     tests = {"asserts": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]}
     good = _score(reward, _sample("def add(a, b):\n    return a + b", label=None, tests=tests))
     assert good["score"] == 1.0
-    cheat = _score(reward, _sample("import sys\ndef add(a, b):\n    return 0\nsys.exit(0)", label=None, tests=tests))
-    assert cheat["score"] == 0.0
-    assert cheat["first_failure"] == "the program exited before the tests ran"
+    wrong = _score(reward, _sample("def add(a, b):\n    return a - b", label=None, tests=tests))
+    assert wrong["score"] == 0.0 and "AssertionError" in wrong["first_failure"]
+    for exit_call in ("sys.exit(0)", "os._exit(0)"):
+        cheat = _score(reward, _sample(f"import os, sys\ndef add(a, b):\n    return 0\n{exit_call}", label=None, tests=tests))
+        assert cheat["score"] == 0.0
+        assert cheat["first_failure"] == "the program exited before the tests ran"
+
+
+# A wrong program that looks for the success marker (or the tests) in its own source, its
+# folder, its arguments and its environment, prints whatever it finds and exits at once.
+SNOOP = r"""
+import os, re, sys
+found = [open(__file__).read(), " ".join(sys.argv), open("/proc/self/cmdline", "rb").read().decode(errors="replace")]
+found += [f"{k}={v}" for k, v in os.environ.items()]
+for name in os.listdir("."):
+    found.append(open(name, errors="replace").read())
+markers = [m for text in found for m in re.findall(r"__slime_rl_done_\w+?__", text)]
+print("\n".join(found))
+print("\n".join(markers))  # the marker last, as a passing program's output would end
+os._exit(0)
+def add(a, b):
+    return 0
+"""
+
+
+def test_assert_style_cheat_that_reads_its_own_source_and_prints_the_marker_fails(reward):
+    tests = {"asserts": ["assert add(1, 2) == 3  # the secret test"]}
+    out = _score(reward, _sample(SNOOP, label=None, tests=tests))
+    assert out["score"] == 0.0
+    assert out["first_failure"] == "the program exited before the tests ran"
+    res = asyncio.run(reward.sandbox.run(SNOOP, tests="assert add(1, 2) == 3  # the secret test"))
+    assert res.returncode == 0 and res.tests_passed is False
+    assert "the secret test" not in res.stdout  # not in any file, argument or variable it can read
 
 
 def test_infinite_loop_is_killed():
@@ -80,12 +111,17 @@ def test_infinite_loop_is_killed():
 
 def test_fork_bomb_is_contained(reward):
     bomb = "import os\nwhile True:\n    os.fork()"
+    res = asyncio.run(reward.sandbox.run(bomb))
+    # The process limit (not the wall clock) stopped it, and nothing of it survives.
+    assert not res.timed_out and res.returncode == 1
+    assert "BlockingIOError" in res.stderr and "Resource temporarily unavailable" in res.stderr
+    assert _leftover_sandbox_processes() == []
     out = _score(reward, _sample(bomb))
-    assert out["score"] == 0.0
+    assert out["timeouts"] == 0.0 and "BlockingIOError" in out["first_failure"]
     assert _leftover_sandbox_processes() == []
 
 
-@pytest.mark.parametrize("network", ["unshare", "audit"])
+@pytest.mark.parametrize("network", ["auto", "audit"])
 def test_fork_bomb_hits_the_process_limit(network):
     try:
         box = Sandbox(SandboxLimits(wall_s=5, max_processes=8), network=network)
@@ -111,7 +147,7 @@ def test_memory_hog_fails_with_memory_error():
     assert "MemoryError" in out["first_failure"]
 
 
-@pytest.mark.parametrize("network", ["unshare", "audit"])
+@pytest.mark.parametrize("network", ["auto", "audit"])
 def test_network_call_fails_inside_but_works_outside(network):
     try:
         box = Sandbox(SandboxLimits(wall_s=10), network=network)
@@ -135,12 +171,14 @@ def test_network_call_fails_inside_but_works_outside(network):
     assert inside.stdout.startswith("BLOCKED"), inside.stdout + inside.stderr
 
 
-def test_working_folder_is_private_and_thrown_away():
+def test_working_folder_is_private_and_thrown_away(monkeypatch):
+    made = []
+    real_mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: made.append(real_mkdtemp(**kw)) or made[-1])
     box = Sandbox(SandboxLimits(wall_s=5))
     res = asyncio.run(box.run("import os\nopen('scratch.txt', 'w').write('x')\nprint(os.getcwd())"))
-    workdir = res.stdout.strip()
-    assert res.returncode == 0 and "slime-rl-sandbox-" in workdir
-    assert not os.path.exists(workdir)
+    assert res.returncode == 0 and "slime-rl-sandbox-" in res.stdout
+    assert made and not any(os.path.exists(d) for d in made)
 
 
 def test_code_execution_through_the_runner_by_short_name():
