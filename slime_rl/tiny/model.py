@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class TinyModelSpec:
-    """Architecture of the tiny model (about 2.6M parameters)."""
+    """Architecture of the tiny model (about 2.5M parameters)."""
 
     hidden_size: int = 256
     num_hidden_layers: int = 4
@@ -203,10 +203,10 @@ def build_tiny_model(
     out_dir: str | Path,
     task: str = "arith",
     seed: int = 0,
-    steps: int = 300,
+    steps: int = 800,
     spec: TinyModelSpec = TinyModelSpec(),
     progress: bool = True,
-    n_train: int = 2000,
+    n_train: int = 5000,
     n_eval: int = 200,
 ) -> TinyModelReport:
     """Build tokenizer, data and a warm-started tiny model into ``out_dir``.

@@ -25,16 +25,16 @@ def _one_step(rng: random.Random) -> tuple[str, int, list[str]]:
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     op = rng.choice(("+", "-", "*"))
     if op == "+":
-        a, b = rng.randint(1, 30), rng.randint(1, 20)
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
         text = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
         ans = a + b
     elif op == "-":
-        a = rng.randint(5, 40)
-        b = rng.randint(1, a)
+        a = rng.randint(2, 18)
+        b = rng.randint(1, min(a, 9))
         text = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
         ans = a - b
     else:
-        a, b = rng.randint(2, 6), rng.randint(2, 9)
+        a, b = rng.randint(2, 5), rng.randint(2, 5)
         text = f"{name} has {a} boxes with {b} {item} in each. How many {item} are there?"
         ans = a * b
     return text, ans, [f"{a} {op} {b} = {ans}"]
@@ -42,7 +42,7 @@ def _one_step(rng: random.Random) -> tuple[str, int, list[str]]:
 
 def _two_step(rng: random.Random) -> tuple[str, int, list[str]]:
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    a, b = rng.randint(2, 20), rng.randint(1, 15)
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
     mid = a + b
     c = rng.randint(1, mid)
     ans = mid - c
