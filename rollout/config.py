@@ -21,7 +21,8 @@ class RolloutConfig:
     n_samples_per_prompt: int = field(default=4, metadata={"ge": 1})
     """Samples per prompt: the size of one group."""
     temperature: float = field(default=1.0, metadata={"ge": 0})
-    """Sampling temperature (0 = greedy)."""
+    """Sampling temperature (0 = greedy). Engines report log_softmax(logits / temperature)
+    log-probs (1 when greedy); set trainer.batching.temperature to the same value."""
     top_p: float = field(default=1.0, metadata={"gt": 0, "le": 1})
     """Nucleus sampling mass."""
     top_k: int = field(default=-1, metadata={"ge": -1})
@@ -29,7 +30,8 @@ class RolloutConfig:
     max_new_tokens: int = field(default=64, metadata={"ge": 1})
     """Most tokens generated per turn."""
     stop: list[str] = field(default_factory=list)
-    """Stop strings (not included in the response)."""
+    """Stop strings: generation ends at the token that completes one; that token is kept
+    (tokens and log-probs stay aligned), so the response text contains the stop string."""
     stop_token_ids: list[int] = field(default_factory=list)
     """Extra stop token ids besides the tokenizer's EOS."""
     dtype: str = field(

@@ -103,7 +103,7 @@ class EngineActor:
         return await self._engine.load_weight_bucket(await self._resolve(bucket))
 
     async def commit_weight_update(self, mode: str | None = None) -> int:
-        version = getattr(self._engine, "_staged_version", None)
+        version = getattr(self._engine, "staged_version", None)
         commit = self._engine.commit_weight_update(PauseMode(mode or self._mode))
         return await self._timed(commit, "commit", version)
 
@@ -133,7 +133,7 @@ class EngineActor:
         bucket = await self._resolve(bucket)
         if bucket.index == 0:
             await self._engine.begin_weight_update(bucket.version)
-        staged = getattr(self._engine, "_staged_version", bucket.version)
+        staged = getattr(self._engine, "staged_version", bucket.version)
         if staged is not None and staged != bucket.version:
             raise ValueError(
                 f"{self._name}: bucket {bucket.index} of version {bucket.version} arrived while "

@@ -8,8 +8,9 @@
                         (staged; applied between decode steps at commit, then version = v)
 
 Every backend (`hf`, `vllm`, `sglang`) implements `RolloutEngine`; `create_engine` in
-`registry.py` builds one by name. Log-probs are those of the *raw* model distribution
-(temperature 1, no top-k/top-p), i.e. what a teacher-forced forward pass of the trainer gives.
+`registry.py` builds one by name. Log-probs are `log_softmax(logits / T)` over the full
+vocabulary (T = the request's temperature, 1 when greedy; not renormalised by top-k/top-p),
+i.e. what the trainer's teacher-forced forward pass gives with the same temperature.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class SamplingParams:
     """-1 (or 0) disables top-k."""
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()
-    """Stop strings: generation ends at the token whose text completes one."""
+    """Stop strings: generation ends at the token whose text completes one; that token stays
+    in `token_ids` (with its log-prob), so the decoded response contains the stop string."""
     stop_token_ids: tuple[int, ...] = ()
     """Token ids that end generation besides EOS (the stop token is kept in `token_ids`)."""
     seed: int | None = None
@@ -102,7 +104,8 @@ class GenerateRequest:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class GenerateResult:
-    """What one request produced. `logprobs[i]` is the raw log-prob of `token_ids[i]`."""
+    """What one request produced. `logprobs[i]` is the log-prob of `token_ids[i]` under
+    `log_softmax(logits / T)` (full vocabulary; T = 1 for greedy)."""
 
     request_id: str
     token_ids: list[int]
@@ -148,6 +151,11 @@ class RolloutEngine(Protocol):
 
     @property
     def version(self) -> int: ...
+
+    @property
+    def staged_version(self) -> int | None:
+        """Version opened by `begin_weight_update` and not committed yet (None otherwise)."""
+        ...
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         """Complete one prompt; many calls may run concurrently (they are batched)."""

@@ -36,13 +36,55 @@ def load_reference(model_dir: str | Path):
 
 @torch.no_grad()
 def teacher_forced_logprobs(
-    model, prompt_ids: Sequence[int], token_ids: Sequence[int]
+    model, prompt_ids: Sequence[int], token_ids: Sequence[int], temperature: float = 1.0
 ) -> list[float]:
-    """Log-prob of each `token_ids[i]` given the prompt and the tokens before it."""
+    """Log-prob of each `token_ids[i]` given the prompt and the tokens before it, under
+    `log_softmax(logits / temperature)` (the trainer's view; 0 means greedy, i.e. 1)."""
+    temperature = temperature if temperature > 0 else 1.0
     ids_1T = torch.tensor([list(prompt_ids) + list(token_ids)])
-    logprobs_TV = torch.log_softmax(model(ids_1T).logits.float()[0], dim=-1)
+    logprobs_TV = torch.log_softmax(model(ids_1T).logits.float()[0] / temperature, dim=-1)
     start = len(prompt_ids) - 1
     return [float(logprobs_TV[start + i, t]) for i, t in enumerate(token_ids)]
+
+
+@torch.no_grad()
+def teacher_forced_logits(
+    model, prompt_ids: Sequence[int], token_ids: Sequence[int]
+) -> torch.Tensor:
+    """Logits that predicted each `token_ids[i]`, shape (len(token_ids), V)."""
+    ids_1T = torch.tensor([list(prompt_ids) + list(token_ids)])
+    start = len(prompt_ids) - 1
+    return model(ids_1T).logits.float()[0, start : start + len(token_ids)]
+
+
+def check_sampling_filters(client, model, prompt: Sequence[int], tag: str) -> None:
+    """top_k, top_p and temperature change what is sampled: with top_k=2 every token is in
+    the teacher-forced top 2, with a small top_p every token is in the nucleus (computed at
+    the sampling temperature), and temperature 0 is the greedy argmax at every step."""
+    common = {"max_new_tokens": 40, "ignore_eos": True}
+    reqs = [
+        GenerateRequest(f"{tag}-k2", prompt, SamplingParams(top_k=2, seed=1, **common)),
+        GenerateRequest(
+            f"{tag}-p", prompt, SamplingParams(temperature=0.7, top_p=0.05, seed=2, **common)
+        ),
+        GenerateRequest(f"{tag}-t0", prompt, SamplingParams(temperature=0.0, **common)),
+    ]
+    top_k, top_p, greedy = client.generate_many(reqs)
+
+    logits_TV = teacher_forced_logits(model, prompt, top_k.token_ids)
+    ranks_T = (logits_TV > logits_TV.gather(1, torch.tensor(top_k.token_ids)[:, None])).sum(-1)
+    assert ranks_T.max() <= 1, f"{tag}: top_k=2 sampled ranks {ranks_T.tolist()}"
+    assert ranks_T.min() == 0 and ranks_T.max() == 1, "top_k=2 should sample both ranks"
+
+    probs_TV = torch.softmax(teacher_forced_logits(model, prompt, top_p.token_ids) / 0.7, -1)
+    chosen_T = probs_TV.gather(1, torch.tensor(top_p.token_ids)[:, None]).squeeze(1)
+    mass_before_T = (probs_TV * (probs_TV > chosen_T[:, None])).sum(-1)
+    assert (mass_before_T < 0.05 + 1e-4).all(), f"{tag}: token outside the top_p nucleus"
+    nucleus_T = (probs_TV.sort(-1, descending=True).values.cumsum(-1) < 0.05).sum(-1) + 1
+    assert nucleus_T.max() < probs_TV.shape[-1] // 2, "top_p=0.05 should exclude most tokens"
+
+    argmax_T = teacher_forced_logits(model, prompt, greedy.token_ids).argmax(-1)
+    assert greedy.token_ids == argmax_T.tolist(), f"{tag}: temperature 0 is not greedy"
 
 
 def make_prompts(
@@ -57,13 +99,16 @@ def make_prompts(
 def max_logprob_gap(
     model, requests: Sequence[GenerateRequest], results: Sequence[GenerateResult]
 ) -> float:
-    """Largest |engine - teacher-forced| log-prob over all generated tokens."""
+    """Largest |engine - teacher-forced| log-prob over all generated tokens (the reference
+    at each request's sampling temperature, full vocabulary, no top-k/top-p)."""
     gap = 0.0
     for req, res in zip(requests, results, strict=True):
         assert len(res.logprobs) == len(res.token_ids), (
             f"{res.request_id}: one log-prob per token expected"
         )
-        ref = teacher_forced_logprobs(model, req.prompt_token_ids, res.token_ids)
+        ref = teacher_forced_logprobs(
+            model, req.prompt_token_ids, res.token_ids, req.sampling.temperature
+        )
         gap = max([gap, *(abs(a - b) for a, b in zip(ref, res.logprobs))])
     return gap
 

@@ -89,6 +89,10 @@ class SteppedEngine(abc.ABC):
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        # Set while the loop is between steps (no admit/step in flight, deltas delivered):
+        # pause() waits on it, so no token is produced or delivered after pause() returns.
+        self._between_steps = asyncio.Event()
+        self._between_steps.set()
         self._thread = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix=f"{self.backend}-engine"
         )
@@ -120,6 +124,11 @@ class SteppedEngine(abc.ABC):
     @property
     def version(self) -> int:
         return self._version
+
+    @property
+    def staged_version(self) -> int | None:
+        """Version of the update opened by `begin_weight_update` and not yet committed."""
+        return self._staged_version
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -198,10 +207,12 @@ class SteppedEngine(abc.ABC):
                 self._wake.set()  # requests that queued meanwhile may start now
         self._paused_by.add(who)
         self._wake.set()
+        # Barrier: wait until the loop is between steps (an admit or step in flight ends and
+        # its tokens are delivered); the loop re-checks the pause after admitting, so no step
+        # starts and no token arrives from now until resume.
+        await self._between_steps.wait()
         if mode is PauseMode.ABORT:
             await self.abort([r for r, lv in self._live.items() if lv.admitted])
-        # Wait for the step that may be running to end: afterwards no step runs until resume.
-        await self._call(lambda: None)
 
     async def begin_weight_update(self, version: int) -> None:
         self._check_usable()
@@ -287,7 +298,15 @@ class SteppedEngine(abc.ABC):
 
     # ---- the loop ------------------------------------------------------------------------------
     async def _run_loop(self) -> None:
+        try:
+            await self._loop_body()
+        finally:
+            self._between_steps.set()
+            self._idle.set()
+
+    async def _loop_body(self) -> None:
         while not self._closed:
+            self._between_steps.set()
             running = any(lv.admitted for lv in self._live.values())
             can_admit = bool(self._pending) and not self._paused_by and not self._draining
             if self._paused_by or not (running or can_admit):
@@ -295,6 +314,7 @@ class SteppedEngine(abc.ABC):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            self._between_steps.clear()
             try:
                 if can_admit:
                     batch = [self._live[r] for r in self._pending]
@@ -307,6 +327,8 @@ class SteppedEngine(abc.ABC):
                         lv = self._live.pop(rid, None)
                         if lv is not None and not lv.future.done():
                             lv.future.set_exception(err)
+                if self._paused_by or self._closed:  # paused while admitting: no step now
+                    continue
                 deltas = await self._call(self.backend_step)
             except Exception as e:  # the backend is in an unknown state: fail loudly, once
                 logger.exception("%s engine step failed", self.backend)
@@ -317,7 +339,6 @@ class SteppedEngine(abc.ABC):
                             RuntimeError(f"{self.backend} engine failed: {e!r}")
                         )
                 self._live.clear()
-                self._idle.set()
                 return
             version = self._version
             for d in deltas:
@@ -331,4 +352,3 @@ class SteppedEngine(abc.ABC):
                     del self._live[d.request_id]
                     lv.finish(version, d.finish_reason, d.stop_reason)
             await asyncio.sleep(0)  # let callers run (abort, pause) between steps
-        self._idle.set()

@@ -131,11 +131,12 @@ class HFEngine(SteppedEngine):
         tokens_B, logprobs_B = sample_next(
             logits_BV, [r.request.sampling for r in self._rows], [r.generator for r in self._rows]
         )
-        self._seq_BT = torch.cat([self._seq_BT, tokens_B[:, None].to(self.device)], dim=1)
+        self._seq_BT = torch.cat([self._seq_BT, tokens_B[:, None]], dim=1)
         self._mask_BT = torch.cat([self._mask_BT, torch.ones_like(self._mask_BT[:, :1])], dim=1)
+        tokens, logprobs = tokens_B.tolist(), logprobs_B.tolist()  # one device sync per step
         deltas, keep = [], []
         for i, row in enumerate(self._rows):
-            tok = int(tokens_B[i])
+            tok = tokens[i]
             row.generated.append(tok)
             done, stop_reason = row.stop.check(row.generated)
             reason = FinishReason.STOP if done else None
@@ -146,9 +147,7 @@ class HFEngine(SteppedEngine):
             ):
                 reason = FinishReason.LENGTH
             deltas.append(
-                StepDelta(
-                    row.request.request_id, [tok], [float(logprobs_B[i])], reason, stop_reason
-                )
+                StepDelta(row.request.request_id, [tok], [logprobs[i]], reason, stop_reason)
             )
             if reason is None:
                 keep.append(i)
@@ -215,7 +214,7 @@ class HFEngine(SteppedEngine):
             seq_BT[i, width - n :] = torch.tensor(r.prompt_token_ids)
             mask_BT[i, width - n :] = 1
             seed = r.sampling.seed if r.sampling.seed is not None else self._rng.getrandbits(63)
-            gen = torch.Generator().manual_seed(seed)
+            gen = torch.Generator(device=self.device).manual_seed(seed)  # on the logits' device
             self._rows.append(
                 _Row(r, gen, StopChecker(r.sampling, self.eos_token_ids, self.tokenizer))
             )

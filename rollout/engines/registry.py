@@ -22,11 +22,67 @@ _BUILTINS: dict[str, str] = {
 _CUSTOM: dict[str, Callable[..., RolloutEngine]] = {}
 
 
-def register_engine(kind: str, factory: Callable[..., RolloutEngine]) -> None:
-    """Add a backend: `factory(model_path, **params)` must return a `RolloutEngine`."""
+ParamsFromConfig = Callable[[RolloutConfig], dict[str, Any]]
+"""`rollout` config section -> the backend's constructor keyword arguments."""
+
+
+def _hf_params(cfg: RolloutConfig) -> dict[str, Any]:
+    return dict(
+        dtype=cfg.dtype,
+        seed=cfg.seed,
+        max_batch_size=cfg.max_batch_size,
+        num_threads=cfg.cpu_threads or None,
+        **cfg.engine_kwargs,
+    )
+
+
+def _vllm_params(cfg: RolloutConfig) -> dict[str, Any]:
+    extra = dict(cfg.engine_kwargs)
+    extra.setdefault("max_num_seqs", cfg.max_batch_size)
+    return dict(
+        dtype=cfg.dtype,
+        seed=cfg.seed,
+        kv_cache_gb=cfg.kv_cache_gb,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        max_model_len=cfg.max_model_len or None,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        num_threads=cfg.cpu_threads or None,
+        engine_kwargs=extra,
+    )
+
+
+def _sglang_params(cfg: RolloutConfig) -> dict[str, Any]:
+    return dict(
+        dtype=cfg.dtype,
+        seed=cfg.seed,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        engine_kwargs=dict(cfg.engine_kwargs),
+    )
+
+
+def _kwargs_only(cfg: RolloutConfig) -> dict[str, Any]:
+    return dict(cfg.engine_kwargs)
+
+
+_PARAMS: dict[str, ParamsFromConfig] = {
+    "hf": _hf_params,
+    "vllm": _vllm_params,
+    "sglang": _sglang_params,
+}
+
+
+def register_engine(
+    kind: str,
+    factory: Callable[..., RolloutEngine],
+    params_from_config: ParamsFromConfig | None = None,
+) -> None:
+    """Add a backend: `factory(model_path, **params)` must return a `RolloutEngine`;
+    `params_from_config(cfg)` builds `params` from the `rollout` section (default: only
+    `cfg.engine_kwargs`)."""
     if kind in _BUILTINS or kind in _CUSTOM:
         raise ValueError(f"rollout engine {kind!r} is already registered")
     _CUSTOM[kind] = factory
+    _PARAMS[kind] = params_from_config or _kwargs_only
 
 
 def engine_kinds() -> list[str]:
@@ -52,37 +108,13 @@ def create_engine(kind: str, model_path: str | Path, **params: Any) -> RolloutEn
 
 
 def engine_params_from_config(cfg: RolloutConfig) -> dict[str, Any]:
-    """Constructor keyword arguments for `cfg.engine`, from the `rollout` config section."""
-    threads = cfg.cpu_threads or None
-    extra = dict(cfg.engine_kwargs)
-    if cfg.engine == "hf":
-        return dict(
-            dtype=cfg.dtype,
-            seed=cfg.seed,
-            max_batch_size=cfg.max_batch_size,
-            num_threads=threads,
-            **extra,
+    """Constructor keyword arguments for `cfg.engine`, from the `rollout` config section
+    (each backend's registered `params_from_config`)."""
+    if cfg.engine not in _PARAMS:
+        raise ValueError(
+            f"rollout.engine={cfg.engine!r} is unknown; choose one of {engine_kinds()}"
         )
-    if cfg.engine == "vllm":
-        extra.setdefault("max_num_seqs", cfg.max_batch_size)
-        return dict(
-            dtype=cfg.dtype,
-            seed=cfg.seed,
-            kv_cache_gb=cfg.kv_cache_gb,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            max_model_len=cfg.max_model_len or None,
-            enable_prefix_caching=cfg.enable_prefix_caching,
-            num_threads=threads,
-            engine_kwargs=extra,
-        )
-    if cfg.engine == "sglang":
-        return dict(
-            dtype=cfg.dtype,
-            seed=cfg.seed,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            engine_kwargs=extra,
-        )
-    return extra  # a registered custom engine gets engine_kwargs only
+    return _PARAMS[cfg.engine](cfg)
 
 
 def create_engine_from_config(cfg: RolloutConfig, model_path: str | Path) -> RolloutEngine:

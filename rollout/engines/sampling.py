@@ -1,10 +1,12 @@
 """Torch sampling for the `hf` engine: temperature, top-k, top-p, per-request seeds, stops.
 
-    logits_BV ──► raw log_softmax ──────────────────────────► log-prob of the chosen token
-         └──► /temperature ► top-k mask ► top-p mask ► softmax ► multinomial(row generator)
+    logits_BV ──► /temperature ──► log_softmax (full vocab) ──► log-prob of the chosen token
+                       └──► top-k mask ► top-p mask ► softmax ► multinomial(row generator)
 
-The reported log-prob is the raw one (temperature 1, unfiltered), like vLLM's default
-`raw_logprobs` and the trainer's teacher-forced forward pass.
+The reported log-prob is `log_softmax(logits / T)` over the full vocabulary (T = 1 for greedy,
+temperature 0), not renormalised by top-k/top-p: exactly what the trainer recomputes with
+`trainer.batching.temperature == rollout.temperature`. Everything is created on the logits'
+device (CUDA included); each row's generator must live on that device too.
 """
 
 from __future__ import annotations
@@ -31,22 +33,30 @@ def filter_logits(logits_V: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return logits_V
 
 
+def logprob_temperature(params: SamplingParams) -> float:
+    """Temperature of the reported log-probs: the sampling one, 1 for greedy (temperature 0)."""
+    return params.temperature if params.temperature > 0 else 1.0
+
+
 def sample_next(
     logits_BV: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row; returns `(token_ids_B, raw_logprobs_B)`."""
+    """Pick one token per row; returns `(token_ids_B, logprobs_B)` on the logits' device,
+    `logprobs_B[i] = log_softmax(logits_BV[i] / T_i)[token_i]` (full vocabulary)."""
     logits_BV = logits_BV.float()
-    raw_logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
-    tokens_B = torch.empty(logits_BV.shape[0], dtype=torch.long)
+    device = logits_BV.device
+    temps_B1 = torch.tensor([[logprob_temperature(p)] for p in params], device=device)
+    logprobs_BV = torch.log_softmax(logits_BV / temps_B1, dim=-1)
+    tokens_B = torch.empty(logits_BV.shape[0], dtype=torch.long, device=device)
     for i, (p, gen) in enumerate(zip(params, generators)):
         if p.greedy:
-            tokens_B[i] = int(torch.argmax(logits_BV[i]))
+            tokens_B[i] = torch.argmax(logits_BV[i])
         else:
             probs_V = filter_logits(logits_BV[i], p).softmax(-1)
-            tokens_B[i] = int(torch.multinomial(probs_V, 1, generator=gen))
-    logprobs_B = raw_logprobs_BV.gather(1, tokens_B[:, None]).squeeze(1)
+            tokens_B[i] = torch.multinomial(probs_V, 1, generator=gen)[0]
+    logprobs_B = logprobs_BV.gather(1, tokens_B[:, None]).squeeze(1)
     return tokens_B, logprobs_B
 
 

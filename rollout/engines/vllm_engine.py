@@ -33,6 +33,17 @@ _INSTALL_HINT = (
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
 
 
+def finish_reason_from_vllm(reason: Any) -> FinishReason:
+    """vLLM's finish reason (`stop`, `length`, `abort`, and in 0.32 also `error`,
+    `repetition`, or None) for a *finished* request. Anything but stop/length becomes ABORT:
+    a finished request must resolve its future, never wait for a reason we do not know."""
+    mapped = _FINISH.get(str(reason).lower() if reason is not None else "")
+    if mapped is None:
+        logger.warning("vllm engine: finish reason %r reported as abort", reason)
+        return FinishReason.ABORT
+    return mapped
+
+
 def _import_vllm():
     try:
         import vllm  # noqa: F401
@@ -43,7 +54,7 @@ def _import_vllm():
 
 
 def to_vllm_sampling(params: SamplingParams):
-    """Our `SamplingParams` as vLLM's (raw log-prob of the sampled token, delta outputs)."""
+    """Our `SamplingParams` as vLLM's (log-prob of the sampled token only, delta outputs)."""
     vllm, _ = _import_vllm()
     from vllm.sampling_params import RequestOutputKind
 
@@ -146,6 +157,8 @@ class VLLMEngine(SteppedEngine):
         self._tensors_by_reference = tensor_parallel_size == 1
         # Built on the engine thread: every later vLLM call runs there too.
         self._engine = self._thread.submit(self._build, args).result()
+        # Log-probs of log_softmax(logits / T), full vocabulary (the trainer's view).
+        self._thread.submit(self._engine.collective_rpc, "slime_install_logprob_sampler").result()
         if num_threads is not None:
             # torch._C directly: vLLM's CPU worker replaces torch.set_num_threads with a no-op.
             self._thread.submit(torch._C.set_num_threads, num_threads).result()
@@ -184,10 +197,9 @@ class VLLMEngine(SteppedEngine):
                 raise RuntimeError(
                     f"vllm returned {len(toks)} tokens but {len(lps)} log-probs for {out.request_id}"
                 )
-            reason = _FINISH.get(comp.finish_reason) if out.finished else None
-            deltas.append(
-                StepDelta(out.request_id, toks, lps, reason, comp.stop_reason if reason else None)
-            )
+            reason = finish_reason_from_vllm(comp.finish_reason) if out.finished else None
+            stop_reason = comp.stop_reason if reason is FinishReason.STOP else None
+            deltas.append(StepDelta(out.request_id, toks, lps, reason, stop_reason))
         return deltas
 
     def backend_abort(self, request_ids: list[str]) -> None:

@@ -20,6 +20,7 @@ from slime_rl.rollout.engines.actor import ActorClient, start_engine_actor
 from slime_rl.rollout.engines.conformance import (
     check_abort_is_prefix,
     check_logprobs_match,
+    check_sampling_filters,
     check_update_mid_request,
     load_reference,
     make_prompts,
@@ -154,7 +155,15 @@ def test_sampling_params_are_honoured(eng, models, tiny_model_dir):
     res = gen(eng, p, stop=[stop], **params)
     assert res.finish_reason is FinishReason.STOP and res.stop_reason == stop
     assert res.token_ids == full.token_ids[: len(res.token_ids)]
+    # the token completing the stop string is kept (tokens and log-probs stay aligned)
     assert stop in tok.decode(res.token_ids, skip_special_tokens=True)
+    assert stop not in tok.decode(res.token_ids[:-1], skip_special_tokens=True)
+    assert len(res.logprobs) == len(res.token_ids)
+
+
+def test_sampling_filters_change_what_is_sampled(eng, models):
+    p = make_prompts(1, models["a"].config.vocab_size, seed=17)[0]
+    check_sampling_filters(eng, models["a"], p, "vllm-filters")
 
 
 def test_update_in_abort_mode_and_pause(eng, models):

@@ -64,6 +64,21 @@ def test_registry_and_config_params():
     assert hf["device"] == "cpu" and hf["num_threads"] is None
 
 
+def test_registered_engine_brings_its_own_config_params(monkeypatch):
+    from slime_rl.rollout.engines import registry
+
+    monkeypatch.setattr(registry, "_CUSTOM", dict(registry._CUSTOM))
+    monkeypatch.setattr(registry, "_PARAMS", dict(registry._PARAMS))
+    register_engine(
+        "mine", lambda path, **kw: (path, kw), params_from_config=lambda c: {"t": c.temperature}
+    )
+    register_engine("plain", lambda path, **kw: (path, kw))
+    assert engine_params_from_config(RolloutConfig(engine="mine", temperature=0.5)) == {"t": 0.5}
+    cfg = RolloutConfig(engine="plain", engine_kwargs={"x": 1})
+    assert engine_params_from_config(cfg) == {"x": 1}
+    assert registry.create_engine_from_config(cfg, "/m") == ("/m", {"x": 1})
+
+
 def test_filter_logits_top_k_and_top_p():
     logits_V = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.10]))
     k2 = filter_logits(logits_V, SamplingParams(top_k=2))
@@ -74,18 +89,20 @@ def test_filter_logits_top_k_and_top_p():
     assert torch.allclose(hot, logits_V / 2)
 
 
-def test_sample_next_reports_raw_logprobs_and_respects_seeds():
-    logits_BV = torch.randn(3, 11)
+def test_sample_next_reports_temperature_scaled_full_vocab_logprobs_and_respects_seeds():
+    logits_BV = torch.randn(4, 11)
     params = [
-        SamplingParams(temperature=0),
+        SamplingParams(temperature=0),  # greedy: log_softmax(logits), T = 1
         SamplingParams(temperature=0.3, seed=1),
-        SamplingParams(top_k=1),
+        SamplingParams(top_k=1, temperature=0.7),  # greedy by top_k, still scaled by 0.7
+        SamplingParams(temperature=0.7, top_k=3, top_p=0.5),  # filters do not renormalise
     ]
     gens = [torch.Generator().manual_seed(0) for _ in params]
     toks_B, lps_B = sample_next(logits_BV, params, gens)
-    raw_BV = torch.log_softmax(logits_BV, -1)
+    temps_B1 = torch.tensor([[1.0], [0.3], [0.7], [0.7]])
+    want_BV = torch.log_softmax(logits_BV / temps_B1, -1)
     assert toks_B[0] == logits_BV[0].argmax() and toks_B[2] == logits_BV[2].argmax()
-    assert torch.allclose(lps_B, raw_BV.gather(1, toks_B[:, None]).squeeze(1))
+    assert torch.allclose(lps_B, want_BV.gather(1, toks_B[:, None]).squeeze(1))
     again = sample_next(logits_BV, params, [torch.Generator().manual_seed(0) for _ in params])[0]
     assert torch.equal(toks_B, again)
 

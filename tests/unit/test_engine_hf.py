@@ -17,6 +17,7 @@ from slime_rl.rollout.engines.conformance import (
     LOGPROB_ATOL,
     check_abort_is_prefix,
     check_logprobs_match,
+    check_sampling_filters,
     check_update_mid_request,
     load_reference,
     make_prompts,
@@ -150,6 +151,31 @@ def test_sampling_params_are_honoured(eng, models):
     first = greedy.token_ids.index(stop_id)
     assert st.token_ids == greedy.token_ids[: first + 1]
     assert st.finish_reason is FinishReason.STOP and st.stop_reason == stop_id
+
+
+def test_sampling_filters_change_what_is_sampled(eng, models):
+    p = make_prompts(1, models["a"].config.vocab_size, seed=17)[0]
+    check_sampling_filters(eng, models["a"], p, "hf-filters")
+
+
+@pytest.mark.gpu
+def test_cuda_sampling_and_logprobs(tiny_model_dir, models):
+    """On CUDA: tokens, generators and log-probs live on the logits' device (no CPU/CUDA mix)."""
+    r = EngineRunner("hf", tiny_model_dir, device="cuda", dtype="float32")
+    try:
+        prompts = make_prompts(4, models["a"].config.vocab_size, seed=21)
+        reqs = [
+            GenerateRequest(f"cuda-{i}", q, SamplingParams(temperature=0.7, top_k=20,
+                            top_p=0.9, seed=i, max_new_tokens=16, ignore_eos=True))
+            for i, q in enumerate(prompts)
+        ]  # fmt: skip
+        results = r.generate_many(reqs)
+        assert max_logprob_gap(models["a"], reqs, results) < 2e-3  # TF32 / CUDA kernels
+        again = r.generate_many([GenerateRequest(f"{q.request_id}-2", q.prompt_token_ids,
+                                                 q.sampling) for q in reqs])  # fmt: skip
+        assert [x.token_ids for x in again] == [x.token_ids for x in results]
+    finally:
+        r.close()
 
 
 def test_stop_string_ends_generation(eng, tiny_model_dir):
