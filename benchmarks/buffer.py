@@ -71,7 +71,7 @@ class Writer:
     def run(self, calls: int) -> int:
         refs = []
         for _ in range(calls):
-            self.calls += 1  # group ids are never reused: the buffer refuses duplicates
+            self.calls += 1  # fresh group ids: the buffer skips ids it already accepted
             data = rename(self.kind, self.payload, f"{self.name}-{self.calls}")
             refs.append(self.buffer.put.remote(data))
             if len(refs) >= 2:  # a rollout worker keeps a little work in flight

@@ -1,12 +1,15 @@
 """The replay buffer as a Ray actor shared by many rollout workers and one or more trainers.
 
-    rollout actors ──put.remote(RecordBatch)──┐
-    rollout actors ──put.remote(RecordBatch)──┼─► BufferActor (threaded, max_concurrency)
-    trainer        ──get_batch.remote(...)  ──┘        └─ ReplayBuffer (lock + conditions)
+    rollout actors ──put.remote(RecordBatch)──┐  "writers" threads (default group, max_concurrency)
+    trainer        ──get_batch.remote(...)  ──┼─► "readers" threads (READER_THREADS) ─┐
+    driver         ──counts/stats/close...  ──┘  "control" threads (CONTROL_THREADS) ─┴─ ReplayBuffer
+                                                                                       (lock + conditions)
 
-A threaded actor: each call runs in one of ``max_concurrency`` threads, so a writer blocked
-by backpressure and a trainer blocked waiting for groups do not hold each other up (keep
-``max_concurrency`` above writers + readers that may block at once). Arguments and results
+A threaded actor with Ray concurrency groups: ``put`` runs in the default group
+(``max_concurrency`` threads), ``get_batch``/``set_version`` in ``readers``, everything else
+(``counts``, ``stats``, ``close``, checkpoints, export) in ``control``. However many writers
+block on a full buffer, a trainer and the driver always find a thread, and a blocked
+reader never takes a writer's thread. Arguments and results
 above ~100 KiB travel through Ray's object store; Arrow buffers pickle out-of-band, so a
 batch is copied once into the store and read without unpickling Python objects.
 Exceptions keep their type across Ray: ``except BufferTimeoutError`` works around
@@ -29,6 +32,13 @@ from slime_rl.buffers.config import BufferConfig
 from slime_rl.buffers.replay_buffer import ReplayBuffer
 from slime_rl.buffers.stats import BufferCounts
 
+READER_THREADS = 8
+"""Threads for ``get_batch``/``set_version`` (trainer workers that may wait at once)."""
+CONTROL_THREADS = 4
+"""Threads for the quick calls (``counts``, ``stats``, ``close``, ``ready``...) and checkpoints/export."""
+_READERS = ray.method(concurrency_group="readers")
+_CONTROL = ray.method(concurrency_group="control")
+
 
 class BufferActor:
     """Ray actor body: a ``ReplayBuffer`` with the same methods (create it with ``create_buffer_actor``)."""
@@ -36,6 +46,7 @@ class BufferActor:
     def __init__(self, config: BufferConfig, group_size: int | None = None, recover: bool = False) -> None:
         self._buf = ReplayBuffer(config, group_size=group_size, recover=recover)
 
+    @_CONTROL
     def ready(self) -> int:
         """The actor's pid, once its buffer is built (and recovered)."""
         return os.getpid()
@@ -43,41 +54,52 @@ class BufferActor:
     def put(self, data: pa.RecordBatch | pa.Table, timeout: float | None = None) -> int:
         return self._buf.put(data, timeout)
 
+    @_READERS
     def get_batch(self, num_groups: int, current_version: int, max_staleness: int | None = None, timeout: float | None = None) -> pa.Table:
         return self._buf.get_batch(num_groups, current_version, max_staleness, timeout)
 
+    @_READERS
     def set_version(self, current_version: int, max_staleness: int | None = None) -> None:
         self._buf.set_version(current_version, max_staleness)
 
+    @_CONTROL
     def counts(self) -> BufferCounts:
         return self._buf.counts()
 
+    @_CONTROL
     def stats(self) -> dict[str, float]:
         return self._buf.stats()
 
+    @_CONTROL
     def group_ids(self) -> list[str]:
         return self._buf.group_ids()
 
+    @_CONTROL
     def state_dict(self) -> dict[str, Any]:
         return self._buf.state_dict()
 
+    @_CONTROL
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._buf.load_state_dict(state)
 
+    @_CONTROL
     def save(self, folder: str) -> str:
         return str(self._buf.save(folder))
 
+    @_CONTROL
     def load(self, folder: str) -> None:
         self._buf.load(folder)
 
+    @_CONTROL
     def export(self, path: str) -> int:
         return self._buf.export(Path(path))
 
+    @_CONTROL
     def close(self) -> None:
         self._buf.close()
 
 
-RemoteBufferActor = ray.remote(BufferActor)
+RemoteBufferActor = ray.remote(concurrency_groups={"readers": READER_THREADS, "control": CONTROL_THREADS})(BufferActor)
 """``BufferActor`` as a Ray actor class (use ``create_buffer_actor`` for sensible options)."""
 
 
@@ -95,6 +117,8 @@ def create_buffer_actor(
 
     ``options`` go to ``.options()`` (``namespace``, ``lifetime``, ``max_restarts``...). With
     ``max_restarts`` and ``recover=True`` a restarted actor rebuilds itself from its log.
+    ``max_concurrency`` is the number of ``put`` calls served at once (writers blocked by
+    backpressure each hold one); readers and control calls have their own threads.
     Call ``ray.get(handle.ready.remote())`` to wait until it is built.
     """
     return RemoteBufferActor.options(name=name, max_concurrency=max_concurrency, num_cpus=num_cpus, **options).remote(

@@ -30,7 +30,8 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +40,10 @@ import pyarrow.compute as pc
 from slime_rl.buffers.config import BufferConfig
 from slime_rl.buffers.errors import BufferClosedError, BufferFullError, BufferTimeoutError
 from slime_rl.buffers.groups import Group, group_spans, min_versions, normalize_batch
+from slime_rl.buffers.history import iter_history, with_outcome, write_parquet
 from slime_rl.buffers.schema import SAMPLE_SCHEMA, SCHEMA_VERSION
 from slime_rl.buffers.stats import BufferCounts, BufferStats
-from slime_rl.buffers.wal import (
-    SpillLog,
-    group_record,
-    read_group_record,
-    with_outcome,
-    write_parquet,
-)
+from slime_rl.buffers.wal import SpillLog, group_record, read_group_record
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +72,8 @@ class ReplayBuffer:
         self._ready = threading.Condition(self._lock)
         self._groups: OrderedDict[str, Group] = OrderedDict()
         self._seen: set[str] = set()
-        self._history: list[tuple[pa.RecordBatch, str, int]] = []
+        self._history: deque[tuple[pa.RecordBatch, str, int, int]] = deque()  # memory-only mode: (data, outcome, version, nbytes)
+        self._history_bytes = 0
         self._floor = 2**62  # no held group has a min_version below this
         self._stats = BufferStats()
         self._version = 0
@@ -90,6 +87,7 @@ class ReplayBuffer:
                 fsync=self.config.fsync,
                 keep_history=self.config.keep_history,
                 compact_min_bytes=int(self.config.compact_min_mb * 2**20),
+                history_max_bytes=int(self.config.history_max_mb * 2**20),
                 lock_timeout_s=lock_timeout_s,
             )
             if self._log.has_log() and not recover:
@@ -120,7 +118,7 @@ class ReplayBuffer:
         for b in rec.new_puts:
             self._stats.on_put(1, b.num_rows)
         for r in rec.consumed:
-            self._stats.on_leave(r["outcome"], r["staleness"], r["num_samples"])
+            self._stats.on_leave(r["outcome"], r["staleness"], r["num_samples"], r.get("max_staleness"))
             self._version = max(self._version, r["version"])
         self._seen = set(rec.seen_ids)
         for b in rec.live:
@@ -131,7 +129,13 @@ class ReplayBuffer:
 
     # ---- writers -----------------------------------------------------------------------
     def put(self, data: pa.RecordBatch | pa.Table, timeout: float | None = None) -> int:
-        """Add one or more whole groups; return how many groups were accepted.
+        """Add one or more whole groups; return how many groups were newly accepted.
+
+        Idempotent per group: a group whose ``group_id`` this buffer (or the run it was
+        recovered/loaded from) already accepted is skipped and counted in
+        ``buffer/duplicate_groups``, so a writer may simply retry a put whose reply it lost
+        (actor crash or restart) -- nothing is trained twice. A put of only such groups
+        returns 0 at once, even when the buffer is full.
 
         Blocks while the buffer is full (``put_policy=block``, up to ``timeout`` or
         ``put_timeout_s``). With a spill_dir the groups are in the log before this returns.
@@ -160,38 +164,44 @@ class ReplayBuffer:
         parts = [batch.slice(start, n) for _, start, n in spans]
         records = None
         if self._log is not None:  # the log record is a compact copy: hold that instead of the slice
-            records = [group_record(p) for p in parts]
-            parts = [read_group_record(r) for r in records]
+            records = [group_record(p) for p in parts]  # outside the lock: other callers go on meanwhile
         timeout = self.config.put_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + timeout
         with self._lock:
-            t0 = time.monotonic()
-            while not self._closed and len(self._groups) + len(spans) > self.config.capacity_groups:
-                left = deadline - time.monotonic()
-                if self.config.put_policy == "reject" or left <= 0:
-                    self._stats.rejected_full += 1
-                    self._stats.put_wait_s += time.monotonic() - t0
-                    how = "rejected (put_policy=reject)" if self.config.put_policy == "reject" else f"still full after {timeout:.1f}s"
-                    raise BufferFullError(
-                        f"buffer full: {len(self._groups)}/{self.config.capacity_groups} groups held, put of {len(spans)} "
-                        f"group(s) {how}; the trainer is not keeping up (or raise buffer.capacity_groups)"
-                    )
-                self._room.wait(left)
-            self._stats.put_wait_s += time.monotonic() - t0
-            if self._closed:
-                raise BufferClosedError("buffer closed; put refused")
-            for gid, start, _ in spans:
-                if gid in self._seen:
-                    self._stats.rejected_invalid += 1
-                    raise ValueError(f"column 'group_id' row {start}: group {gid!r} was already accepted by this buffer; a group is put once, whole")
-            if self._log is not None:
-                self._log.append_groups(records)
+            new = [i for i, (gid, _, _) in enumerate(spans) if gid not in self._seen]  # before waiting for room
+            if new:
+                t0 = time.monotonic()
+                while not self._closed and len(self._groups) + len(new) > self.config.capacity_groups:
+                    left = deadline - time.monotonic()
+                    if self.config.put_policy == "reject" or left <= 0:
+                        self._stats.rejected_full += 1
+                        self._stats.put_wait_s += time.monotonic() - t0
+                        how = "rejected (put_policy=reject)" if self.config.put_policy == "reject" else f"still full after {timeout:.1f}s"
+                        raise BufferFullError(
+                            f"buffer full: {len(self._groups)}/{self.config.capacity_groups} groups held, put of {len(new)} "
+                            f"group(s) {how}; the trainer is not keeping up (or raise buffer.capacity_groups)"
+                        )
+                    self._room.wait(left)
+                self._stats.put_wait_s += time.monotonic() - t0
+                if self._closed:
+                    raise BufferClosedError("buffer closed; put refused")
+                new = [i for i in new if spans[i][0] not in self._seen]  # a concurrent put may have taken some
+            if len(new) < len(spans):
+                self._stats.duplicate_groups += len(spans) - len(new)
+                logger.warning("buffer put: %d of %d group(s) were already accepted (a retried put?); skipped", len(spans) - len(new), len(spans))
+            if not new:
+                return 0
             per_row = batch.get_total_buffer_size() / batch.num_rows  # a slice's exact size is costly to compute
-            for part, v in zip(parts, versions):
-                self._add(part, v, None if records is not None else int(per_row * part.num_rows))
-            self._stats.on_put(len(spans), batch.num_rows)
+            if records is not None:
+                self._log.append_groups([records[i] for i in new])
+            for i in new:
+                if records is not None:
+                    self._add(read_group_record(records[i]), versions[i])
+                else:
+                    self._add(parts[i], versions[i], int(per_row * parts[i].num_rows))
+            self._stats.on_put(len(new), sum(spans[i][2] for i in new))
             self._ready.notify_all()
-        return len(spans)
+        return len(new)
 
     def _add(self, data: pa.RecordBatch, min_version: int | None = None, nbytes: int | None = None) -> None:
         gid = data.column("group_id")[0].as_py()
@@ -276,7 +286,14 @@ class ReplayBuffer:
 
     def _leave(self, groups: list[Group], outcome: str, version: int, bound: int) -> None:
         rows = [
-            {"group_id": g.group_id, "outcome": outcome, "version": version, "staleness": g.staleness(version), "num_samples": g.num_samples}
+            {
+                "group_id": g.group_id,
+                "outcome": outcome,
+                "version": version,
+                "staleness": g.staleness(version),
+                "num_samples": g.num_samples,
+                "max_staleness": bound,
+            }
             for g in groups
         ]
         if self._log is not None:
@@ -286,7 +303,14 @@ class ReplayBuffer:
             self._bytes -= g.nbytes
             self._stats.on_leave(outcome, r["staleness"], g.num_samples, bound)
             if self._log is None and self.config.keep_history:
-                self._history.append((g.data, outcome, version))
+                self._remember(g, outcome, version)
+
+    def _remember(self, g: Group, outcome: str, version: int) -> None:
+        """Memory-only history for ``export``, the oldest forgotten beyond ``history_max_mb``."""
+        self._history.append((g.data, outcome, version, g.nbytes))
+        self._history_bytes += g.nbytes
+        while self._history and self._history_bytes > self.config.history_max_mb * 2**20:
+            self._history_bytes -= self._history.popleft()[3]
 
     def _batch_stats(self, chosen: list[Group], table: pa.Table, version: int) -> None:
         stale = [g.staleness(version) for g in chosen]
@@ -306,18 +330,30 @@ class ReplayBuffer:
 
     # ---- persistence -------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
-        return {"stats": self._stats.to_dict(), "version": self._version}
+        return {"stats": self._stats.to_dict(), "version": self._version, "seen_ids": list(self._seen)}
 
     def _maybe_compact(self) -> None:
+        """Compact the log if due; a failure is logged, never raised: the consumption is already
+        recorded in the current generation, which stays valid, so the caller's batch is delivered."""
         if self._log is not None and self._log.should_compact():
-            self._stats.compactions += 1
-            self._log.compact([g.data for g in self._groups.values()], self._meta())
+            try:
+                self._log.compact([g.data for g in self._groups.values()], self._meta())
+                self._stats.compactions += 1
+            except Exception:
+                self._stats.compaction_errors += 1
+                logger.exception("buffer log compaction failed; the current generation stays in use (nothing lost), retrying later")
 
     def state_dict(self) -> dict[str, Any]:
         """Held groups (``groups``: a pa.Table in FIFO order), counters and version, for checkpoints."""
         with self._lock:
             table = _one_chunk([g.data for g in self._groups.values()])
-            return {"schema_version": SCHEMA_VERSION, "groups": table, "stats": self._stats.to_dict(), "version": self._version}
+            return {
+                "schema_version": SCHEMA_VERSION,
+                "groups": table,
+                "stats": self._stats.to_dict(),
+                "version": self._version,
+                "seen_ids": list(self._seen),
+            }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Replace the held groups and counters by a ``state_dict``; with a spill_dir the log is rewritten."""
@@ -326,17 +362,18 @@ class ReplayBuffer:
         batch = normalize_batch(state["groups"])
         spans = group_spans(batch)
         parts = [read_group_record(group_record(batch.slice(s, n))) for _, s, n in spans]
+        stats = BufferStats.from_dict(state.get("stats", {}))
+        version = int(state.get("version", 0))
+        seen = set(state.get("seen_ids", ())) | {gid for gid, _, _ in spans}
         with self._lock:
+            if self._log is not None:  # first: if rewriting the log fails, nothing changes
+                self._log.compact(parts, {"stats": stats.to_dict(), "version": version, "seen_ids": list(seen)})
             self._groups.clear()
-            self._seen.clear()
             self._bytes = 0
             self._floor = 2**62
-            self._stats = BufferStats.from_dict(state.get("stats", {}))
-            self._version = int(state.get("version", 0))
+            self._stats, self._version, self._seen = stats, version, seen
             for p in parts:
                 self._add(p)
-            if self._log is not None:
-                self._log.compact(parts, self._meta())
             self._ready.notify_all()
 
     def save(self, folder: str | Path) -> Path:
@@ -364,11 +401,13 @@ class ReplayBuffer:
         and ``buffer_version`` (trainer version when it left). Without ``keep_history`` only
         the held groups are written.
         """
-        with self._lock:
+        with self._lock:  # a snapshot only; the Parquet file is written without the lock
             if self._log is not None:
-                return write_parquet(path, self._log.iter_history())
-            kept = [with_outcome(*h) for h in self._history]
-            return write_parquet(path, [*kept, *(with_outcome(g.data, "buffered", None) for g in self._groups.values())])
+                batches: Iterable[pa.RecordBatch] = iter_history(self._log.snapshot_history())
+            else:
+                kept = [(data, outcome, version) for data, outcome, version, _ in self._history]
+                batches = (with_outcome(*h) for h in [*kept, *((g.data, "buffered", None) for g in self._groups.values())])
+        return write_parquet(path, batches)
 
     # ---- introspection and shutdown ------------------------------------------------------
     def counts(self) -> BufferCounts:

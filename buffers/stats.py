@@ -28,6 +28,11 @@ class BufferStats:
     put_wait_s: float = 0.0
     get_wait_s: float = 0.0
     compactions: int = 0
+    compaction_errors: int = 0
+    duplicate_groups: int = 0
+    """Groups skipped by ``put`` because their id was already accepted (retried puts)."""
+    future_version: int = 0
+    """Groups served with a ``policy_version`` newer than the trainer's version (counted in bucket 0)."""
     staleness_hist: dict[str, int] = dataclasses.field(default_factory=dict)
     batch_staleness_mean: float = 0.0
     batch_staleness_max: float = 0.0
@@ -46,7 +51,9 @@ class BufferStats:
             return
         self.groups_out += 1
         self.samples_out += num_samples
-        key = str(staleness) if staleness < HIST_MAX else f"ge{HIST_MAX}"
+        if staleness < 0:
+            self.future_version += 1
+        key = str(max(staleness, 0)) if staleness < HIST_MAX else f"ge{HIST_MAX}"
         self.staleness_hist[key] = self.staleness_hist.get(key, 0) + 1
         if max_staleness is not None and staleness > max_staleness:
             self.served_stale += 1

@@ -2,8 +2,8 @@
 
     put      ─► log-G.arrow       one Arrow IPC record per group, written before put returns
     get/drop ─► consumed-G.arrow  one record per call: group ids, outcome, trainer version, staleness
-    compact  ─► meta-(G+1).json ─► log-(G+1).arrow (live groups, tmp + rename = commit point)
-                ─► move G's log + consumption records to history/ (for export), or delete them
+    compact  ─► consumed-(G+1), meta-(G+1).json (counters, seen ids) ─► log-(G+1).arrow (live
+                groups; tmp + rename = the commit point, last) ─► move G to history/ (capped), or delete
     recover  ─► newest committed generation G; live = groups of log-G − consumed-G
 
 A record torn by a crash (only the last one of a file can be) is ignored: a torn group
@@ -15,8 +15,9 @@ while a killed owner's process is still going away.
 Files of generation G (8-digit number): ``meta-G.json`` (stats and version at the start of
 G, and ``carried_groups``: how many leading records of log-G were live groups copied from
 G-1), ``log-G.arrow`` (SAMPLE_SCHEMA stream), ``consumed-G.arrow`` (CONSUMED_SCHEMA stream).
-Retired generations sit in ``history/`` unchanged; ``iter_history`` emits each group from
-the generation that consumed it, so every sample comes out once.
+Retired generations sit in ``history/`` unchanged (the oldest deleted beyond
+``history_max_mb``); ``history.iter_history`` reads them for ``export``. ``meta-G.json`` also lists every group id accepted
+before G (``seen_ids``), so duplicate protection survives compaction and recovery.
 """
 
 from __future__ import annotations
@@ -27,12 +28,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from slime_rl.buffers.schema import SAMPLE_SCHEMA, SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
@@ -44,15 +43,11 @@ CONSUMED_SCHEMA = pa.schema(
         pa.field("version", pa.int64(), nullable=False),
         pa.field("staleness", pa.int64(), nullable=False),
         pa.field("num_samples", pa.int64(), nullable=False),
+        pa.field("max_staleness", pa.int64(), nullable=True),
     ]
 )
-"""One row per group leaving the buffer; ``outcome`` is ``consumed`` or ``dropped_stale``."""
-
-HISTORY_SCHEMA = SAMPLE_SCHEMA.append(pa.field("buffer_outcome", pa.string(), nullable=False)).append(
-    pa.field("buffer_version", pa.int64(), nullable=True)
-)
-"""Rows of ``export``: the sample, how it left the buffer (``consumed`` | ``dropped_stale`` |
-``buffered`` = still held) and the trainer version at that moment (null while buffered)."""
+"""One row per group leaving the buffer; ``outcome`` is ``consumed`` or ``dropped_stale``;
+``max_staleness`` is the bound of that call (so ``served_stale`` survives recovery)."""
 
 _READ_ERRORS = (pa.ArrowInvalid, pa.ArrowException, OSError, ValueError)
 
@@ -68,6 +63,7 @@ class Recovered:
     consumed: list[dict[str, Any]]
     """Consumption records of the generation (CONSUMED_SCHEMA rows)."""
     seen_ids: set[str]
+    """Every group id ever accepted: ``meta['seen_ids']`` (written at compaction) + ids in log-G."""
     meta: dict[str, Any]
     torn: bool
 
@@ -84,12 +80,22 @@ def read_group_record(buf: pa.Buffer) -> pa.RecordBatch:
 class SpillLog:
     """Append-only Arrow IPC log of one buffer, with compaction and crash recovery."""
 
-    def __init__(self, spill_dir: str | Path, *, fsync: bool, keep_history: bool, compact_min_bytes: int, lock_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        spill_dir: str | Path,
+        *,
+        fsync: bool,
+        keep_history: bool,
+        compact_min_bytes: int,
+        history_max_bytes: int = 2**62,
+        lock_timeout_s: float = 30.0,
+    ) -> None:
         self.dir = Path(spill_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._fsync = fsync
         self._keep_history = keep_history
         self._compact_min_bytes = compact_min_bytes
+        self._history_max_bytes = history_max_bytes
         self._gen: int | None = None
         self._log_fd: int | None = None
         self._consumed_fd: int | None = None
@@ -154,10 +160,7 @@ class SpillLog:
     def _append(self, fd: int | None, size: int, records: list[pa.Buffer]) -> int:
         assert fd is not None, "spill log is closed"
         try:
-            for rec in records:
-                view = memoryview(rec)
-                while view:
-                    view = view[os.write(fd, view) :]
+            _write_all(fd, records)
             if self._fsync:
                 os.fsync(fd)
         except BaseException:
@@ -171,24 +174,49 @@ class SpillLog:
         return self.log_bytes >= self._compact_min_bytes and consumed > 0 and 2 * consumed >= self._gen_groups
 
     def compact(self, live: list[pa.RecordBatch], meta: dict[str, Any]) -> None:
-        """Start a new generation holding ``live`` (compact group batches), archive the old one."""
+        """Start a new generation holding ``live`` (compact group batches), archive the old one.
+
+        Order: consumed-(G+1) and meta-(G+1) first, then log-(G+1) is written as a tmp file
+        and renamed -- that rename is the commit point and the last step that can lose data.
+        An error before it leaves generation G current (the error is raised, nothing is
+        lost); errors after it (dir fsync, retiring G) are only logged.
+        """
         old = self._gen
         new = 0 if old is None else old + 1
         meta = {**meta, "generation": new, "schema_version": SCHEMA_VERSION, "carried_groups": len(live)}
-        _write_atomic(self._path("meta", new), [json.dumps(meta).encode()])
         log_records = [SAMPLE_SCHEMA.serialize()] + [group_record(b) for b in live]
-        _write_atomic(self._path("log", new), log_records)  # the commit point of the new generation
-        _write_atomic(self._path("consumed", new), [CONSUMED_SCHEMA.serialize()])
-        _fsync_dir(self.dir)
-        self._close_fds()
-        self._log_fd = os.open(self._path("log", new), os.O_WRONLY | os.O_APPEND)
-        self._consumed_fd = os.open(self._path("consumed", new), os.O_WRONLY | os.O_APPEND)
+        log_path, log_tmp = self._path("log", new), self._path("log", new).with_name(self._path("log", new).name + ".tmp")
+        log_fd = consumed_fd = None
+        try:
+            _write_atomic(self._path("consumed", new), [CONSUMED_SCHEMA.serialize()])
+            _write_atomic(self._path("meta", new), [json.dumps(meta).encode()])
+            consumed_fd = os.open(self._path("consumed", new), os.O_WRONLY | os.O_APPEND)
+            log_fd = os.open(log_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+            _write_all(log_fd, log_records)
+            os.fsync(log_fd)
+            os.replace(log_tmp, log_path)  # the commit point of the new generation; the fd follows the file
+        except BaseException:
+            for fd in (log_fd, consumed_fd):
+                if fd is not None:
+                    os.close(fd)
+            log_tmp.unlink(missing_ok=True)
+            raise
+        old_fds = (self._log_fd, self._consumed_fd)
+        self._log_fd, self._consumed_fd = log_fd, consumed_fd
         self._log_bytes = sum(r.size for r in log_records)
         self._consumed_bytes = CONSUMED_SCHEMA.serialize().size
         self._gen, self._gen_groups, self._gen_outcomes = new, len(live), {}
-        for gen in self._generations():
-            if gen < new:
-                self._retire(gen)
+        try:
+            for fd in old_fds:
+                if fd is not None:
+                    os.close(fd)
+            _fsync_dir(self.dir)
+            for gen in self._generations():
+                if gen < new:
+                    self._retire(gen)
+            self._cap_history()
+        except Exception:  # committed already: the new generation is complete and current
+            logger.exception("buffer log: cleanup after compacting into generation %d failed (nothing lost)", new)
         logger.debug("buffer log compacted into generation %d (%d live groups)", new, len(live))
 
     def _retire(self, gen: int) -> None:
@@ -203,6 +231,26 @@ class SpillLog:
             else:
                 path.unlink(missing_ok=True)
         self._path("meta", gen).unlink(missing_ok=True)
+
+    def _cap_history(self) -> None:
+        """Delete the oldest retired generations while ``history/`` exceeds ``history_max_bytes``."""
+        history = self.dir / "history"
+        if not history.is_dir():
+            return
+        logs = sorted(history.glob("log-*.arrow"))
+        sizes = [p.stat().st_size + _size(history / p.name.replace("log-", "consumed-")) for p in logs]
+        total = sum(sizes)
+        for log, size in zip(logs, sizes):
+            if total <= self._history_max_bytes:
+                break
+            log.unlink()  # log first: a consumed file without its log is ignored
+            (history / log.name.replace("log-", "consumed-")).unlink(missing_ok=True)
+            total -= size
+            logger.info("buffer history over buffer.history_max_mb: deleted %s", log.name)
+
+    def history_bytes(self) -> int:
+        history = self.dir / "history"
+        return sum(p.stat().st_size for p in history.glob("*.arrow")) if history.is_dir() else 0
 
     # ---- recovery --------------------------------------------------------------------
     def recover(self) -> Recovered | None:
@@ -232,7 +280,7 @@ class SpillLog:
             live=live,
             new_puts=batches[carried:],
             consumed=consumed,
-            seen_ids={b.column("group_id")[0].as_py() for b in batches},
+            seen_ids=set(meta.get("seen_ids", ())) | {b.column("group_id")[0].as_py() for b in batches},
             meta=meta,
             torn=torn_log or torn_consumed,
         )
@@ -242,25 +290,28 @@ class SpillLog:
         return [row for b in batches for row in b.to_pylist()], torn
 
     # ---- export ----------------------------------------------------------------------
-    def iter_history(self) -> Iterator[pa.RecordBatch]:
-        """Every sample the log has seen, once, as HISTORY_SCHEMA batches.
+    def snapshot_history(self) -> HistorySnapshot:
+        """Open handles on every history file and the live log, for ``iter_history`` to read later.
 
-        A group is emitted from the generation that consumed (or dropped) it; carried-over
-        copies in later generations are skipped; still-held groups come from the live log.
+        Cheap (no reads), so the buffer lock is held only for this; open handles keep the
+        data readable while compaction renames or the history cap deletes the files.
         """
         history = self.dir / "history"
-        for log in sorted(history.glob("log-*.arrow")):
-            consumed, _ = _read_stream(history / log.name.replace("log-", "consumed-"))
-            outcomes = {r["group_id"]: (r["outcome"], r["version"]) for b in consumed for r in b.to_pylist()}
-            for b in _read_stream(log)[0]:
-                gid = b.column("group_id")[0].as_py()
-                if gid in outcomes:
-                    yield with_outcome(b, *outcomes[gid])
-        if self._gen is None:
-            return
-        for b in _read_stream(self._path("log", self._gen))[0]:
-            outcome, version = self._gen_outcomes.get(b.column("group_id")[0].as_py(), ("buffered", None))
-            yield with_outcome(b, outcome, version)
+        gens: list[tuple[BinaryIO, BinaryIO | None]] = []
+        for log in sorted(history.glob("log-*.arrow")) if history.is_dir() else []:
+            try:
+                log_f = open(log, "rb")  # noqa: SIM115 -- closed by iter_history
+            except FileNotFoundError:
+                continue
+            try:
+                consumed_f: BinaryIO | None = open(history / log.name.replace("log-", "consumed-"), "rb")  # noqa: SIM115
+            except FileNotFoundError:
+                consumed_f = None
+            gens.append((log_f, consumed_f))
+        live = None
+        if self._gen is not None:
+            live = (open(self._path("log", self._gen), "rb"), self._log_bytes, dict(self._gen_outcomes))  # noqa: SIM115
+        return HistorySnapshot(gens, live)
 
     # ---- shutdown --------------------------------------------------------------------
     def _close_fds(self) -> None:
@@ -277,29 +328,12 @@ class SpillLog:
             self._lock_fd = None
 
 
-def with_outcome(batch: pa.RecordBatch, outcome: str, version: int | None) -> pa.RecordBatch:
-    """``batch`` (SAMPLE_SCHEMA) plus the two HISTORY_SCHEMA columns, same value on every row."""
-    n = batch.num_rows
-    cols = [batch.column(i) for i in range(batch.num_columns)]
-    cols += [pa.array([outcome] * n, pa.string()), pa.array([version] * n, pa.int64())]
-    return pa.RecordBatch.from_arrays(cols, schema=HISTORY_SCHEMA)
+@dataclasses.dataclass
+class HistorySnapshot:
+    """Open files of the retired generations and of the live log (with its size and outcomes then)."""
 
-
-def write_parquet(path: str | Path, batches: Iterable[pa.RecordBatch]) -> int:
-    """Write HISTORY_SCHEMA batches to one Parquet file in row groups of ~4k rows; return rows written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows, pending = 0, []
-    with pq.ParquetWriter(str(path), HISTORY_SCHEMA) as writer:
-        for b in batches:
-            pending.append(b)
-            rows += b.num_rows
-            if sum(p.num_rows for p in pending) >= 4096:  # one group per row group would bloat the file
-                writer.write_table(pa.Table.from_batches(pending, schema=HISTORY_SCHEMA))
-                pending = []
-        if pending:
-            writer.write_table(pa.Table.from_batches(pending, schema=HISTORY_SCHEMA))
-    return rows
+    retired: list[tuple[BinaryIO, BinaryIO | None]]
+    live: tuple[BinaryIO, int, dict[str, tuple[str, int]]] | None
 
 
 def _read_stream(path: Path) -> tuple[list[pa.RecordBatch], bool]:
@@ -308,6 +342,11 @@ def _read_stream(path: Path) -> tuple[list[pa.RecordBatch], bool]:
         data = pa.py_buffer(path.read_bytes())
     except FileNotFoundError:
         return [], False
+    return read_batches(data)
+
+
+def read_batches(data: pa.Buffer) -> tuple[list[pa.RecordBatch], bool]:
+    """All complete records of an IPC stream in ``data``, and whether a torn record followed them."""
     try:
         reader = pa.ipc.open_stream(data)
     except _READ_ERRORS:
@@ -326,14 +365,25 @@ def _write_atomic(path: Path, chunks: list[pa.Buffer | bytes]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        for chunk in chunks:
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
+        _write_all(fd, chunks)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def _write_all(fd: int, chunks: list[pa.Buffer | bytes]) -> None:
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _fsync_dir(path: Path) -> None:

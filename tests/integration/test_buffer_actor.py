@@ -210,3 +210,18 @@ def test_groups_outlive_the_writer_that_put_them(ray_cluster) -> None:
     del junk
     assert runs(table) == ["dying-0", "dying-1", "dying-2"]
     assert table.column("response_ids").to_pylist() == [list(range(8192))] * (3 * GROUP)
+
+
+@pytest.mark.timeout(90)
+def test_more_blocked_writers_than_writer_threads_do_not_starve_the_reader(ray_cluster) -> None:
+    buffer = create_buffer_actor(BufferConfig(capacity_groups=1), max_concurrency=2)  # 2 writer threads
+    ray.get(buffer.put.remote(group("first")))
+    blocked = [buffer.put.remote(group(f"w{i}"), timeout=60) for i in range(4)]  # 2 block, 2 queue
+    ready, _ = ray.wait(blocked, timeout=0.5)
+    assert ready == []
+    assert ray.get(buffer.counts.remote(), timeout=10).held_groups == 1  # control calls still served
+    served = [runs(ray.get(buffer.get_batch.remote(1, current_version=0, timeout=30), timeout=40)) for _ in range(5)]
+    assert served[0] == ["first"]
+    assert sorted(g for s in served[1:] for g in s) == ["w0", "w1", "w2", "w3"]  # each freed slot let a writer in
+    assert ray.get(blocked, timeout=10) == [1, 1, 1, 1]
+    ray.get(buffer.close.remote(), timeout=10)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from slime_rl.buffers import (
     BufferClosedError,
@@ -13,6 +15,7 @@ from slime_rl.buffers import (
     BufferTimeoutError,
     ReplayBuffer,
     Sample,
+    replay_buffer,
     samples_to_batch,
     token_staleness,
 )
@@ -237,3 +240,40 @@ def test_counts_and_metrics_for_admission_control() -> None:
     assert s["buffer/size_groups"] == 1 and s["buffer/size_samples"] == 3
     assert s["buffer/bytes"] > 0
     assert all(k.startswith("buffer/") for k in s)
+
+
+def test_memory_history_is_capped_by_history_max_mb(tmp_path: Path) -> None:
+    buf = ReplayBuffer(BufferConfig(history_max_mb=0.005))  # ~5 KiB
+    for i in range(200):
+        buf.put(group(f"g{i}"))
+        buf.get_batch(1, current_version=0, timeout=1)
+    rows = buf.export(tmp_path / "x.parquet")
+    assert 0 < rows < 200 * 2
+    assert "g199" in pq.read_table(tmp_path / "x.parquet").column("group_id").to_pylist()
+
+
+def test_a_group_newer_than_the_trainer_counts_as_future_not_negative_staleness() -> None:
+    buf = ReplayBuffer(BufferConfig(max_staleness=1))
+    buf.put(group("ahead", version=3))
+    buf.get_batch(1, current_version=1, timeout=1)
+    stats = buf.stats()
+    assert "buffer/staleness_hist/-2" not in stats
+    assert stats["buffer/staleness_hist/0"] == 1 and stats["buffer/future_version"] == 1
+
+
+@pytest.mark.timeout(30)
+def test_export_writes_parquet_without_holding_the_buffer_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    buf = ReplayBuffer(BufferConfig())
+    buf.put(group("a"))
+    put_done = threading.Event()
+
+    def slow_write(path: object, batches: object) -> int:
+        rows = sum(b.num_rows for b in batches)
+        writer = threading.Thread(target=lambda: (buf.put(group("b")), put_done.set()), daemon=True)
+        writer.start()
+        assert put_done.wait(10), "put blocked while export was writing"
+        return rows
+
+    monkeypatch.setattr(replay_buffer, "write_parquet", slow_write)
+    assert buf.export(tmp_path / "x.parquet") == 2  # the snapshot: b came after it
+    assert buf.group_ids() == ["a", "b"]

@@ -191,3 +191,31 @@ def test_state_of_another_schema_version_is_refused() -> None:
     state["schema_version"] = 0
     with pytest.raises(ValueError, match="schema_version 0"):
         buf.load_state_dict(state)
+
+
+def test_served_stale_and_histogram_survive_recovery(tmp_path: Path) -> None:
+    cfg = spill_config(tmp_path, max_staleness=0, stale_policy="keep")
+    buf = ReplayBuffer(cfg)
+    buf.put(group("old", version=0))
+    buf.put(group("new", version=2))
+    buf.get_batch(2, current_version=2, timeout=1)  # old served with staleness 2 > 0
+    before = {k: v for k, v in buf.stats().items() if "stale" in k and "batch_" not in k}
+    assert before["buffer/served_stale"] == 1
+    buf.close()
+    after = ReplayBuffer.recover(tmp_path / "spill", cfg).stats()
+    assert {k: v for k, v in after.items() if "stale" in k and "batch_" not in k} == before
+
+
+def test_history_on_disk_is_capped_by_history_max_mb(tmp_path: Path) -> None:
+    cfg = spill_config(tmp_path, compact_min_mb=0.001, history_max_mb=0.01)  # ~10 KiB of history
+    buf = ReplayBuffer(cfg)
+    for i in range(120):
+        buf.put(group(f"g{i}", tokens=16))
+        buf.get_batch(1, 0, timeout=1)
+    history = tmp_path / "spill" / "history"
+    size = sum(p.stat().st_size for p in history.iterdir())
+    assert 0 < size <= 0.01 * 2**20
+    rows = buf.export(tmp_path / "x.parquet")
+    assert 0 < rows < 240  # the newest part of the run only
+    newest = pq.read_table(tmp_path / "x.parquet").column("group_id").to_pylist()
+    assert "g119" in newest and "g0" not in newest

@@ -47,7 +47,6 @@ BAD: dict[str, tuple[Callable[[], object], str]] = {
     "repeated sample id": (lambda: replace(two_groups(), "sample_id", ["a", "b", "c", "a"], pa.string()), "column 'sample_id' row 3 repeats 'a' of row 0"),
     "not arrow": (lambda: {"group_id": ["x"]}, "pyarrow.RecordBatch or Table"),
     "too many groups": (lambda: pa.Table.from_batches([group(f"m{i}") for i in range(5)]), "put holds 5 groups but buffer.capacity_groups is 4"),
-    "group already accepted": (lambda: group("held"), "column 'group_id' row 0: group 'held' was already accepted"),
 }
 
 
