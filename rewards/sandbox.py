@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -41,10 +43,25 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 import uuid
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+
+def _load_sibling(name: str) -> types.ModuleType:
+    """``rewards/<name>.py``: imported from the package, or by file path when this file was
+    itself loaded by path outside the installed package (it needs only the standard library)."""
+    if __package__:
+        return importlib.import_module(f"{__package__}.{name}")
+    spec = importlib.util.spec_from_file_location(f"_slime_rl_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_hostproc = _load_sibling("sandbox_process")
 
 NOBODY = 65534
 _LAUNCHER = (Path(__file__).with_name("sandbox_launcher.py")).read_text()
@@ -88,36 +105,6 @@ class SandboxResult:
     seconds: float
     tests_passed: bool | None = None
     """With ``tests``: True only when the tests ran to their end after the program."""
-
-
-def _count_tasks(uid: int) -> int:
-    """Tasks (threads count: RLIMIT_NPROC counts them) whose real uid is ``uid``."""
-    n = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/status") as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-        except OSError:
-            continue
-        if int(fields.get("Uid", "-1 0").split()[0]) == uid:
-            n += int(fields.get("Threads", "1").strip() or 1)
-    return n
-
-
-def _kill_by_token(token: str) -> None:
-    """SIGKILL every process whose environment holds ``token`` (escapees of the group)."""
-    needle = token.encode()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
-                if needle in f.read():
-                    os.kill(int(entry.name), signal.SIGKILL)
-        except OSError:
-            continue
 
 
 def _under(path: str, dirs: list[str]) -> bool:
@@ -218,7 +205,7 @@ class Sandbox:
         nproc = lim.max_processes
         if not (self.isolated and not self.is_root):
             # Outside a fresh user namespace RLIMIT_NPROC counts all the user's tasks.
-            nproc += _count_tasks(self.uid)
+            nproc += _hostproc.count_tasks(self.uid)
         mb = 1 << 20
         rlimits = {
             "RLIMIT_AS": lim.memory_mb * mb,
@@ -316,25 +303,25 @@ class Sandbox:
             )
             cap = self.limits.max_output_bytes
             io_tasks += [
-                asyncio.ensure_future(_feed(proc.stdin, stdin.encode())),
-                asyncio.ensure_future(_pump(proc.stdout, cap, out)),
-                asyncio.ensure_future(_pump(proc.stderr, cap, err)),
+                asyncio.ensure_future(_hostproc.feed(proc.stdin, stdin.encode())),
+                asyncio.ensure_future(_hostproc.pump(proc.stdout, cap, out)),
+                asyncio.ensure_future(_hostproc.pump(proc.stderr, cap, err)),
             ]
             if tests is not None:
                 os.close(secret_r)
                 os.close(verdict_w)
                 secret_r = verdict_w = None
                 message = json.dumps({"tests": tests, "nonce": nonce}).encode()
-                io_tasks.append(asyncio.ensure_future(asyncio.to_thread(_write_all, secret_w, message)))
+                io_tasks.append(asyncio.ensure_future(asyncio.to_thread(_hostproc.write_all, secret_w, message)))
                 secret_w = None  # _write_all closes it
-            timed_out = not await _wait_exit(proc, self.limits.wall_s)
+            timed_out = not await _hostproc.wait_exit(proc, self.limits.wall_s)
             self._kill(proc, token)
-            await _wait_exit(proc, 2.0)
+            await _hostproc.wait_exit(proc, 2.0)
             _, pending = await asyncio.wait(io_tasks, timeout=2.0)
             for t in pending:
                 t.cancel()
             if verdict_r is not None:
-                verdict = _read_available(verdict_r, len(nonce) + 1)
+                verdict = _hostproc.read_available(verdict_r, len(nonce) + 1)
         finally:
             if proc is not None and proc.returncode is None:  # cancelled: clean up anyway
                 self._kill(proc, token)
@@ -343,7 +330,7 @@ class Sandbox:
                     t.cancel()
             for fd in (secret_r, secret_w, verdict_r, verdict_w):
                 if fd is not None:
-                    _close_quietly(fd)
+                    _hostproc.close_quietly(fd)
             shutil.rmtree(workdir, ignore_errors=True)
         return SandboxResult(
             returncode=None if timed_out else proc.returncode,
@@ -360,76 +347,4 @@ class Sandbox:
         except (ProcessLookupError, PermissionError):
             pass
         if not self.isolated:  # no pid namespace: hunt processes that left the group
-            _kill_by_token(token)
-
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """Write ``data`` to a pipe and close it; a reader that died early is not an error."""
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    except OSError:
-        pass
-    finally:
-        _close_quietly(fd)
-
-
-def _read_available(fd: int, limit: int) -> bytes:
-    """What is in the pipe now (at most ``limit`` bytes), without waiting for writers."""
-    os.set_blocking(fd, False)
-    data = b""
-    try:
-        while len(data) < limit:
-            chunk = os.read(fd, limit - len(data))
-            if not chunk:
-                break
-            data += chunk
-    except BlockingIOError:
-        pass
-    return data
-
-
-async def _wait_exit(proc: asyncio.subprocess.Process, timeout: float) -> bool:
-    """Wait until the process itself exits; True if it did within ``timeout``.
-
-    Polls ``returncode`` because ``Process.wait()`` (before Python 3.12) also waits for the
-    pipes to close, which a surviving grandchild can hold open.
-    """
-    deadline = time.monotonic() + timeout
-    while proc.returncode is None:
-        if time.monotonic() >= deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
-
-
-async def _feed(stream: asyncio.StreamWriter | None, data: bytes) -> None:
-    if stream is None:
-        return
-    try:
-        if data:
-            stream.write(data)
-            await stream.drain()
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    finally:
-        stream.close()
-
-
-async def _pump(stream: asyncio.StreamReader | None, cap: int, buf: bytearray) -> None:
-    if stream is None:
-        return
-    while True:
-        chunk = await stream.read(1 << 16)
-        if not chunk:
-            return
-        if len(buf) < cap:
-            buf.extend(chunk[: cap - len(buf)])
+            _hostproc.kill_by_token(token)

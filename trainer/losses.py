@@ -79,7 +79,8 @@ def aggregate(loss_BL: torch.Tensor, mask_BL: torch.Tensor, mode: str, norm: Los
 
 def _clipped_surrogate(
     ratio_BL: torch.Tensor, advantages_BL: torch.Tensor, cfg: LossConfig
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> PolicyLossOut:
+    """PPO's clipped surrogate of a per-token (PPO) or per-sequence (GSPO) ``ratio_BL``."""
     adv_BL = advantages_BL.to(ratio_BL.dtype)
     unclipped_BL = -adv_BL * ratio_BL
     clipped_BL = -adv_BL * ratio_BL.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
@@ -91,7 +92,7 @@ def _clipped_surrogate(
         negative_BL = adv_BL < 0
         is_dual_BL = negative_BL & (loss_BL > cap_BL)
         loss_BL = torch.where(negative_BL, torch.minimum(loss_BL, cap_BL), loss_BL)
-    return loss_BL, is_clipped_BL, is_dual_BL
+    return PolicyLossOut(loss_BL, ratio_BL, is_clipped_BL, is_dual_BL)
 
 
 def ppo_loss(
@@ -104,8 +105,7 @@ def ppo_loss(
     """Token-level clipped surrogate with clip-higher and dual-clip."""
     log_ratio_BL = (logprobs_BL - proximal_BL).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
     ratio_BL = torch.exp(log_ratio_BL)
-    loss_BL, clipped_BL, dual_BL = _clipped_surrogate(ratio_BL, advantages_BL, cfg)
-    return PolicyLossOut(loss_BL, ratio_BL, clipped_BL, dual_BL)
+    return _clipped_surrogate(ratio_BL, advantages_BL, cfg)
 
 
 def gspo_loss(
@@ -122,8 +122,7 @@ def gspo_loss(
     log_ratio_BL = (logprobs_BL - proximal_BL) * m_BL
     seq_log_ratio_B = log_ratio_BL.sum(dim=1) / m_BL.sum(dim=1).clamp(min=1.0)
     ratio_BL = torch.exp(seq_log_ratio_B.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))[:, None].expand_as(logprobs_BL)
-    loss_BL, clipped_BL, dual_BL = _clipped_surrogate(ratio_BL, advantages_BL, cfg)
-    return PolicyLossOut(loss_BL, ratio_BL, clipped_BL, dual_BL)
+    return _clipped_surrogate(ratio_BL, advantages_BL, cfg)
 
 
 PolicyLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LossConfig], PolicyLossOut]

@@ -47,6 +47,42 @@ class StepDelta:
     stop_reason: str | int | None = None
 
 
+class WeightStaging:
+    """Staging half of the weight-update protocol, shared by every engine: buckets gathered
+    between `begin_weight_update` (which sets `_staged = []` and `_staged_version`) and
+    `commit_weight_update`, both defined by the engine."""
+
+    _staged: list[tuple[str, torch.Tensor]] | None
+    _staged_version: int | None
+
+    @property
+    def staged_version(self) -> int | None:
+        """Version of the update opened by `begin_weight_update` and not yet committed."""
+        return self._staged_version
+
+    async def begin_weight_update(self, version: int) -> None:
+        raise NotImplementedError
+
+    async def commit_weight_update(self, mode: PauseMode | str = PauseMode.KEEP) -> int:
+        raise NotImplementedError
+
+    async def load_weight_bucket(self, bucket: NamedTensors | Mapping[str, torch.Tensor]) -> int:
+        if self._staged is None:
+            raise RuntimeError("load_weight_bucket before begin_weight_update(version)")
+        self._staged.extend(as_named_tensors(bucket))
+        return len(self._staged)
+
+    async def update_weights(
+        self,
+        version: int,
+        named_tensors: NamedTensors | Mapping[str, torch.Tensor],
+        mode: PauseMode | str = PauseMode.KEEP,
+    ) -> int:
+        await self.begin_weight_update(version)
+        await self.load_weight_bucket(named_tensors)
+        return await self.commit_weight_update(mode)
+
+
 @dataclasses.dataclass(slots=True)
 class _Live:
     request: GenerateRequest
@@ -75,7 +111,7 @@ class _Live:
         return result
 
 
-class SteppedEngine(abc.ABC):
+class SteppedEngine(WeightStaging, abc.ABC):
     """Implements `RolloutEngine` on top of five synchronous backend hooks."""
 
     backend: str = "?"
@@ -124,11 +160,6 @@ class SteppedEngine(abc.ABC):
     @property
     def version(self) -> int:
         return self._version
-
-    @property
-    def staged_version(self) -> int | None:
-        """Version of the update opened by `begin_weight_update` and not yet committed."""
-        return self._staged_version
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -224,12 +255,6 @@ class SteppedEngine(abc.ABC):
             )
         self._staged, self._staged_version = [], int(version)
 
-    async def load_weight_bucket(self, bucket: NamedTensors | Mapping[str, torch.Tensor]) -> int:
-        if self._staged is None:
-            raise RuntimeError("load_weight_bucket before begin_weight_update(version)")
-        self._staged.extend(as_named_tensors(bucket))
-        return len(self._staged)
-
     async def commit_weight_update(self, mode: PauseMode | str = PauseMode.KEEP) -> int:
         self._check_usable()
         if self._staged is None or self._staged_version is None:
@@ -253,16 +278,6 @@ class SteppedEngine(abc.ABC):
     async def _apply(self, staged: list[tuple[str, torch.Tensor]], version: int) -> None:
         await self._call(self.backend_load, staged)
         self._version = version
-
-    async def update_weights(
-        self,
-        version: int,
-        named_tensors: NamedTensors | Mapping[str, torch.Tensor],
-        mode: PauseMode | str = PauseMode.KEEP,
-    ) -> int:
-        await self.begin_weight_update(version)
-        await self.load_weight_bucket(named_tensors)
-        return await self.commit_weight_update(mode)
 
     async def health(self) -> EngineHealth:
         running = sum(lv.admitted for lv in self._live.values())

@@ -35,15 +35,28 @@ from slime_rl.rollout.engines.base import (
     FinishReason,
     GenerateRequest,
     GenerateResult,
-    NamedTensors,
     PauseMode,
-    SamplingParams,
-    as_named_tensors,
 )
+from slime_rl.rollout.engines.sglang_convert import (
+    _import_sglang,
+    from_sglang_output,
+    new_stream_tokens,
+    to_sglang_sampling,
+)
+from slime_rl.rollout.engines.sglang_weights import SGLangWeightUpdates
+
+__all__ = [
+    "ABORT_DEADLINE_S",
+    "ABORT_RESEND_S",
+    "SGLangEngine",
+    "SGLangWeightUpdates",
+    "from_sglang_output",
+    "new_stream_tokens",
+    "to_sglang_sampling",
+]
 
 logger = logging.getLogger(__name__)
 
-_INSTALL_HINT = "install slime-rl[sglang] (CUDA GPU only) to use rollout.engine=sglang"
 # Our pause modes -> SGLang's. "in_place" would keep KV computed with the old weights, so
 # KEEP retracts (requests re-prefill under the new weights); WAIT drains first (see
 # SGLangEngine._pause), then retracts whatever is left (nothing, normally).
@@ -52,94 +65,6 @@ ABORT_RESEND_S = 0.5
 """How often an abort is re-sent while the request's stream has not ended (an abort that
 reaches SGLang before the request does is dropped)."""
 ABORT_DEADLINE_S = 30.0
-
-
-def _import_sglang():
-    try:
-        import sglang
-        from sglang.srt.managers import io_struct
-    except ImportError as e:
-        raise ImportError(_INSTALL_HINT) from e
-    return sglang, io_struct
-
-
-def to_sglang_sampling(params: SamplingParams) -> dict[str, Any]:
-    """Our `SamplingParams` as SGLang's sampling-params dict."""
-    out: dict[str, Any] = {
-        "temperature": params.temperature,
-        "top_p": params.top_p,
-        "top_k": params.top_k if params.top_k > 0 else -1,
-        "max_new_tokens": params.max_new_tokens,
-        "ignore_eos": params.ignore_eos,
-        "skip_special_tokens": False,
-        "no_stop_trim": True,
-    }
-    if params.stop:
-        out["stop"] = list(params.stop)
-    if params.stop_token_ids:
-        out["stop_token_ids"] = list(params.stop_token_ids)
-    if params.seed is not None:
-        out["sampling_seed"] = params.seed
-    return out
-
-
-def new_stream_tokens(
-    have: int, out: Mapping[str, Any], request_id: str
-) -> tuple[list[int], list[float]]:
-    """The tokens and log-probs a streamed chunk adds to the `have` already received.
-    Works whether SGLang streams increments or cumulative lists (`stream_output`): the new
-    ones are the last `completion_tokens - have` entries of both lists."""
-    meta = out.get("meta_info", {})
-    ids = [int(t) for t in out.get("output_ids", [])]
-    lps = [float(entry[0]) for entry in meta.get("output_token_logprobs", [])]
-    total = int(meta.get("completion_tokens", have + len(ids)))
-    new = max(total - have, 0)
-    if len(ids) < new or len(lps) < new:
-        raise RuntimeError(
-            f"sglang chunk for {request_id} reports {total} tokens ({have} known) but carries "
-            f"{len(ids)} token ids and {len(lps)} log-probs"
-        )
-    return ids[len(ids) - new :], lps[len(lps) - new :]
-
-
-def from_sglang_output(
-    request: GenerateRequest,
-    out: Mapping[str, Any],
-    version_start: int,
-    version_end: int,
-    token_ids: list[int] | None = None,
-    logprobs: list[float] | None = None,
-    weight_versions: list[int] | None = None,
-) -> GenerateResult:
-    """Translate SGLang's (last) result dict into a `GenerateResult`; the tokens, log-probs
-    and versions gathered from the stream override the dict's when given."""
-    meta = out.get("meta_info", {})
-    if token_ids is None:
-        token_ids = [int(t) for t in out.get("output_ids", [])]
-        logprobs = [float(entry[0]) for entry in meta.get("output_token_logprobs", [])]
-    if len(logprobs) != len(token_ids):
-        raise RuntimeError(
-            f"sglang returned {len(token_ids)} tokens but {len(logprobs)} log-probs for {request.request_id}"
-        )
-    finish = meta.get("finish_reason") or {}
-    kind = finish.get("type") if isinstance(finish, Mapping) else str(finish)
-    reason = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}.get(
-        kind, FinishReason.ABORT
-    )
-    matched = finish.get("matched") if isinstance(finish, Mapping) else None
-    stop_reason = matched if reason is FinishReason.STOP else None
-    if isinstance(stop_reason, int) and stop_reason not in request.sampling.stop_token_ids:
-        stop_reason = None  # EOS, like the other backends
-    return GenerateResult(
-        request_id=request.request_id,
-        token_ids=token_ids,
-        logprobs=logprobs,
-        finish_reason=reason,
-        weight_versions=weight_versions or [version_start] * len(token_ids),
-        version_start=version_start,
-        version_end=version_end,
-        stop_reason=stop_reason,
-    )
 
 
 @dataclasses.dataclass(slots=True)
@@ -154,7 +79,7 @@ class _Stream:
     """Sent to SGLang (False while held at the admission gate of a wait-mode update)."""
 
 
-class SGLangEngine:
+class SGLangEngine(SGLangWeightUpdates):
     """Rollout engine on SGLang (CUDA). Implements `RolloutEngine`; see docs/engines.md."""
 
     backend = "sglang"
@@ -205,10 +130,6 @@ class SGLangEngine:
     @property
     def version(self) -> int:
         return self._version
-
-    @property
-    def staged_version(self) -> int | None:
-        return self._staged_version
 
     # ---- generation ---------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> GenerateResult:
@@ -314,139 +235,6 @@ class SGLangEngine:
         await self._tm.continue_generation(self._io.ContinueGenerationReqInput())
         self._paused = False
         self._gate.set()
-
-    # ---- weights ------------------------------------------------------------------------------
-    async def begin_weight_update(self, version: int) -> None:
-        self._staged, self._staged_version = [], int(version)
-
-    async def load_weight_bucket(self, bucket: NamedTensors | Mapping[str, torch.Tensor]) -> int:
-        if self._staged is None:
-            raise RuntimeError("load_weight_bucket before begin_weight_update(version)")
-        self._staged.extend(as_named_tensors(bucket))
-        return len(self._staged)
-
-    async def commit_weight_update(self, mode: PauseMode | str = PauseMode.KEEP) -> int:
-        """Load every staged bucket in one `update_weights_from_tensor` call (SGLang, like
-        vLLM, must see the full state dict at once), flush once, set the version."""
-        if not self._staged or self._staged_version is None:
-            raise RuntimeError(
-                "commit_weight_update needs begin_weight_update(version) and at least one bucket"
-            )
-        serialize = self._serialize
-        if serialize is None:
-            from sglang.srt.utils import MultiprocessingSerializer
-
-            serialize = MultiprocessingSerializer.serialize
-        staged, version = self._staged, self._staged_version
-        self._staged = self._staged_version = None
-        payload = [serialize(staged) for _ in range(self._tp)]
-
-        async def load() -> None:
-            obj = self._io.UpdateWeightsFromTensorReqInput(
-                serialized_named_tensors=payload, flush_cache=False
-            )
-            self._check(await self._tm.update_weights_from_tensor(obj, None), version)
-
-        await self._with_pause(mode, load, version)
-        return version
-
-    async def update_weights(
-        self,
-        version: int,
-        named_tensors: NamedTensors | Mapping[str, torch.Tensor],
-        mode: PauseMode | str = PauseMode.KEEP,
-    ) -> int:
-        await self.begin_weight_update(version)
-        await self.load_weight_bucket(named_tensors)
-        return await self.commit_weight_update(mode)
-
-    async def update_weights_from_disk(
-        self, version: int, model_path: str, mode: PauseMode | str = PauseMode.KEEP
-    ) -> int:
-        async def load() -> None:
-            obj = self._io.UpdateWeightFromDiskReqInput(model_path=str(model_path))
-            self._check(await self._tm.update_weights_from_disk(obj, None), version)
-
-        await self._with_pause(mode, load, version)
-        return version
-
-    async def init_weights_update_group(
-        self,
-        master_address: str,
-        master_port: int,
-        rank_offset: int,
-        world_size: int,
-        group_name: str = "weight_update_group",
-        backend: str = "nccl",
-    ) -> None:
-        """Join the trainer's process group for `update_weights_from_distributed` (NCCL broadcast)."""
-        obj = self._io.InitWeightsUpdateGroupReqInput(
-            master_address=master_address,
-            master_port=master_port,
-            rank_offset=rank_offset,
-            world_size=world_size,
-            group_name=group_name,
-            backend=backend,
-        )
-        ok, message = await self._tm.init_weights_update_group(obj, None)
-        if not ok:
-            raise RuntimeError(f"sglang init_weights_update_group failed: {message}")
-
-    async def update_weights_from_distributed(
-        self,
-        version: int,
-        buckets: Sequence[tuple[list[str], list[str], list[list[int]]]],
-        group_name: str = "weight_update_group",
-        mode: PauseMode | str = PauseMode.KEEP,
-    ) -> int:
-        """Receive a whole version as buckets of `(names, dtypes, shapes)` broadcast by the
-        trainer (which broadcasts bucket i while this receives it, in the same order): pause
-        once, receive every bucket with `flush_cache=False`, flush once, set the version,
-        resume. Generation never sees a half-updated model."""
-        if not buckets:
-            raise ValueError(f"update_weights_from_distributed({version}): no buckets")
-
-        async def load() -> None:
-            for names, dtypes, shapes in buckets:
-                obj = self._io.UpdateWeightsFromDistributedReqInput(
-                    names=list(names),
-                    dtypes=list(dtypes),
-                    shapes=[list(s) for s in shapes],
-                    group_name=group_name,
-                    flush_cache=False,
-                )
-                self._check(await self._tm.update_weights_from_distributed(obj, None), version)
-
-        await self._with_pause(mode, load, version)
-        return version
-
-    @staticmethod
-    def _check(result: Any, version: int) -> None:
-        ok, message = result[0], result[1]
-        if not ok:
-            raise RuntimeError(f"sglang weight update to version {version} failed: {message}")
-
-    async def _flush(self, version: int) -> None:
-        out = await self._tm.flush_cache()
-        if not getattr(out, "success", out):
-            raise RuntimeError(
-                f"sglang flush_cache failed after loading weight version {version}: the radix "
-                "cache would serve KV of the old weights; the version is not advanced"
-            )
-
-    async def _with_pause(self, mode: PauseMode | str, load, version: int) -> None:
-        async with self._update_lock:
-            was_paused = self._paused
-            if not was_paused:
-                await self.pause(mode)
-            try:
-                await asyncio.sleep(0)  # deliver chunks produced before the pause
-                await load()
-                await self._flush(version)
-                self._version = version
-            finally:
-                if not was_paused:
-                    await self.resume()
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def health(self) -> EngineHealth:

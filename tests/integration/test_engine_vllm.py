@@ -15,6 +15,7 @@ import time
 
 import pytest
 import ray
+from engine_helpers import gen, set_weights
 from slime_rl.rollout.engines import FinishReason, GenerateRequest, PauseMode, SamplingParams
 from slime_rl.rollout.engines.actor import ActorClient, start_engine_actor
 from slime_rl.rollout.engines.conformance import (
@@ -62,20 +63,10 @@ def client(ray_cluster, tiny_model_dir, tmp_path_factory):
     c.close()
 
 
-def set_weights(client, models, which: str) -> None:
-    if client.weights != which:
-        client.update_weights(client.version() + 1, models[which].state_dict())
-        client.weights = which
-
-
 @pytest.fixture
 def eng(client, models):
     set_weights(client, models, "a")
     return client
-
-
-def gen(client, prompt, tag="g", **params):
-    return client.generate(GenerateRequest(tag, prompt, SamplingParams(**params)))
 
 
 def test_logprobs_match_teacher_forcing(eng, models):

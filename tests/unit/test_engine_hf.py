@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 import torch
+from engine_helpers import gen, set_weights
 from slime_rl.rollout.engines import (
     FinishReason,
     GenerateRequest,
@@ -42,21 +43,11 @@ def runner(tiny_model_dir):
     r.close()
 
 
-def set_weights(client, models, which: str) -> None:
-    if client.weights != which:
-        client.update_weights(client.version() + 1, models[which].state_dict())
-        client.weights = which
-
-
 @pytest.fixture
 def eng(runner, models):
     """The shared engine, holding model A."""
     set_weights(runner, models, "a")
     return runner
-
-
-def gen(client, prompt, tag="g", **params):
-    return client.generate(GenerateRequest(tag, prompt, SamplingParams(**params)))
 
 
 def test_logprobs_match_teacher_forcing(eng, models):

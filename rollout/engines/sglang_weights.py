@@ -1,0 +1,142 @@
+"""SGLang weight-update paths: staged tensors, disk, and NCCL broadcast from the trainer.
+
+    begin_weight_update(v) ─► load_weight_bucket* ─► commit_weight_update(mode)
+    update_weights_from_disk(v, path)        ─┐
+    update_weights_from_distributed(v, ...)  ─┼─► _with_pause: [pause(mode)] ─► load (all
+    commit_weight_update                     ─┘   buckets, flush_cache=False) ─► flush_cache
+                                                  (checked) ─► version = v ─► [resume]
+
+SGLang's synchronous `Engine.update_weights_*` wrappers call `loop.run_until_complete`, so
+these await the `TokenizerManager` coroutines directly. `SGLangWeightUpdates` is a mixin of
+`SGLangEngine`, which provides `_tm`, `_io`, `_tp`, `_serialize`, `_paused`, `_update_lock`,
+`_version`, `pause` and `resume`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from slime_rl.rollout.engines.base import PauseMode
+from slime_rl.rollout.engines.core import WeightStaging
+
+
+class SGLangWeightUpdates(WeightStaging):
+    """Weight-update half of `SGLangEngine`."""
+
+    async def begin_weight_update(self, version: int) -> None:
+        self._staged, self._staged_version = [], int(version)
+
+    async def commit_weight_update(self, mode: PauseMode | str = PauseMode.KEEP) -> int:
+        """Load every staged bucket in one `update_weights_from_tensor` call (SGLang, like
+        vLLM, must see the full state dict at once), flush once, set the version."""
+        if not self._staged or self._staged_version is None:
+            raise RuntimeError(
+                "commit_weight_update needs begin_weight_update(version) and at least one bucket"
+            )
+        serialize = self._serialize
+        if serialize is None:
+            from sglang.srt.utils import MultiprocessingSerializer
+
+            serialize = MultiprocessingSerializer.serialize
+        staged, version = self._staged, self._staged_version
+        self._staged = self._staged_version = None
+        payload = [serialize(staged) for _ in range(self._tp)]
+
+        async def load() -> None:
+            obj = self._io.UpdateWeightsFromTensorReqInput(
+                serialized_named_tensors=payload, flush_cache=False
+            )
+            self._check(await self._tm.update_weights_from_tensor(obj, None), version)
+
+        await self._with_pause(mode, load, version)
+        return version
+
+    async def update_weights_from_disk(
+        self, version: int, model_path: str, mode: PauseMode | str = PauseMode.KEEP
+    ) -> int:
+        async def load() -> None:
+            obj = self._io.UpdateWeightFromDiskReqInput(model_path=str(model_path))
+            self._check(await self._tm.update_weights_from_disk(obj, None), version)
+
+        await self._with_pause(mode, load, version)
+        return version
+
+    async def init_weights_update_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str = "weight_update_group",
+        backend: str = "nccl",
+    ) -> None:
+        """Join the trainer's process group for `update_weights_from_distributed` (NCCL broadcast)."""
+        obj = self._io.InitWeightsUpdateGroupReqInput(
+            master_address=master_address,
+            master_port=master_port,
+            rank_offset=rank_offset,
+            world_size=world_size,
+            group_name=group_name,
+            backend=backend,
+        )
+        ok, message = await self._tm.init_weights_update_group(obj, None)
+        if not ok:
+            raise RuntimeError(f"sglang init_weights_update_group failed: {message}")
+
+    async def update_weights_from_distributed(
+        self,
+        version: int,
+        buckets: Sequence[tuple[list[str], list[str], list[list[int]]]],
+        group_name: str = "weight_update_group",
+        mode: PauseMode | str = PauseMode.KEEP,
+    ) -> int:
+        """Receive a whole version as buckets of `(names, dtypes, shapes)` broadcast by the
+        trainer (which broadcasts bucket i while this receives it, in the same order): pause
+        once, receive every bucket with `flush_cache=False`, flush once, set the version,
+        resume. Generation never sees a half-updated model."""
+        if not buckets:
+            raise ValueError(f"update_weights_from_distributed({version}): no buckets")
+
+        async def load() -> None:
+            for names, dtypes, shapes in buckets:
+                obj = self._io.UpdateWeightsFromDistributedReqInput(
+                    names=list(names),
+                    dtypes=list(dtypes),
+                    shapes=[list(s) for s in shapes],
+                    group_name=group_name,
+                    flush_cache=False,
+                )
+                self._check(await self._tm.update_weights_from_distributed(obj, None), version)
+
+        await self._with_pause(mode, load, version)
+        return version
+
+    @staticmethod
+    def _check(result: Any, version: int) -> None:
+        ok, message = result[0], result[1]
+        if not ok:
+            raise RuntimeError(f"sglang weight update to version {version} failed: {message}")
+
+    async def _flush(self, version: int) -> None:
+        out = await self._tm.flush_cache()
+        if not getattr(out, "success", out):
+            raise RuntimeError(
+                f"sglang flush_cache failed after loading weight version {version}: the radix "
+                "cache would serve KV of the old weights; the version is not advanced"
+            )
+
+    async def _with_pause(self, mode: PauseMode | str, load, version: int) -> None:
+        async with self._update_lock:
+            was_paused = self._paused
+            if not was_paused:
+                await self.pause(mode)
+            try:
+                await asyncio.sleep(0)  # deliver chunks produced before the pause
+                await load()
+                await self._flush(version)
+                self._version = version
+            finally:
+                if not was_paused:
+                    await self.resume()
