@@ -14,6 +14,9 @@ version a sample started with is no newer than any of its tokens, so this is the
 conservative bound. The exact per-token versions stay in the ``token_versions`` column
 (``groups.token_staleness``) for off-policy correction.
 
+Checkpoint state (``state_dict``/``load_state_dict``/``save``/``load``), log recovery and
+compaction live in ``checkpoint.BufferCheckpoint``, which ``ReplayBuffer`` inherits.
+
 >>> from slime_rl.buffers import BufferConfig, ReplayBuffer, Sample, samples_to_batch
 >>> buf = ReplayBuffer(BufferConfig(capacity_groups=8, max_staleness=1))
 >>> group = [Sample(sample_id=f"g0-{i}", group_id="g0", prompt_ids=[1], response_ids=[2, 3]) for i in range(2)]
@@ -26,7 +29,6 @@ conservative bound. The exact per-token versions stay in the ``token_versions`` 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import threading
 import time
@@ -37,21 +39,18 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from slime_rl.buffers.checkpoint import BufferCheckpoint, one_chunk
 from slime_rl.buffers.config import BufferConfig
 from slime_rl.buffers.errors import BufferClosedError, BufferFullError, BufferTimeoutError
 from slime_rl.buffers.groups import Group, group_spans, min_versions, normalize_batch
 from slime_rl.buffers.history import iter_history, with_outcome, write_parquet
-from slime_rl.buffers.schema import SAMPLE_SCHEMA, SCHEMA_VERSION
 from slime_rl.buffers.stats import BufferCounts, BufferStats
 from slime_rl.buffers.wal import SpillLog, group_record, read_group_record
 
 logger = logging.getLogger(__name__)
 
-_STATE_FILE = "buffer_state.json"
-_GROUPS_FILE = "buffer_groups.arrow"
 
-
-class ReplayBuffer:
+class ReplayBuffer(BufferCheckpoint):
     """Arrow-backed, staleness-aware group buffer with backpressure and an optional write-ahead log.
 
     Args:
@@ -107,25 +106,6 @@ class ReplayBuffer:
         """Rebuild a buffer from ``spill_dir``: exactly the accepted, unconsumed groups, with counters."""
         config = dataclasses.replace(config or BufferConfig(), spill_dir=str(spill_dir))
         return cls(config, recover=True, **kwargs)
-
-    def _restore(self, rec: Any) -> None:
-        assert self._log is not None
-        if rec is None:
-            self._log.compact([], self._meta())
-            return
-        self._stats = BufferStats.from_dict(rec.meta.get("stats", {}))
-        self._version = int(rec.meta.get("version", 0))
-        for b in rec.new_puts:
-            self._stats.on_put(1, b.num_rows)
-        for r in rec.consumed:
-            self._stats.on_leave(r["outcome"], r["staleness"], r["num_samples"], r.get("max_staleness"))
-            self._version = max(self._version, r["version"])
-        self._seen = set(rec.seen_ids)
-        for b in rec.live:
-            self._add(b)
-        self._log.compact(list(b.data for b in self._groups.values()), self._meta())
-        self._stats.compactions += 1
-        logger.info("buffer recovered %d groups from %s (torn tail: %s)", len(self._groups), self._log.dir, rec.torn)
 
     # ---- writers -----------------------------------------------------------------------
     def put(self, data: pa.RecordBatch | pa.Table, timeout: float | None = None) -> int:
@@ -261,7 +241,7 @@ class ReplayBuffer:
             self._stats.get_wait_s += time.monotonic() - t0
             chosen = self._select(num_groups)
             self._leave(chosen, "consumed", current_version, bound)
-            table = _one_chunk([g.data for g in chosen])
+            table = one_chunk([g.data for g in chosen])
             self._batch_stats(chosen, table, current_version)
             self._maybe_compact()
             self._room.notify_all()
@@ -328,72 +308,7 @@ class ReplayBuffer:
             if self.config.stale_policy == "drop":
                 self._drop_stale(current_version, self.config.max_staleness if max_staleness is None else max_staleness)
 
-    # ---- persistence -------------------------------------------------------------------
-    def _meta(self) -> dict[str, Any]:
-        return {"stats": self._stats.to_dict(), "version": self._version, "seen_ids": list(self._seen)}
-
-    def _maybe_compact(self) -> None:
-        """Compact the log if due; a failure is logged, never raised: the consumption is already
-        recorded in the current generation, which stays valid, so the caller's batch is delivered."""
-        if self._log is not None and self._log.should_compact():
-            try:
-                self._log.compact([g.data for g in self._groups.values()], self._meta())
-                self._stats.compactions += 1
-            except Exception:
-                self._stats.compaction_errors += 1
-                logger.exception("buffer log compaction failed; the current generation stays in use (nothing lost), retrying later")
-
-    def state_dict(self) -> dict[str, Any]:
-        """Held groups (``groups``: a pa.Table in FIFO order), counters and version, for checkpoints."""
-        with self._lock:
-            table = _one_chunk([g.data for g in self._groups.values()])
-            return {
-                "schema_version": SCHEMA_VERSION,
-                "groups": table,
-                "stats": self._stats.to_dict(),
-                "version": self._version,
-                "seen_ids": list(self._seen),
-            }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Replace the held groups and counters by a ``state_dict``; with a spill_dir the log is rewritten."""
-        if state.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"buffer state has schema_version {state.get('schema_version')}, this code reads v{SCHEMA_VERSION}")
-        batch = normalize_batch(state["groups"])
-        spans = group_spans(batch)
-        parts = [read_group_record(group_record(batch.slice(s, n))) for _, s, n in spans]
-        stats = BufferStats.from_dict(state.get("stats", {}))
-        version = int(state.get("version", 0))
-        seen = set(state.get("seen_ids", ())) | {gid for gid, _, _ in spans}
-        with self._lock:
-            if self._log is not None:  # first: if rewriting the log fails, nothing changes
-                self._log.compact(parts, {"stats": stats.to_dict(), "version": version, "seen_ids": list(seen)})
-            self._groups.clear()
-            self._bytes = 0
-            self._floor = 2**62
-            self._stats, self._version, self._seen = stats, version, seen
-            for p in parts:
-                self._add(p)
-            self._ready.notify_all()
-
-    def save(self, folder: str | Path) -> Path:
-        """Write ``state_dict`` to ``folder`` (Arrow IPC file + JSON) for a run checkpoint."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = self.state_dict()
-        with pa.OSFile(str(folder / _GROUPS_FILE), "wb") as f, pa.ipc.new_file(f, SAMPLE_SCHEMA) as w:
-            w.write_table(state.pop("groups"))
-        (folder / _STATE_FILE).write_text(json.dumps(state))
-        return folder
-
-    def load(self, folder: str | Path) -> None:
-        """Load what ``save`` wrote."""
-        folder = Path(folder)
-        state = json.loads((folder / _STATE_FILE).read_text())
-        with pa.OSFile(str(folder / _GROUPS_FILE), "rb") as f:
-            state["groups"] = pa.ipc.open_file(f).read_all()
-        self.load_state_dict(state)
-
+    # ---- export ------------------------------------------------------------------------
     def export(self, path: str | Path) -> int:
         """Write every sample seen (consumed, dropped and still held) to Parquet; return the row count.
 
@@ -454,10 +369,3 @@ class ReplayBuffer:
             if self._log is not None:
                 self._log.close()
 
-
-def _one_chunk(batches: list[pa.RecordBatch]) -> pa.Table:
-    """The batches as one compact chunk: through Ray a table of 16 chunks costs ~10x more to
-    (de)serialise than this copy, and a slice of a multi-group put would pickle its put-mates too."""
-    if len(batches) == 1:
-        return pa.Table.from_batches([read_group_record(group_record(batches[0]))])
-    return pa.Table.from_batches(batches, schema=SAMPLE_SCHEMA).combine_chunks()
