@@ -221,7 +221,7 @@ def writer_side_cost(args: argparse.Namespace) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--groups", type=int, default=1024, help="groups moved per case")
+    p.add_argument("--groups", type=int, default=4096, help="groups moved per case")
     p.add_argument("--writers", type=int, default=2, help="writer actors")
     p.add_argument("--samples", type=int, default=8, help="samples per group")
     p.add_argument("--tokens", type=int, default=1024, help="response tokens per sample")
