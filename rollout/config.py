@@ -9,6 +9,39 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from omegaconf import MISSING
+
+
+@dataclass
+class DataConfig:
+    train_path: str = MISSING
+    """Prompts for RL: a JSONL or Parquet file (slime-style `prompt`/`label` rows, or verl-style
+    Parquet with chat-message prompts and `reward_model.ground_truth`)."""
+    eval_path: str | None = None
+    """Held-out prompts for periodic evaluation (same format as `train_path`)."""
+    prompt_key: str = "prompt"
+    """Dotted path of the prompt field: text, or a list of chat messages
+    (`[{"role": "system"|"user"|"assistant", "content": ...}]`)."""
+    label_key: str = "label"
+    """Dotted path of the reference answer passed to the reward (verl: `reward_model.ground_truth`)."""
+    mode_key: str = "mode"
+    """Dotted path of the row's mode (`think` / `non_think`); rows without it use `mode_mix` or `default_mode`."""
+    tools_key: str = "tools"
+    """Dotted path of the row's tool list (OpenAI function-calling JSON schemas), rendered into the prompt."""
+    default_mode: str = field(default="non_think", metadata={"choices": ("think", "non_think")})
+    """Mode of rows that do not say (when `mode_mix` is unset)."""
+    mode_mix: float | None = field(default=None, metadata={"ge": 0, "le": 1})
+    """Fraction of rows without a mode that get `think` (chosen per row, seeded by `run.seed`);
+    None = every such row gets `default_mode`."""
+    system_prompt: str | None = None
+    """System message prepended to every prompt that has none of its own."""
+    shuffle: bool = True
+    """Shuffle prompts each epoch (seeded by `run.seed` and the epoch)."""
+    on_error: str = field(default="skip", metadata={"choices": ("skip", "raise")})
+    """Bad rows (unparsable JSON, missing/empty prompt, wrong-typed field, prompt longer than
+    `rollout.max_prompt_tokens`): `skip` them (counted per reason, one warning) or `raise` at
+    start-up naming the file, row and problem."""
+
 
 @dataclass
 class RolloutConfig:
@@ -59,3 +92,16 @@ class RolloutConfig:
     """Longest a weight commit may take in an engine actor before it raises TimeoutError."""
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments passed to the backend's engine constructor."""
+    max_prompt_tokens: int = field(default=0, metadata={"ge": 0})
+    """Longest rendered prompt in tokens; longer rows are bad rows (`data.on_error`). 0 = the
+    engine's context limit minus `max_new_tokens`."""
+    max_in_flight_per_engine: int = field(default=0, metadata={"ge": 0})
+    """Most requests (samples) in flight per engine; groups go to the least-loaded engine.
+    0 = 2 x `max_batch_size`."""
+    filter: str = "none"
+    """Dynamic sampling (DAPO): `none`, `nonzero_std` (drop groups whose rewards are all equal),
+    or `module:function` / `file.py:function` taking the scored group (list of Sample) and
+    returning True to keep it (or `(keep, reason)`). Dropped groups free their slot; the
+    manager generates replacements so batches stay full."""
+    filter_warn_after: int = field(default=32, metadata={"ge": 1})
+    """Warn (once) after this many consecutive groups were all dropped by the filter."""

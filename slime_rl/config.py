@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from slime_rl.buffers.config import BufferConfig
 from slime_rl.rewards.config import RewardConfig
-from slime_rl.rollout.config import RolloutConfig
+from slime_rl.rollout.config import DataConfig, RolloutConfig
 from slime_rl.trainer.config import TrainerConfig
 
 
@@ -54,26 +54,6 @@ class ModelConfig:
     """Tokenizer folder if not the model folder."""
     trust_remote_code: bool = False
     """Allow custom modelling code shipped with the model."""
-
-
-@dataclass
-class DataConfig:
-    train_path: str = MISSING
-    """Prompts for RL: JSONL or Parquet with `prompt`, `label` and optional `mode` fields."""
-    eval_path: str | None = None
-    """Held-out prompts for periodic evaluation (same format)."""
-    prompt_key: str = "prompt"
-    """Field holding the user prompt (text, or a list of chat messages)."""
-    label_key: str = "label"
-    """Field holding the reference answer passed to the reward."""
-    mode_key: str = "mode"
-    """Field holding `think` / `non_think`; rows without it use `default_mode`."""
-    default_mode: str = field(default="non_think", metadata={"choices": ("think", "non_think")})
-    """Mode of rows that do not say."""
-    system_prompt: str | None = None
-    """System message prepended to every prompt."""
-    shuffle: bool = True
-    """Shuffle prompts each epoch (seeded by `run.seed`)."""
 
 
 @dataclass
