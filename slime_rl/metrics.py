@@ -1,0 +1,694 @@
+"""The run's metrics sink: one place fans each step's metrics out to every destination.
+
+    driver ── log(step, {...}) ───────┐
+    eval   ── log_eval(step, {...}) ──┴─► MetricsLogger ─┬─► run_dir/metrics.jsonl   one line per call, flushed
+                                                         ├─► run_dir/plots/*.png      every `plot_every` steps, atomic
+                                                         ├─► wandb (run_dir/wandb)    a failure costs one warning
+                                                         └─► tqdm bar on stderr       step n/N, reward, staleness, ETA
+    close() ──► Summary  (summary_table() renders it for the console)
+
+Metrics arrive already reduced (one float per slash-namespaced key per step); this module only
+records and draws them. Nothing here may stop a run: wandb and plot failures are logged once and
+the JSONL file keeps going.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import numbers
+import os
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TextIO
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+PLOTS_DIR = "plots"
+WANDB_MODES = ("offline", "online", "disabled")
+_RESERVED = frozenset({"step", "time", "kind"})
+_REWARD_KEYS = ("rollout/reward_mean", "train/reward_mean")
+_EVAL_PREFIX = "eval/accuracy"
+_IDLE_KEYS = ("perf/trainer_idle_frac", "perf/rollout_idle_frac")
+
+PLOTS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "reward.png": _REWARD_KEYS,
+        "eval_accuracy.png": ("eval/accuracy", "eval/accuracy/<mode>"),
+        "response_length.png": ("rollout/response_len_mean",),
+        "throughput.png": ("perf/samples_per_s", "perf/tokens_per_s", *_IDLE_KEYS),
+    }
+)
+"""Plot file name (under run_dir/plots) -> the metric keys it draws, in order of preference for
+reward.png (the first key present is used). `<mode>` stands for any think/non_think mode."""
+
+# Keys the logger keeps in memory (plots, summary, progress bar); everything else goes to disk only,
+# so a 100k-step run with hundreds of keys does not hold them all.
+_KEPT = frozenset(k for keys in PLOTS.values() for k in keys if "<" not in k) | {"buffer/staleness_mean"}
+
+
+def _plots_of(key: str) -> Iterable[str]:
+    for name, keys in PLOTS.items():
+        if key in keys or (name == "eval_accuracy.png" and key.startswith(_EVAL_PREFIX + "/")):
+            yield name
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Summary:
+    """End-of-run numbers. Accuracies are fractions in [0, 1]; `None` where a series never appeared."""
+
+    steps: int
+    """Distinct train steps logged (including those kept from before a resume)."""
+    last_step: int | None
+    wall_s: float
+    """Wall seconds since the run started, summed over resumed sessions."""
+    eval_accuracy_first: float | None
+    eval_accuracy_first_step: int | None
+    eval_accuracy_last: float | None
+    eval_accuracy_last_step: int | None
+    eval_accuracy_best: float | None
+    eval_accuracy_best_step: int | None
+    reward_first10_mean: float | None
+    """Mean reward (rollout/reward_mean, else train/reward_mean) over the first 10 logged steps."""
+    reward_last10_mean: float | None
+    samples_per_s_mean: float | None
+    """Mean of perf/samples_per_s over the steps that logged it."""
+    metrics_path: Path
+    plots_dir: Path
+    plots: tuple[str, ...]
+    """Plot files written so far (names under plots_dir)."""
+
+
+def _clean(metrics: Mapping[str, Any]) -> dict[str, int | float | None]:
+    """Metric values as JSON-safe numbers: ints stay ints, non-finite floats become None.
+
+    Raises TypeError naming the key for a non-string key or a value that is not a number/None,
+    and ValueError for the reserved keys `step`, `time` and `kind`.
+    """
+    out: dict[str, int | float | None] = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            raise TypeError(f"metric key {key!r} is a {type(key).__name__}; expected a str like 'train/loss'")
+        if key in _RESERVED:
+            raise ValueError(f"metric key {key!r} is reserved by the metrics file; rename it (e.g. 'train/{key}')")
+        if hasattr(value, "item") and not isinstance(value, numbers.Number):
+            try:
+                value = value.item()  # 0-d tensors / arrays
+            except (ValueError, RuntimeError) as e:
+                raise TypeError(f"metric {key!r} is an array of shape {getattr(value, 'shape', '?')}; "
+                                "expected one number (reduce it before logging)") from e
+        if value is None:
+            out[key] = None
+        elif isinstance(value, numbers.Integral):
+            out[key] = int(value)
+        elif isinstance(value, numbers.Real):
+            f = float(value)
+            out[key] = f if math.isfinite(f) else None
+        else:
+            raise TypeError(f"metric {key!r} is {value!r} ({type(value).__name__}); expected a number or None")
+    return out
+
+
+def _read_kept(path: Path, start_step: int) -> tuple[list[str], int, int]:
+    """Lines of an existing metrics file with step <= start_step, and counts of dropped later / bad lines."""
+    kept: list[str] = []
+    dropped = bad = 0
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                step = obj["step"]
+                if not isinstance(step, int):
+                    raise TypeError(f"step is {step!r}")
+            except (ValueError, KeyError, TypeError) as e:
+                # A run killed mid-write leaves a partial last line; anything else is worth a look.
+                logger.warning("%s line %d is not a metrics record (%s); dropped on resume", path, lineno, e)
+                bad += 1
+                continue
+            if step <= start_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    return kept, dropped, bad
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _ema(y: np.ndarray, weight: float = 0.9) -> np.ndarray:
+    """Debiased exponential moving average (TensorBoard's smoothing), skipping NaN gaps."""
+    out = np.full_like(y, np.nan)
+    acc = norm = 0.0
+    for i, v in enumerate(y):
+        if not math.isnan(v):
+            acc = weight * acc + (1 - weight) * v
+            norm = weight * norm + (1 - weight)
+        if norm:
+            out[i] = acc / norm
+    return out
+
+
+class _LineStream:
+    """A stream for tqdm when stderr is not a terminal: each refresh becomes one plain line
+    instead of carriage-return overwrites, so log files stay readable."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, s: str) -> int:
+        text = s.replace("\r", "").rstrip()
+        if text:
+            self._stream.write(text + "\n")
+        return len(s)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class MetricsLogger:
+    """Record a run's metrics to JSONL, PNG plots, wandb and a progress bar.
+
+    Args:
+        run_dir: run directory; writes `metrics.jsonl`, `plots/*.png` and `wandb/` there.
+        total_steps: train steps of the run (progress bar total).
+        start_step: last step completed before this session (resume); the bar starts there.
+        wandb_mode: "offline" | "online" | "disabled".
+        progress: show a tqdm bar on stderr (plain lines, 30 s apart, when stderr is not a TTY).
+        plot_every: redraw plots every this many `log` calls (0 = only at `close`).
+        resume: keep the metrics lines with step <= start_step and drop the rest; without it an
+            existing metrics file is replaced.
+
+    Steps are 1-based counts of completed train steps (the bar shows `step/total_steps`).
+    `time` in each line is wall seconds since the run started; a resumed run continues from the
+    last kept line's time.
+
+    Raises ValueError for a bad wandb_mode, negative total_steps/start_step or plot_every.
+
+    Example:
+        >>> log = MetricsLogger(Path(run_dir), total_steps=2, wandb_mode="disabled", progress=False)
+        >>> log.log(1, {"train/loss": 0.5, "rollout/reward_mean": 0.1})
+        >>> log.log_eval(1, {"eval/accuracy": 0.4})
+        >>> summary = log.close()   # summary.eval_accuracy_last == 0.4
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        *,
+        start_step: int = 0,
+        wandb_mode: str = "offline",
+        wandb_project: str = "slime-rl",
+        run_name: str = "run",
+        config: dict | None = None,
+        progress: bool = True,
+        plot_every: int = 5,
+        resume: bool = False,
+    ) -> None:
+        if wandb_mode not in WANDB_MODES:
+            raise ValueError(f"wandb_mode={wandb_mode!r}; expected one of {WANDB_MODES}")
+        for name, value in (("total_steps", total_steps), ("start_step", start_step), ("plot_every", plot_every)):
+            if value < 0:
+                raise ValueError(f"{name}={value}; expected an integer >= 0")
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / METRICS_FILE
+        self.plots_dir = self.run_dir / PLOTS_DIR
+        self.total_steps = total_steps
+        self.plot_every = plot_every
+        self._lock = threading.Lock()
+        self._closed = False
+        self._summary: Summary | None = None
+        self._warned: set[str] = set()
+        # In-memory series: train (step, value) lists for _KEPT keys, eval {step: value} per key.
+        self._train: dict[str, tuple[list[int], list[float]]] = {}
+        self._eval: dict[str, dict[int, float]] = {}
+        self._steps: set[int] = set()
+        self._dirty: set[str] = set()
+        self._plots_written: set[str] = set()
+        self._since_plot = 0
+        self._plot_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics-plots")
+        self._plot_job: Future[tuple[set[str], dict[str, str]]] | None = None
+        self._last: dict[str, float] = {}
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.plots_dir.mkdir(exist_ok=True)
+        self._time_offset = self._prepare_file(start_step, resume)
+        self._t0 = time.monotonic()
+        self._file = self.metrics_path.open("a", encoding="utf-8")
+        self._wandb_step = start_step
+        self._run = self._init_wandb(wandb_mode, wandb_project, run_name, config, resume)
+        self._bar = self._init_bar(start_step) if progress else None
+
+    # ---------------------------------------------------------------- public API
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Record one train step's metrics (slash-namespaced numbers; non-finite -> null).
+
+        Writes and flushes one JSONL line `{"step", "time", **metrics}`, logs to wandb at `step`,
+        advances the progress bar and redraws plots every `plot_every` calls.
+        Raises TypeError/ValueError naming a bad key or value (see `_clean`), RuntimeError after close.
+        """
+        clean = _clean(metrics)
+        with self._lock:
+            self._check_open()
+            self._write({"step": int(step), "time": self._elapsed(), **clean})
+            self._remember(int(step), clean, kind="train")
+            self._to_wandb(int(step), clean, kind="train")
+            self._advance_bar(int(step))
+            self._since_plot += 1
+            if self.plot_every and self._since_plot >= self.plot_every:
+                self._maybe_draw()
+
+    def log_eval(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Record eval results of the policy at train step `step` (may arrive steps later).
+
+        Appends their own line `{"step", "time", "kind": "eval", **metrics}`; in wandb they are
+        plotted against `eval/step`, so a late result never rewrites an earlier train step.
+        """
+        clean = _clean(metrics)
+        with self._lock:
+            self._check_open()
+            self._write({"step": int(step), "time": self._elapsed(), "kind": "eval", **clean})
+            self._remember(int(step), clean, kind="eval")
+            self._to_wandb(int(step), clean, kind="eval")
+            self._refresh_postfix()
+
+    def summary(self) -> Summary:
+        """The run's summary so far (the final one after `close`)."""
+        with self._lock:
+            return self._summary or self._make_summary()
+
+    def summary_table(self) -> str:
+        """The summary as an aligned two-column text table naming the metrics and plot paths."""
+        s = self.summary()
+
+        def num(v: float | None, fmt: str = ".3f") -> str:
+            return "-" if v is None else format(v, fmt)
+
+        def at(v: float | None, step: int | None) -> str:
+            return "-" if v is None else f"{v:.3f} (step {step})"
+
+        rows = [
+            ("steps", f"{s.steps}" + (f" (last {s.last_step})" if s.last_step is not None else "")),
+            ("wall time", _hms(s.wall_s)),
+            ("eval accuracy first", at(s.eval_accuracy_first, s.eval_accuracy_first_step)),
+            ("eval accuracy last", at(s.eval_accuracy_last, s.eval_accuracy_last_step)),
+            ("eval accuracy best", at(s.eval_accuracy_best, s.eval_accuracy_best_step)),
+            ("reward first 10 steps", num(s.reward_first10_mean)),
+            ("reward last 10 steps", num(s.reward_last10_mean)),
+            ("samples/s (mean)", num(s.samples_per_s_mean, ".2f")),
+            ("metrics", str(s.metrics_path)),
+            ("plots", f"{s.plots_dir}/ ({', '.join(s.plots) or 'none yet'})"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(["run summary", *(f"  {k.ljust(width)}  {v}" for k, v in rows)])
+
+    def close(self, exit_code: int = 0) -> Summary:
+        """Draw the final plots, finish wandb (with `exit_code`), close the bar and file. Idempotent."""
+        with self._lock:
+            if self._closed:
+                assert self._summary is not None
+                return self._summary
+            self._closed = True
+            self._maybe_draw(wait=True)
+            self._plot_pool.shutdown()
+            if self._bar is not None:
+                self._bar.close()
+            if self._run is not None:
+                try:
+                    self._run.finish(exit_code=exit_code)
+                except Exception as e:  # never fail a run for wandb
+                    logger.warning("wandb finish failed (%s); metrics are in %s", e, self.metrics_path)
+                self._run = None
+            self._file.close()
+            self._summary = self._make_summary()
+            return self._summary
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        self.close(exit_code=0 if exc_type is None else 1)
+
+    # ---------------------------------------------------------------- JSONL
+
+    def _prepare_file(self, start_step: int, resume: bool) -> float:
+        """Truncate (fresh run) or filter (resume) the metrics file; return the resumed wall time."""
+        path = self.metrics_path
+        if not path.exists():
+            return 0.0
+        if not resume:
+            if path.stat().st_size:
+                logger.warning("%s exists and resume is off: starting a new metrics file", path)
+            _atomic_write_text(path, "")
+            return 0.0
+        kept, dropped, bad = _read_kept(path, start_step)
+        if dropped or bad:
+            logger.info("resume at step %d: dropped %d later and %d unreadable lines of %s", start_step, dropped, bad, path)
+            _atomic_write_text(path, "".join(kept))
+        offset = 0.0
+        for line in kept:
+            obj = json.loads(line)
+            metrics = {k: v for k, v in obj.items() if k not in _RESERVED}
+            kind = "eval" if obj.get("kind") == "eval" else "train"
+            self._remember(obj["step"], metrics, kind=kind)
+            if isinstance(obj.get("time"), (int, float)):
+                offset = max(offset, float(obj["time"]))
+        return offset
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, sort_keys=True, allow_nan=False) + "\n")
+        self._file.flush()  # a SIGKILLed run keeps every line written so far
+
+    def _elapsed(self) -> float:
+        return round(self._time_offset + time.monotonic() - self._t0, 3)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"MetricsLogger for {self.run_dir} is closed")
+
+    def _remember(self, step: int, metrics: Mapping[str, Any], *, kind: str) -> None:
+        if kind == "train":
+            self._steps.add(step)
+        for key, value in metrics.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if key.startswith(_EVAL_PREFIX):
+                self._eval.setdefault(key, {})[step] = float(value)
+                self._dirty.add("eval_accuracy.png")
+            elif kind == "train" and key in _KEPT:
+                steps, values = self._train.setdefault(key, ([], []))
+                steps.append(step)
+                values.append(float(value))
+                self._last[key] = float(value)
+                self._dirty.update(_plots_of(key))
+
+    # ---------------------------------------------------------------- wandb
+
+    def _warn_once(self, topic: str, msg: str, *args: object) -> None:
+        if topic not in self._warned:
+            self._warned.add(topic)
+            logger.warning(msg, *args)
+
+    def _init_wandb(self, mode: str, project: str, name: str, config: dict | None, resume: bool) -> Any:
+        if mode == "disabled":
+            return None
+        os.environ.setdefault("WANDB_SILENT", "true")
+        try:
+            import wandb
+
+            if mode == "online" and not wandb.login(prompt=False, verify=False):
+                # wandb.init would prompt for a login on a terminal and block the run.
+                raise RuntimeError("no API key (set WANDB_API_KEY or run `wandb login`)")
+            run = wandb.init(
+                mode=mode,
+                dir=str(self.run_dir),
+                project=project,
+                name=name,
+                id=self._wandb_id(reuse=resume),
+                config=config,
+                resume="allow" if resume else None,
+                reinit="create_new",
+                settings=wandb.Settings(silent=True, init_timeout=60),
+            )
+            run.define_metric("eval/step")
+            run.define_metric("eval/*", step_metric="eval/step")
+            return run
+        except Exception as e:  # never fail a run for wandb
+            logger.warning("wandb (%s) unavailable, logging to %s only: %s", mode, self.metrics_path, e)
+            return None
+
+    def _wandb_id(self, *, reuse: bool) -> str:
+        """The wandb run id kept in run_dir/wandb/run_id, so a resumed run continues the same wandb run."""
+        path = self.run_dir / "wandb" / "run_id"
+        if reuse and path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run_id = secrets.token_hex(4)  # wandb's id format: 8 lowercase alphanumerics
+        _atomic_write_text(path, run_id + "\n")
+        return run_id
+
+    def _to_wandb(self, step: int, metrics: Mapping[str, Any], *, kind: str) -> None:
+        if self._run is None:
+            return
+        data = {k: v for k, v in metrics.items() if v is not None}
+        if any(k.startswith("eval/") for k in data):
+            data["eval/step"] = step
+        if kind == "train":
+            if step < self._wandb_step:
+                self._warn_once("order", "wandb keeps steps in order; step %d after step %d goes to JSONL only", step, self._wandb_step)
+                return
+            self._wandb_step = step
+        try:
+            # Eval lines join the current wandb row; their x axis is eval/step.
+            self._run.log(data, step=step if kind == "train" else self._wandb_step)
+        except Exception as e:  # never fail a run for wandb
+            logger.warning("wandb log failed, logging to %s only from now on: %s", self.metrics_path, e)
+            self._run = None
+
+    # ---------------------------------------------------------------- progress bar
+
+    def _init_bar(self, start_step: int) -> Any:
+        from tqdm import tqdm
+
+        tty = sys.stderr.isatty()
+        return tqdm(
+            total=self.total_steps,
+            initial=start_step,
+            desc="step",
+            unit="step",
+            file=sys.stderr if tty else _LineStream(sys.stderr),
+            mininterval=0.5 if tty else 30.0,
+            dynamic_ncols=tty,
+            ncols=None if tty else 120,
+        )
+
+    def _advance_bar(self, step: int) -> None:
+        if self._bar is None:
+            return
+        self._refresh_postfix(refresh=False)
+        if step > self._bar.n:
+            self._bar.update(step - self._bar.n)
+
+    def _refresh_postfix(self, refresh: bool = True) -> None:
+        if self._bar is None:
+            return
+        parts = []
+        reward = next((self._last[k] for k in _REWARD_KEYS if k in self._last), None)
+        evals = self._eval.get(_EVAL_PREFIX)
+        eval_acc = evals[max(evals)] if evals else None  # the latest evaluated step, not the latest to arrive
+        for label, value, fmt in (
+            ("reward", reward, ".3f"),
+            ("stale", self._last.get("buffer/staleness_mean"), ".2f"),
+            ("samples/s", self._last.get("perf/samples_per_s"), ".1f"),
+            ("eval", eval_acc, ".3f"),
+        ):
+            if value is not None and math.isfinite(value):
+                parts.append(f"{label}={value:{fmt}}")
+        self._bar.set_postfix_str(" ".join(parts), refresh=refresh)
+
+    # ---------------------------------------------------------------- plots
+
+    def _maybe_draw(self, *, wait: bool = False) -> None:
+        """Redraw the plots whose data changed, on the plot thread so `log` never waits for
+        matplotlib (a redraw still in progress postpones this one); `wait` draws and returns."""
+        self._since_plot = 0
+        if self._plot_job is not None:
+            if not (wait or self._plot_job.done()):
+                return
+            self._collect(self._plot_job.result())
+            self._plot_job = None
+        if not self._dirty:
+            return
+        data = _PlotData(
+            train={k: _sorted_series(x, y) for k, (x, y) in self._train.items()},
+            eval={k: _sorted_series(list(v), list(v.values())) for k, v in self._eval.items()},
+        )
+        names, self._dirty = sorted(self._dirty), set()
+        if wait:
+            self._collect(_render(names, data, self.plots_dir))
+        else:
+            self._plot_job = self._plot_pool.submit(_render, names, data, self.plots_dir)
+
+    def _collect(self, result: tuple[set[str], dict[str, str]]) -> None:
+        written, errors = result
+        self._plots_written |= written
+        for name, error in errors.items():
+            self._warn_once(f"plot:{name}", "could not draw %s (%s); metrics are in %s", name, error, self.metrics_path)
+
+    # ---------------------------------------------------------------- summary
+
+    def _make_summary(self) -> Summary:
+        evals = sorted(self._eval.get(_EVAL_PREFIX, {}).items())
+        best = max(evals, key=lambda p: p[1], default=None)  # earliest step on ties
+        reward_key = next((k for k in _REWARD_KEYS if k in self._train), None)
+        rewards = [v for _, v in sorted(zip(*self._train[reward_key]))] if reward_key else []
+        sps = self._train.get("perf/samples_per_s", ([], []))[1]
+        return Summary(
+            steps=len(self._steps),
+            last_step=max(self._steps, default=None),
+            wall_s=self._elapsed(),
+            eval_accuracy_first=evals[0][1] if evals else None,
+            eval_accuracy_first_step=evals[0][0] if evals else None,
+            eval_accuracy_last=evals[-1][1] if evals else None,
+            eval_accuracy_last_step=evals[-1][0] if evals else None,
+            eval_accuracy_best=best[1] if best else None,
+            eval_accuracy_best_step=best[0] if best else None,
+            reward_first10_mean=float(np.mean(rewards[:10])) if rewards else None,
+            reward_last10_mean=float(np.mean(rewards[-10:])) if rewards else None,
+            samples_per_s_mean=float(np.mean(sps)) if sps else None,
+            metrics_path=self.metrics_path,
+            plots_dir=self.plots_dir,
+            plots=tuple(sorted(self._plots_written)),
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _PlotData:
+    """A copy of the series the plots read, handed to the plot thread: key -> (steps, values)."""
+
+    train: dict[str, tuple[np.ndarray, np.ndarray]]
+    eval: dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def _sorted_series(steps: list[int], values: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) as float arrays in step order (a step logged twice keeps both points)."""
+    x, y = np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    order = np.argsort(x, kind="stable")
+    return x[order], y[order]
+
+
+def _render(names: Iterable[str], data: _PlotData, plots_dir: Path) -> tuple[set[str], dict[str, str]]:
+    """Draw each named plot into plots_dir atomically; return (written names, {name: error})."""
+    written: set[str] = set()
+    errors: dict[str, str] = {}
+    for name in names:
+        try:
+            fig = _DRAW[name](data)
+            if fig is None:  # none of its series logged yet
+                continue
+            tmp = plots_dir / f".{name}.tmp"
+            fig.savefig(tmp, format="png", dpi=80)
+            os.replace(tmp, plots_dir / name)
+            written.add(name)
+        except Exception as e:  # a plot is a convenience; the run goes on
+            errors[name] = f"{type(e).__name__}: {e}"
+    return written, errors
+
+
+def _plot_reward(data: _PlotData) -> Any:
+    key = next((k for k in _REWARD_KEYS if k in data.train), None)
+    if key is None:
+        return None
+    x, y = data.train[key]
+    fig, (ax,) = _figure()
+    ax.plot(x, y, color="tab:blue", alpha=0.3, lw=1, label=key)
+    ax.plot(x, _ema(y), color="tab:blue", lw=2, label="smoothed (EMA 0.9)")
+    _decorate(ax, "reward", "mean reward")
+    return fig
+
+
+def _plot_eval(data: _PlotData) -> Any:
+    if not data.eval:
+        return None
+    fig, (ax,) = _figure()
+    for key in sorted(data.eval, key=lambda k: (k != _EVAL_PREFIX, k)):
+        main = key == _EVAL_PREFIX
+        label = key if main else key.removeprefix(_EVAL_PREFIX + "/")
+        ax.plot(*data.eval[key], marker="o", ms=4 if main else 3, lw=2 if main else 1, label=label)
+    _decorate(ax, "eval accuracy", "accuracy")
+    return fig
+
+
+def _plot_response_length(data: _PlotData) -> Any:
+    if "rollout/response_len_mean" not in data.train:
+        return None
+    fig, (ax,) = _figure()
+    ax.plot(*data.train["rollout/response_len_mean"], color="tab:green", lw=1)
+    _decorate(ax, "response length", "tokens (mean)", legend=False)
+    return fig
+
+
+def _plot_throughput(data: _PlotData) -> Any:
+    samples, tokens = data.train.get("perf/samples_per_s"), data.train.get("perf/tokens_per_s")
+    idle = [k for k in _IDLE_KEYS if k in data.train]
+    rates = samples is not None or tokens is not None
+    if not rates and not idle:
+        return None
+    fig, axes = _figure(int(rates) + int(bool(idle)))
+    if rates:
+        ax = top = axes[0]
+        lines = []
+        if samples is not None:
+            lines += ax.plot(*samples, color="tab:blue", lw=1, label="samples/s")
+            ax.set_ylabel("samples/s")
+        if tokens is not None:
+            top = ax.twinx() if samples is not None else ax  # tokens/s is ~1000x samples/s
+            lines += top.plot(*tokens, color="tab:orange", lw=1, label="tokens/s")
+            top.set_ylabel("tokens/s")
+        top.legend(lines, [ln.get_label() for ln in lines], loc="best", fontsize=8)  # on the axes drawn last
+        ax.set_title("throughput")
+        ax.grid(alpha=0.3)
+    if idle:
+        ax = axes[-1]
+        for key in idle:
+            ax.plot(*data.train[key], lw=1, label=key.removeprefix("perf/"))
+        ax.set_ylim(-0.02, 1.02)
+        _decorate(ax, "idle fraction (which side limits the run)", "fraction idle")
+    axes[-1].set_xlabel("step")
+    return fig
+
+
+_DRAW = {
+    "reward.png": _plot_reward,
+    "eval_accuracy.png": _plot_eval,
+    "response_length.png": _plot_response_length,
+    "throughput.png": _plot_throughput,
+}
+assert set(_DRAW) == set(PLOTS)
+
+
+def _figure(rows: int = 1) -> tuple[Any, list[Any]]:
+    """A pyplot-free Agg figure with `rows` stacked axes sharing x (no global figure registry)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 1.6 + 2.4 * rows))
+    axes = list(fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0])
+    fig.subplots_adjust(left=0.1, right=0.89, top=0.93, bottom=0.16 if rows == 1 else 0.09, hspace=0.35)
+    return fig, axes
+
+
+def _decorate(ax: Any, title: str, ylabel: str, *, legend: bool = True) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(loc="best", fontsize=8)
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h {s % 3600 // 60:02d}m {s % 60:02d}s" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
