@@ -164,8 +164,12 @@ def validate_batch(data: pa.RecordBatch | pa.Table) -> None:
     """Refuse data that does not match the sample schema, naming the column and row.
 
     Checks: the exact set of columns and their types, no nulls in non-nullable columns,
-    per-token columns as long as ``response_ids`` in every row, finite rewards, and known
-    ``status``/``mode`` values.
+    per-token columns as long as ``response_ids`` in every row, finite rewards, known
+    ``status``/``mode`` values, ``loss_mask`` entries of 0 or 1, ``policy_version <=
+    policy_version_end``, every ``token_versions`` entry within ``[policy_version,
+    policy_version_end]`` of its row, and ``metadata`` a JSON object (``""`` counts as ``{}``).
+    Column-wide checks are vectorised (numpy / Arrow compute, the JSON via Arrow's reader);
+    Python walks rows only to name the first bad one.
 
     Raises:
         ValueError: on the first problem found, with the column and (where it applies)
@@ -213,6 +217,9 @@ def validate_batch(data: pa.RecordBatch | pa.Table) -> None:
             for row, v in enumerate(col.to_pylist()):
                 if v not in allowed:
                     raise ValueError(f"column '{name}' row {row} is {v!r}; allowed: {sorted(allowed)}")
+    _check_loss_mask(data.column("loss_mask"), resp_len)
+    _check_versions(data, resp_len)
+    _check_metadata(data.column("metadata"))
 
 
 def _list_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -222,3 +229,108 @@ def _list_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
 def _first_null(col: pa.ChunkedArray | pa.Array) -> int:
     mask = pc.is_null(col).to_pylist()
     return mask.index(True)
+
+
+def _flat_values(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Every list entry of a (null-free) list column, in row order, as one numpy array."""
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    parts = [c.flatten().to_numpy(zero_copy_only=False) for c in chunks]  # flatten honours slices
+    if not parts:
+        return np.empty(0, dtype=np.int32)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _row_of(flat_index: int, lengths: np.ndarray) -> int:
+    """Row holding entry ``flat_index`` of a flattened list column with these row lengths."""
+    return int(np.searchsorted(np.cumsum(lengths), flat_index, side="right"))
+
+
+def _check_loss_mask(col: pa.ChunkedArray | pa.Array, lengths: np.ndarray) -> None:
+    flat = _flat_values(col)  # int32 (the schema's type)
+    # One pass without a temporary: as uint32, negatives are huge, so max() > 1 catches both.
+    if not flat.size or flat.view(np.uint32).max() <= 1:
+        return
+    i = int(np.flatnonzero(flat.view(np.uint32) > 1)[0])
+    row = _row_of(i, lengths)
+    raise ValueError(
+        f"column 'loss_mask' row {row} holds {int(flat[i])} at response token "
+        f"{i - int(lengths[:row].sum())}; entries must be 1 (a generated token the trainer "
+        "learns from) or 0 (a prompt/tool/environment token it skips)"
+    )
+
+
+def _check_versions(data: pa.RecordBatch | pa.Table, lengths: np.ndarray) -> None:
+    start = np.asarray(data.column("policy_version").to_numpy())
+    end = np.asarray(data.column("policy_version_end").to_numpy())
+    bad = np.flatnonzero(end < start)
+    if bad.size:
+        row = int(bad[0])
+        raise ValueError(
+            f"column 'policy_version_end' row {row} is {int(end[row])}, older than its "
+            f"policy_version {int(start[row])}; policy_version is the weights version a sample "
+            "started with, policy_version_end the newest one that produced any of its tokens"
+        )
+    flat = _flat_values(data.column("token_versions"))
+    if not flat.size:
+        return
+    # Fast path: every token lies within every row's range (one version range for the batch).
+    if flat.min() >= start.max() and flat.max() <= end.min():
+        return
+    nonempty = np.flatnonzero(lengths)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])[nonempty]
+    low = np.minimum.reduceat(flat, offsets)
+    high = np.maximum.reduceat(flat, offsets)
+    bad = np.flatnonzero((low < start[nonempty]) | (high > end[nonempty]))
+    if bad.size:
+        row = int(nonempty[bad[0]])
+        values = flat[offsets[bad[0]] : offsets[bad[0]] + lengths[row]]
+        outside = values[(values < start[row]) | (values > end[row])]
+        raise ValueError(
+            f"column 'token_versions' row {row} holds version {int(outside[0])}, outside the row's "
+            f"[policy_version, policy_version_end] = [{int(start[row])}, {int(end[row])}]; each "
+            "token's version must lie between the versions the sample started and ended with"
+        )
+
+
+_NEWLINES = r"[\r\n]"
+
+
+def _check_metadata(col: pa.ChunkedArray | pa.Array) -> None:
+    """Every ``metadata`` entry is a JSON object (or ``""``): what ``Sample.from_row`` reads."""
+    if pc.all(pc.equal(col, "{}")).as_py():  # no metadata at all: the common cheap case
+        return
+    values = pc.filter(col, pc.not_equal(col, ""))
+    if not pc.any(pc.match_substring_regex(values, _NEWLINES)).as_py():
+        # Arrow's JSON reader parses one object per line (several times faster than json.loads
+        # per row); a row that is not exactly one object makes it fail or change the row count.
+        import pyarrow.json as pa_json
+
+        if isinstance(values, pa.ChunkedArray):
+            values = values.combine_chunks()
+        one_list = pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
+        text = pc.binary_join(one_list, "\n")[0].as_buffer()
+        try:
+            parsed = pa_json.read_json(
+                pa.BufferReader(text),
+                read_options=pa_json.ReadOptions(use_threads=False, block_size=max(1 << 20, text.size + 1)),
+                parse_options=pa_json.ParseOptions(explicit_schema=pa.schema([]), unexpected_field_behavior="ignore"),
+            )
+            if parsed.num_rows == len(values):
+                return
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
+    for row, text in enumerate(col.to_pylist()):  # name the first bad row, with json's reason
+        if text == "":
+            continue
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            raise ValueError(
+                f"column 'metadata' row {row} is not valid JSON ({e}): {text[:80]!r}; metadata "
+                "must be a JSON object, e.g. json.dumps(dict)"
+            ) from None
+        if not isinstance(value, dict):
+            raise ValueError(
+                f"column 'metadata' row {row} is a JSON {type(value).__name__}, not an object: "
+                f"{text[:80]!r}; metadata must be a JSON object, e.g. json.dumps(dict)"
+            )
