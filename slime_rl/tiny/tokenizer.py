@@ -7,9 +7,16 @@ The chat template follows the Qwen3 conventions that RL recipes rely on:
 - ``enable_thinking``: the model reasons inside ``<think>...</think>`` before answering;
   with ``enable_thinking=False`` the generation prompt already holds an empty think block,
   so a non-think reply is the answer alone;
+- every assistant turn renders exactly as it was generated, so the tokens of a rollout
+  (prompt + reply) are a prefix of the conversation re-rendered with that reply, in both
+  modes (multi-turn and agentic RL rely on it): non-think turns keep the empty
+  ``<think>\n\n</think>\n\n`` block (as Qwen3 does for the last turn; here for every turn),
+  ``reasoning_content`` renders as ``<think>\n{reasoning}\n</think>\n\n``, and earlier turns'
+  reasoning is kept, not stripped;
 - tool use: ``tools=[...]`` lists the tools in the system turn, an assistant's
-  ``tool_calls`` render as ``<tool_call>{json}</tool_call>``, and ``tool`` messages as
-  ``<tool_response>...</tool_response>`` inside a user turn.
+  ``tool_calls`` render as ``<tool_call>{json}</tool_call>`` (``arguments`` as an object or,
+  OpenAI-style, as a JSON string, which is written as given rather than encoded again),
+  and ``tool`` messages as ``<tool_response>...</tool_response>`` inside a user turn.
 """
 
 from __future__ import annotations
@@ -48,11 +55,16 @@ CHAT_TEMPLATE = (
     "<|im_start|>user\n{{ message.content }}<|im_end|>\n"
     "{% elif message.role == 'assistant' %}"
     "<|im_start|>assistant\n"
-    "{% if message.reasoning_content %}<think>\n{{ message.reasoning_content }}\n</think>\n\n{% endif %}"
+    "{% if message.reasoning_content %}<think>\n{{ message.reasoning_content }}\n</think>\n\n"
+    "{% elif enable_thinking is defined and enable_thinking is false"
+    " and not (message.content or '').startswith('<think>') %}<think>\n\n</think>\n\n"
+    "{% endif %}"
     "{% if message.content %}{{ message.content }}{% endif %}"
     "{% if message.tool_calls %}{% for call in message.tool_calls %}"
     "{% set fn = call.function if call.function is defined else call %}"
-    "<tool_call>\n{\"name\": \"{{ fn.name }}\", \"arguments\": {{ fn.arguments | tojson }}}\n</tool_call>"
+    "<tool_call>\n{\"name\": \"{{ fn.name }}\", \"arguments\": "
+    "{% if fn.arguments is string %}{{ fn.arguments }}{% else %}{{ fn.arguments | tojson }}{% endif %}"
+    "}\n</tool_call>"
     "{% endfor %}{% endif %}"
     "<|im_end|>\n"
     "{% elif message.role == 'tool' %}"

@@ -87,3 +87,67 @@ def test_build_tiny_model_warm_start_learns(tmp_path: Path) -> None:
 def test_unknown_task_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="task='chess' is not known"):
         build_tiny_model(tmp_path, task="chess")
+
+
+CALL = {"name": "calculator", "arguments": {"expression": "2+3"}}
+CALL_TEXT = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2+3"}}\n</tool_call>'
+
+
+def test_tool_call_arguments_as_json_string_are_not_encoded_twice(tiny_model_dir: Path) -> None:
+    """OpenAI sends `arguments` as a JSON string; the template must write it as given."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    as_string = {"type": "function", "function": {**CALL, "arguments": json.dumps(CALL["arguments"])}}
+    as_object = {"type": "function", "function": CALL}
+    texts = [
+        tok.apply_chat_template(MESSAGES + [{"role": "assistant", "content": "", "tool_calls": [c]}], tokenize=False)
+        for c in (as_string, as_object)
+    ]
+    assert texts[0] == texts[1]
+    assert CALL_TEXT in texts[0] and '"{\\"expression' not in texts[0]
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+# What a rollout generates after the generation prompt (EOS included), and the assistant
+# message the agent loop stores for it (several equivalent shapes).
+REPLIES = {
+    "non_think": (
+        "The answer is 5.",
+        [{"content": "The answer is 5."}, {"content": "The answer is 5.", "reasoning_content": ""}],
+    ),
+    "think": (
+        "<think>\n2 + 3 = 5\n</think>\n\nThe answer is 5.",
+        [
+            {"content": "<think>\n2 + 3 = 5\n</think>\n\nThe answer is 5."},
+            {"content": "The answer is 5.", "reasoning_content": "2 + 3 = 5"},
+        ],
+    ),
+    "non_think-tool": (CALL_TEXT, [{"content": "", "tool_calls": [{"type": "function", "function": CALL}]}]),
+    "think-tool": (
+        "<think>\nuse the tool\n</think>\n\n" + CALL_TEXT,
+        [
+            {"content": "", "reasoning_content": "use the tool", "tool_calls": [{"type": "function", "function": CALL}]},
+            {"content": "<think>\nuse the tool\n</think>\n\n", "tool_calls": [{"function": {**CALL, "arguments": json.dumps(CALL["arguments"])}}]},
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REPLIES))
+def test_rollout_tokens_are_a_prefix_of_the_rerendered_conversation(tiny_model_dir: Path, case: str) -> None:
+    """prompt ids + generated ids == the conversation re-rendered with that reply (then the
+    next turn follows): multi-turn rollouts and the trainer see the same tokens, think or not."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    think = case.startswith("think")
+    reply_text, messages = REPLIES[case]
+    prompt = _ids(tok, tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True, enable_thinking=think))
+    generated = _ids(tok, reply_text + tok.eos_token)
+    for message in messages:
+        history = MESSAGES + [{"role": "assistant", **message}]
+        ended = tok.apply_chat_template(history, tokenize=False, enable_thinking=think)
+        assert _ids(tok, ended) == prompt + generated + _ids(tok, "\n"), (case, message, ended)
+        follow = history + [{"role": "tool" if "tool" in case else "user", "content": "5"}]
+        nxt = _ids(tok, tok.apply_chat_template(follow, tokenize=False, add_generation_prompt=True, enable_thinking=think))
+        assert nxt[: len(prompt) + len(generated)] == prompt + generated, (case, message)
