@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from slime_rl.buffers import SAMPLE_SCHEMA, BufferConfig, ReplayBuffer, Sample, batch_to_samples, samples_to_batch
+from slime_rl.buffers import (
+    SAMPLE_SCHEMA,
+    BufferConfig,
+    ReplayBuffer,
+    Sample,
+    batch_to_samples,
+    samples_to_batch,
+)
 
 
 def group(gid: str, n: int = 2, tokens: int = 3) -> pa.RecordBatch:
