@@ -525,7 +525,9 @@ def test_prompt_is_frozen_and_pickles(tmp_path, tok):
     import dataclasses
     import pickle
 
-    (p,) = load(write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x", "label": "1", "tools": [TOOL]}]), tok)
+    (p,) = load(
+        write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x", "label": "1", "tools": [TOOL]}]), tok
+    )
     assert pickle.loads(pickle.dumps(p)) == p  # prompts cross Ray boundaries
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.label = "2"
