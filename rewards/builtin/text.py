@@ -1,17 +1,29 @@
 """Text helpers shared by the built-in rewards: the final answer after a reasoning block,
-``\\boxed{}`` extraction, the last number, and answer normalisation."""
+``\\boxed{}`` extraction, the last number, and answer normalisation.
+
+Responses are normalised to ASCII digits and signs first (full-width digits, ``−``, ``９，５００``,
+``9{,}500``; see :mod:`~slime_rl.rewards.builtin.answer_forms`), so extraction sees one form.
+"""
 
 from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from fractions import Fraction
+
+from slime_rl.rewards.builtin.answer_forms import clean_latex, normalize_unicode, numbers_equal, parse_number
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
 _NUMBER_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?|-?\.\d+")
-_ANSWER_IS_RE = re.compile(r"answer\s*(?:is|:|=)\s*:?\s*\$?([^\n$]+)", re.IGNORECASE)
+_ANSWER_IS_RE = re.compile(
+    r"(?:answer\s*(?:is|:|=)|答案\s*(?:是|为|為|:))[\s:*_]*(?:\\?\$|€|£|¥|₹)?\s*([^\n$]+)", re.IGNORECASE
+)
+# LaTeX thousands separators between digit groups: 9{,}500, 9\,500, 9\!500, 9~500.
+_LATEX_GROUP_RE = re.compile(r"(?<=\d)(?:\{,\}|\\[,! ]|~)(?=\d{3}(?!\d))")
+_SCALE_RE = re.compile(r"\s+(?:hundred|thousand|million|billion|trillion)\b", re.IGNORECASE)
 _ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
 
 
@@ -48,17 +60,25 @@ def last_number(text: str) -> str | None:
 
 
 def extract_answer(response: str) -> str | None:
-    """The answer of a math response: last ``\\boxed{}``, else "answer is X", else last number."""
-    text = final_text(response)
+    """The answer of a math response: last ``\\boxed{}``, else "answer is X", else last number.
+
+    The text after the reasoning block is normalised first (unicode digits and signs, LaTeX
+    thousands separators), so ``答案是 ９，５００`` and ``the answer is 9{,}500`` give ``9,500``.
+    """
+    text = _LATEX_GROUP_RE.sub(",", normalize_unicode(final_text(response)))
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip()
     matches = list(_ANSWER_IS_RE.finditer(text))
     if matches:
-        phrase = matches[-1].group(1).strip()
+        phrase = matches[-1].group(1).strip().rstrip("*_").strip()
         lead = _NUMBER_RE.match(phrase)
-        if lead is not None and _number_stands_alone(phrase[lead.end() :]):
-            return lead.group(0)  # "42 apples", "42.", "-3 (from ...)"
+        if lead is not None:
+            scale = _SCALE_RE.match(phrase, lead.end())
+            if scale is not None:
+                return phrase[: scale.end()]  # "3 million people" -> "3 million"
+            if _number_stands_alone(phrase[lead.end() :]):
+                return lead.group(0)  # "42 apples", "42.", "-3 (from ...)"
         return phrase.rstrip(".")  # "3x+2", "3 + 2 = 5": the whole expression is the answer
     return last_number(text)
 
@@ -67,45 +87,41 @@ def _number_stands_alone(rest: str) -> bool:
     """True when what follows a leading number does not continue it as an expression."""
     if not rest:
         return True
+    if rest[0] in ",." and rest[1:2].isdigit():
+        return False  # 1,2,3 (a list) or 1.2.3
     if rest[0].isalnum() or rest[0] in "^_({[\\'":
         return False  # 3x, 3^2, 3(x+1), 3\pi
     return rest.lstrip()[:1] not in ("+", "-", "*", "/", "^", "=", "×", "÷", "·")
 
 
 def normalize_text(text: str) -> str:
-    """SQuAD-style normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in string.punctuation)
+    """SQuAD-style normalisation for any script: NFKC (full-width letters and punctuation become
+    ASCII), case folded, every unicode punctuation mark (``，。「」！？`` as well as ASCII) removed,
+    English articles dropped, whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = "".join(
+        ch for ch in text if ch not in string.punctuation and not unicodedata.category(ch).startswith("P")
+    )
     text = _ARTICLES_RE.sub(" ", text)
     return " ".join(text.split())
 
 
 def _strip_latex(ans: str) -> str:
-    ans = ans.strip().strip("$").strip()
-    ans = re.sub(r"\\text\{([^}]*)\}", r"\1", ans)
-    ans = re.sub(r"\\(?:d|t)?frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", ans)
-    for junk in ("\\!", "\\,", "\\;", "\\left", "\\right", "^\\circ", "^{\\circ}", "\\%", "%"):
-        ans = ans.replace(junk, "")
-    ans = ans.replace(" ", "").rstrip(".")
-    return ans
+    """Typesetting-free form of an answer, for comparing non-numeric answers as text."""
+    return clean_latex(ans).replace(" ", "")
 
 
 def to_number(ans: str) -> Fraction | None:
-    """Exact value of a numeric answer (``42``, ``-3.5``, ``1,000``, ``\\frac{3}{4}``), or None."""
-    s = _strip_latex(ans).replace(",", "")
-    m = re.fullmatch(r"\(?(-?[\d.]+)\)?/\(?(-?[\d.]+)\)?", s)
-    try:
-        if m:
-            den = Fraction(m.group(2))
-            return Fraction(m.group(1)) / den if den else None
-        return Fraction(s.strip("()"))
-    except (ValueError, ZeroDivisionError):
-        return None
+    """Exact value of a numeric answer (``42``, ``-3.5``, ``1,000``, ``-\\frac{1}{2}``, ``50\\%`` is
+    50), or None when it is not a plain number; see :func:`~.answer_forms.parse_number`."""
+    num = parse_number(ans)
+    return None if num is None else num.value
 
 
 def answers_equal(pred: str, gold: str) -> bool:
-    """Numeric equality when both parse as numbers, else equality of the stripped LaTeX."""
-    a, b = to_number(pred), to_number(gold)
-    if a is not None and b is not None:
-        return a == b
+    """Exact numeric equality when both are plain numbers, else equality of the answers with
+    their typesetting removed (no symbolic check: that is math-verify's job)."""
+    same = numbers_equal(pred, gold)
+    if same is not None:
+        return same
     return _strip_latex(pred) == _strip_latex(gold)
