@@ -1,16 +1,22 @@
 """Worker processes for blocking rewards (``reward.executor: process``), killable on timeout.
 
+    RewardProcessPool(max_workers, components)   # starts every worker at once (warm pool)
+      worker: load_reward(ref, kwargs) for each component ──► "ready" (or the load error)
     RewardRunner._call ── await pool.call(comp, sample, timeout_s)
-      └─ take an idle worker (start one, up to max_workers; waiting for one is not timed)
-      └─ send (ref, kwargs, sample) ──► worker: load_reward(ref, kwargs) once, call, send result
+      └─ take a ready worker (waiting for one, start-up included, is not timed)
+      └─ send (ref, kwargs, sample) ──► worker calls it, sends the result
       └─ result within timeout_s ──► worker back to the idle list
-         past timeout_s ──► SIGKILL that worker only (a fresh one replaces it on demand)
+         past timeout_s ──► SIGKILL that worker only; a replacement starts at once, in the background
 
 Unlike threads, processes give CPU-bound rewards real parallelism and a call that never
 returns (math-verify on a pathological expression, say) is killed instead of holding its
-worker forever. Workers start with ``forkserver`` (``spawn`` where unavailable) and load the
-reward from its reference, so the reference must be importable there: a built-in name, an
-installed module or a file path (all that ``reward.fn`` accepts).
+worker forever. The clock of a call starts when it is sent to a worker that has finished
+loading: a worker's start-up (interpreter, imports, loading the reward) never counts against
+``reward.timeout_s``, so a timeout shorter than the start-up cannot fail every sample.
+Workers start with ``forkserver`` (``spawn`` where unavailable) and load the reward from its
+reference, so the reference must be importable there: a built-in name, an installed module or
+a file path (all that ``reward.fn`` accepts). A reward that loads in the driver but not in a
+worker fails its calls at once with the worker's error, not with timeouts.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import logging
 import multiprocessing
 import multiprocessing.connection
+from collections.abc import Sequence
 from typing import Any
 
 from slime_rl.rewards.loader import RewardComponent
@@ -31,17 +38,31 @@ class WorkerError(RuntimeError):
     """The reward raised in its worker process; the message is the reward's own error."""
 
 
-def _worker_main(conn: multiprocessing.connection.Connection) -> None:
+_MAX_START_FAILURES = 3
+
+
+def _key(ref: str, kwargs: dict[str, Any]) -> tuple[str, str]:
+    return ref, json.dumps(kwargs, sort_keys=True, default=repr)
+
+
+def _worker_main(conn: multiprocessing.connection.Connection, preload: list[tuple[str, dict[str, Any]]]) -> None:
     from slime_rl.rewards.loader import load_reward  # loaded in the worker process
 
     loaded: dict[tuple[str, str], RewardComponent] = {}
+    try:
+        for ref, kwargs in preload:
+            loaded[_key(ref, kwargs)] = load_reward(ref, kwargs)
+    except Exception as e:
+        conn.send(("error", f"loading the reward in a worker process failed: {type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", None))
     while True:
         try:
             ref, kwargs, arg = conn.recv()
         except (EOFError, KeyboardInterrupt):
             return
         try:
-            key = (ref, json.dumps(kwargs, sort_keys=True, default=repr))
+            key = _key(ref, kwargs)
             comp = loaded.get(key)
             if comp is None:
                 comp = loaded[key] = load_reward(ref, kwargs)
@@ -55,11 +76,23 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
 
 
 class _Worker:
-    def __init__(self, ctx: Any) -> None:
+    def __init__(self, ctx: Any, preload: list[tuple[str, dict[str, Any]]]) -> None:
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(child,), daemon=True, name="slime-rl-reward")
+        self.process = ctx.Process(
+            target=_worker_main, args=(child, preload), daemon=True, name="slime-rl-reward"
+        )
         self.process.start()
         child.close()
+
+    def start_state(self) -> tuple[str, str | None] | None:
+        """None while loading; ``("ready", None)``, or ``("error", why)`` once it stopped trying."""
+        try:
+            if not self.conn.poll():
+                return None
+            return self.conn.recv()
+        except (EOFError, OSError):
+            self.process.join(timeout=5)
+            return "error", f"the reward worker process exited during start-up (exit code {self.process.exitcode})"
 
     def kill(self) -> None:
         if self.process.is_alive():
@@ -69,18 +102,31 @@ class _Worker:
 
 
 class RewardProcessPool:
-    """At most ``max_workers`` reward worker processes, started on demand."""
+    """``max_workers`` reward worker processes, started ahead and kept warm.
 
-    def __init__(self, max_workers: int) -> None:
+    ``components``: the blocking rewards each worker loads at start-up (others load on their
+    first call there).
+    """
+
+    def __init__(self, max_workers: int, components: Sequence[RewardComponent] = ()) -> None:
         if max_workers < 1:
             raise ValueError(f"reward.max_workers={max_workers} must be >= 1")
         methods = multiprocessing.get_all_start_methods()
         self._ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
         self.max_workers = max_workers
+        self._preload = [(c.ref, dict(c.load_kwargs or c.kwargs)) for c in components]
+        self._starting: list[_Worker] = []
         self._idle: list[_Worker] = []
         self._busy: set[_Worker] = set()
+        self._start_failures = 0
+        self._load_error: str | None = None
         self._free: asyncio.Condition | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        for _ in range(max_workers):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        self._starting.append(_Worker(self._ctx, self._preload))
 
     def _condition(self) -> asyncio.Condition:
         loop = asyncio.get_running_loop()
@@ -88,16 +134,40 @@ class RewardProcessPool:
             self._free, self._loop = asyncio.Condition(), loop
         return self._free
 
+    def _check_starting(self) -> None:
+        """Move workers that finished loading to the idle list; raise the load error if any."""
+        for worker in list(self._starting):
+            state = worker.start_state()
+            if state is None:
+                continue
+            self._starting.remove(worker)
+            kind, why = state
+            if kind == "ready":
+                self._start_failures = 0
+                self._idle.append(worker)
+                continue
+            worker.kill()
+            self._start_failures += 1
+            if (why or "").startswith("loading the reward") or self._start_failures >= _MAX_START_FAILURES:
+                self._load_error = why
+        if self._load_error is not None:
+            raise WorkerError(self._load_error)
+
     async def _acquire(self) -> _Worker:
         free = self._condition()
-        async with free:
-            while not self._idle and len(self._busy) >= self.max_workers:
-                await free.wait()
-            worker = self._idle.pop() if self._idle else None
-            if worker is None:
-                worker = await asyncio.to_thread(_Worker, self._ctx)
-            self._busy.add(worker)
-            return worker
+        while True:
+            async with free:
+                self._check_starting()
+                if self._idle:
+                    worker = self._idle.pop()
+                    self._busy.add(worker)
+                    return worker
+                while len(self._busy) + len(self._starting) < self.max_workers:
+                    self._spawn()  # replaces a worker that died during start-up
+                if not self._starting:
+                    await free.wait()
+                    continue
+            await asyncio.sleep(0.02)  # a worker is still loading: poll its pipe
 
     async def _release(self, worker: _Worker, healthy: bool) -> None:
         self._busy.discard(worker)
@@ -105,15 +175,16 @@ class RewardProcessPool:
             self._idle.append(worker)
         else:
             await asyncio.to_thread(worker.kill)
+            self._spawn()  # the replacement warms up while other calls run
         free = self._condition()
         async with free:
             free.notify()
 
     async def call(self, comp: RewardComponent, arg: Any, timeout_s: float) -> Any:
-        """Run ``comp`` on ``arg`` in a worker; the timeout starts once a worker is free.
+        """Run ``comp`` on ``arg`` in a ready worker; the timeout starts when the call is sent.
 
-        Raises ``asyncio.TimeoutError`` (the worker is killed) or :class:`WorkerError` with
-        the reward's own error text.
+        Raises ``asyncio.TimeoutError`` (the worker is killed and replaced) or
+        :class:`WorkerError` with the reward's own error text (or its load error).
         """
         worker = await self._acquire()
         healthy = False
@@ -143,7 +214,8 @@ class RewardProcessPool:
 
     def close(self) -> None:
         """Kill every worker (running calls included)."""
-        for worker in [*self._idle, *self._busy]:
+        for worker in [*self._starting, *self._idle, *self._busy]:
             worker.kill()
+        self._starting.clear()
         self._idle.clear()
         self._busy.clear()

@@ -1,16 +1,22 @@
 """Score groups of samples with one or several weighted reward terms, concurrently and safely.
 
     rollout worker ── await runner.score(group) ──► for each term × sample (or × group if batched):
-                                                      async fn   -> asyncio task (wait_for timeout;
-                                                                    @queued: from work_started())
-                                                      blocking fn -> thread pool (timeout from start)
-                                                                    or process pool (executor=process;
-                                                                    killed past the timeout)
+                                                      async fn   -> the runner's reward event loop
+                                                                    (own thread; wait_for timeout,
+                                                                    @queued: from work_started();
+                                                                    a watchdog fails a reward that
+                                                                    blocks that loop, naming it)
+                                                      blocking fn -> daemon thread pool (timeout from
+                                                                    start) or warm process pool
+                                                                    (executor=process; killed past
+                                                                    the timeout)
                        ◄── list[RewardOutcome] ────── normalise, weighted sum, failures -> default
     rollout worker ── runner.end_step() ──► RewardStepStats (metrics; all-failed guard)
 
 A term that raises, times out or returns NaN fails only its own sample: that sample gets
-``default_score``, ``status="failed"`` and the error in ``metadata["reward_error"]``.
+``default_score``, ``status="failed"`` and the error in ``metadata["reward_error"]``. Nothing a
+reward does can stall the caller's event loop (async rewards run on a loop of their own) or keep
+the process from exiting (reward threads are daemons, worker processes are killed at close).
 
 >>> import asyncio
 >>> from slime_rl.buffers.schema import Sample
@@ -27,7 +33,6 @@ A term that raises, times out or returns NaN fails only its own sample: that sam
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import inspect
 import logging
 import threading
@@ -42,6 +47,8 @@ from slime_rl.rewards.loader import RewardComponent, components_from_config
 from slime_rl.rewards.outcome import FAILURE_POLICIES, RewardOutcome, RewardStepStats
 from slime_rl.rewards.process_pool import RewardProcessPool, WorkerError
 from slime_rl.rewards.protocol import _WORK_STARTED, normalize_result
+from slime_rl.rewards.reward_loop import RewardLoop, RewardLoopBlocked
+from slime_rl.rewards.thread_pool import DaemonThreadPool
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +100,18 @@ class RewardRunner:
         self.max_workers = int(max_workers)
         self.failure_policy = failure_policy
         self.executor = executor
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool: DaemonThreadPool | None = None
         self._procs: RewardProcessPool | None = None
+        self._rloop = RewardLoop(self.timeout_s)
         self._stats = RewardStepStats()
         self._lock = threading.Lock()
         self._overdue = 0  # pool threads still running a call that timed out
+        if executor == "process" and self._blocking():
+            # Warm pool: workers load the rewards now, so no call's timeout pays for a start-up.
+            self._procs = RewardProcessPool(self.max_workers, self._blocking())
+
+    def _blocking(self) -> list[RewardComponent]:
+        return [c for c in self.components if not c.is_async]
 
     @classmethod
     def from_config(cls, cfg: RewardConfig, base_dir: str | Path | None = None) -> RewardRunner:
@@ -188,15 +202,22 @@ class RewardRunner:
                 result = await self._call_async(comp, arg)
             elif self.executor == "process":
                 if self._procs is None:
-                    self._procs = RewardProcessPool(self.max_workers)
+                    self._procs = RewardProcessPool(self.max_workers, self._blocking())
                 result = await self._procs.call(comp, arg, self.timeout_s)
             else:
                 result = await self._call_blocking(comp, arg)
-            if inspect.isawaitable(result):  # a plain callable that returned a coroutine
+            if inspect.iscoroutine(result):  # a plain callable that returned a coroutine
+                coro = result
+                result = await self._rloop.run(
+                    lambda track: asyncio.wait_for(track(coro), self.timeout_s), _label(comp, arg)
+                )
+            elif inspect.isawaitable(result):
                 result = await asyncio.wait_for(result, self.timeout_s)
             return result, None
         except asyncio.TimeoutError:
             return None, f"timed out after {self.timeout_s:g} s (reward.timeout_s)"
+        except RewardLoopBlocked as e:
+            return None, str(e)
         except _NoFreeWorker:
             return None, (
                 f"no free reward worker: all {self.max_workers} (reward.max_workers) are still "
@@ -211,25 +232,32 @@ class RewardRunner:
             return None, f"{type(e).__name__}: {e}"
 
     async def _call_async(self, comp: RewardComponent, arg: Any) -> Any:
-        """Await an async term; for a ``@queued`` one the timeout starts at ``work_started()``."""
-        coro = comp.fn(arg, **comp.kwargs)
-        if not comp.is_queued:
-            return await asyncio.wait_for(coro, self.timeout_s)
-        started = asyncio.Event()
+        """Run an async term on the reward event loop (never the caller's): a reward that blocks
+        there cannot stall generation, and the loop's watchdog fails it past ``timeout_s``.
+        For a ``@queued`` term the timeout starts at ``work_started()``."""
+        timeout_s = self.timeout_s
 
-        async def run() -> Any:
-            _WORK_STARTED.set(started.set)  # a task has its own context copy
-            return await coro
+        async def on_reward_loop(track: Any) -> Any:
+            coro = track(comp.fn(arg, **comp.kwargs))
+            if not comp.is_queued:
+                return await asyncio.wait_for(coro, timeout_s)
+            started = asyncio.Event()
 
-        task = asyncio.ensure_future(run())
-        signal = asyncio.ensure_future(started.wait())
-        try:
-            await asyncio.wait({task, signal}, return_when=asyncio.FIRST_COMPLETED)
-            return await asyncio.wait_for(task, self.timeout_s)
-        finally:
-            signal.cancel()
-            if not task.done():
-                task.cancel()
+            async def run() -> Any:
+                _WORK_STARTED.set(started.set)  # a task has its own context copy
+                return await coro
+
+            task = asyncio.ensure_future(run())
+            signal = asyncio.ensure_future(started.wait())
+            try:
+                await asyncio.wait({task, signal}, return_when=asyncio.FIRST_COMPLETED)
+                return await asyncio.wait_for(task, timeout_s)
+            finally:
+                signal.cancel()
+                if not task.done():
+                    task.cancel()
+
+        return await self._rloop.run(on_reward_loop, _label(comp, arg))
 
     async def _call_blocking(self, comp: RewardComponent, arg: Any) -> Any:
         """Run a blocking term in the pool; its timeout starts when a worker picks it up.
@@ -238,9 +266,7 @@ class RewardRunner:
         returns. Waiting calls fail at once when every worker is held by such a call.
         """
         if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                self.max_workers, thread_name_prefix="slime-rl-reward"
-            )
+            self._pool = DaemonThreadPool(self.max_workers, thread_name_prefix="slime-rl-reward")
         loop = asyncio.get_running_loop()
         started = asyncio.Event()
         state = {"done": False, "overdue": False}
@@ -299,23 +325,44 @@ class RewardRunner:
     # -- shutdown ------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Close stateful terms (``aclose``/``close``) and the thread pool."""
+        """Close stateful terms (``aclose`` on the reward event loop, where their sessions live,
+        or ``close``), then the pools and the loop. Never hangs: a closer gets ``timeout_s``."""
         for comp in self.components:
+            if inspect.isfunction(comp.fn):
+                continue
             closer = getattr(comp.fn, "aclose", None)
-            if closer is not None and not inspect.isfunction(comp.fn):
-                await closer()
+            if closer is not None:
+                try:
+                    if self._rloop.started:
+                        await asyncio.wrap_future(self._rloop.call_soon(closer(), self.timeout_s))
+                    else:
+                        await asyncio.wait_for(closer(), self.timeout_s)
+                except Exception as e:  # shutting down: report and go on closing the rest
+                    logger.warning("closing reward %s failed: %s: %s", comp.name, type(e).__name__, e)
                 continue
             closer = getattr(comp.fn, "close", None)
-            if closer is not None and not inspect.isfunction(comp.fn):
+            if closer is not None:
                 closer()
         self.close()
 
     def close(self) -> None:
-        """Shut the thread pool down without waiting for calls that overran their timeout,
-        and kill the reward worker processes."""
+        """Shut the thread pool down without waiting for calls that overran their timeout, kill
+        the reward worker processes and stop the reward event loop. The runner can be used
+        again afterwards (pools and loop start anew)."""
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
         if self._procs is not None:
             self._procs.close()
             self._procs = None
+        self._rloop.close()
+        self._rloop = RewardLoop(self.timeout_s)
+
+
+def _label(comp: RewardComponent, arg: Any) -> str:
+    """How logs and errors name one call: the term and its sample (or group)."""
+    if isinstance(arg, Sample):
+        return f"'{comp.name}' (sample {arg.sample_id})"
+    if isinstance(arg, Sequence) and arg and isinstance(arg[0], Sample):
+        return f"'{comp.name}' (group {arg[0].group_id}, {len(arg)} samples)"
+    return f"'{comp.name}'"

@@ -103,7 +103,9 @@ def test_process_executor_reports_the_reward_error_and_config_choice(reward_file
 
     (outcome,) = asyncio.run(go())
     assert outcome.error == "raises: KeyError: 'no such field'"
-    assert RewardRunner.from_config(RewardConfig(executor="process")).executor == "process"
+    from_config = RewardRunner.from_config(RewardConfig(executor="process"))
+    assert from_config.executor == "process"
+    from_config.close()
     with pytest.raises(ValueError, match=r"reward.executor='fork'; allowed: \('thread', 'process'\)"):
         RewardRunner([load_reward("exact_match")], executor="fork")
 
