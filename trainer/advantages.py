@@ -11,7 +11,11 @@ Statistics that span the whole global batch (REINFORCE++ and GAE whitening) go t
 score each sample by its sequence reward ``rewards_B`` (the reward minus the summed KL
 penalty), so a sample without loss tokens still counts in its group's baseline; samples with
 ``valid_B`` = False (excluded statuses such as failed rewards) are left out of the group
-statistics, and a group with fewer than two valid samples gets zero advantage.
+statistics, and a group with fewer than two valid samples gets zero advantage. Group
+statistics run in float64 and a group whose valid scores are all equal (no spread beyond
+``ZERO_SPREAD_RTOL`` of their magnitude) gets exactly zero advantage: the float mean of n
+equal values is not always that value, and dividing its residue by std + eps would invent
+a signal (8 rewards of 1.2 in float32 gave +0.106 each).
 
 >>> import torch
 >>> inp = AdvantageInputs(
@@ -86,37 +90,64 @@ def place_rewards(rewards_B: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tenso
     """Put each sample's scalar reward on its last loss token -> (B, L). Rows without a loss
     token get no reward (they contribute nothing anyway)."""
     B, L = mask_BL.shape
+    out_BL = torch.zeros(B, L, dtype=torch.float32, device=mask_BL.device)
+    if L == 0:  # every response is empty: nothing to place
+        return out_BL
     pos_L = torch.arange(L, device=mask_BL.device).expand(B, L)
     last_B = torch.where(mask_BL > 0, pos_L, -1).max(dim=1).values  # (B,)
-    out_BL = torch.zeros(B, L, dtype=torch.float32, device=mask_BL.device)
     has = last_B >= 0
     out_BL[has, last_B[has]] = rewards_B[has].float()
     return out_BL
 
 
-def _group_stats(
-    scores_B: torch.Tensor, group_index_B: torch.Tensor, valid_B: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample (group mean, group unbiased std, group size) over the valid samples of each group."""
+ZERO_SPREAD_RTOL = 1e-12
+"""A group's valid scores whose max - min is at most this fraction of their magnitude are
+treated as equal (float64 noise; distinct float32 rewards differ by >= 6e-8 relative)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _GroupStats:
+    """Per-sample statistics of its group's valid samples, float64 (B,)."""
+
+    mean_B: torch.Tensor
+    std_B: torch.Tensor  # unbiased (n - 1)
+    count_B: torch.Tensor
+    informative_B: torch.Tensor  # bool: valid, >= 2 valid samples in the group, and a real spread
+
+
+def _group_stats(scores_B: torch.Tensor, group_index_B: torch.Tensor, valid_B: torch.Tensor) -> _GroupStats:
+    """Group mean, std and count over the valid samples of each group, and which samples may
+    get a non-zero advantage. ``scores_B`` is float64."""
     n_groups = int(group_index_B.max().item()) + 1 if group_index_B.numel() else 0
-    v_B = valid_B.float()
-    count_G = torch.zeros(n_groups).index_add_(0, group_index_B, v_B)
-    sum_G = torch.zeros(n_groups).index_add_(0, group_index_B, scores_B * v_B)
+    v_B = valid_B.to(scores_B.dtype)
+    zeros_G = torch.zeros(n_groups, dtype=scores_B.dtype)
+    count_G = zeros_G.index_add(0, group_index_B, v_B)
+    sum_G = zeros_G.index_add(0, group_index_B, scores_B * v_B)
     mean_G = sum_G / count_G.clamp(min=1)
     dev_B = (scores_B - mean_G[group_index_B]) * v_B
-    ss_G = torch.zeros(n_groups).index_add_(0, group_index_B, dev_B * dev_B)
+    ss_G = zeros_G.index_add(0, group_index_B, dev_B * dev_B)
     std_G = torch.sqrt(ss_G / (count_G - 1).clamp(min=1))
-    return mean_G[group_index_B], std_G[group_index_B], count_G[group_index_B]
+    inf = float("inf")
+    lo_B, hi_B = torch.where(valid_B, scores_B, -inf), torch.where(valid_B, scores_B, inf)
+    max_G = torch.full_like(zeros_G, -inf).scatter_reduce(0, group_index_B, lo_B, "amax")
+    min_G = torch.full_like(zeros_G, inf).scatter_reduce(0, group_index_B, hi_B, "amin")
+    spread_G = torch.where(count_G > 1, max_G - min_G, torch.zeros_like(max_G))
+    scale_G = torch.where(count_G > 1, torch.maximum(max_G.abs(), min_G.abs()), torch.zeros_like(max_G))
+    has_signal_G = (count_G > 1) & (spread_G > ZERO_SPREAD_RTOL * scale_G)
+    g = group_index_B
+    return _GroupStats(mean_G[g], std_G[g], count_G[g], valid_B & has_signal_G[g])
 
 
 def _scores(inp: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sequence scores, group index, valid) on CPU."""
-    scores_B = inp.rewards_B.float().cpu()
+    """(sequence scores in float64, group index, valid) on CPU."""
+    scores_B = inp.rewards_B.detach().double().cpu()
     valid_B = torch.ones_like(scores_B, dtype=torch.bool) if inp.valid_B is None else inp.valid_B.bool().cpu()
     return scores_B, inp.group_index_B.cpu(), valid_B
 
 
-def _broadcast(score_B: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
+def _broadcast(score_B: torch.Tensor, informative_B: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
+    """Zero outside informative samples, float32, on every loss token of the row -> (B, L)."""
+    score_B = torch.where(informative_B, score_B, torch.zeros_like(score_B)).float().to(mask_BL.device)
     return score_B[:, None] * mask_BL
 
 
@@ -124,25 +155,24 @@ def _broadcast(score_B: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
 def grpo(inp: AdvantageInputs, cfg: AdvantageConfig, all_reduce_sum: AllReduce) -> AdvantageOutputs:
     """A_i = (R_i - mean_group(R)) [/ (std_group(R) + eps)], the same on every token of sample i.
     R_i is the sequence reward (minus any summed KL penalty). std is unbiased (n-1); groups of
-    fewer than two valid samples, and invalid samples, get 0."""
+    fewer than two valid samples or without reward spread, and invalid samples, get exactly 0."""
     scores_B, group_B, valid_B = _scores(inp)
-    mean_B, std_B, n_B = _group_stats(scores_B, group_B, valid_B)
-    adv_B = scores_B - mean_B
+    st = _group_stats(scores_B, group_B, valid_B)
+    adv_B = scores_B - st.mean_B
     if cfg.norm_std:
-        adv_B = adv_B / (std_B + cfg.eps)
-    adv_B = torch.where(valid_B & (n_B > 1), adv_B, torch.zeros_like(adv_B))
-    adv_BL = _broadcast(adv_B.to(inp.mask_BL.device), inp.mask_BL)
+        adv_B = adv_B / (st.std_B + cfg.eps)
+    adv_BL = _broadcast(adv_B, st.informative_B, inp.mask_BL)
     return AdvantageOutputs(adv_BL, adv_BL)
 
 
 @register("rloo")
 def rloo(inp: AdvantageInputs, cfg: AdvantageConfig, all_reduce_sum: AllReduce) -> AdvantageOutputs:
-    """A_i = R_i - mean_{j != i, same group, valid} R_j = n/(n-1) (R_i - mean). Groups of one get 0."""
+    """A_i = R_i - mean_{j != i, same group, valid} R_j = n/(n-1) (R_i - mean). Groups of one,
+    or without reward spread, get exactly 0."""
     scores_B, group_B, valid_B = _scores(inp)
-    mean_B, _, n_B = _group_stats(scores_B, group_B, valid_B)
-    adv_B = (scores_B - mean_B) * n_B / (n_B - 1).clamp(min=1)
-    adv_B = torch.where(valid_B & (n_B > 1), adv_B, torch.zeros_like(adv_B))
-    adv_BL = _broadcast(adv_B.to(inp.mask_BL.device), inp.mask_BL)
+    st = _group_stats(scores_B, group_B, valid_B)
+    adv_B = (scores_B - st.mean_B) * st.count_B / (st.count_B - 1).clamp(min=1)
+    adv_BL = _broadcast(adv_B, st.informative_B, inp.mask_BL)
     return AdvantageOutputs(adv_BL, adv_BL)
 
 

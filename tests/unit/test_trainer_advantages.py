@@ -134,3 +134,48 @@ def test_invalid_samples_leave_group_statistics():
     assert out.advantages_BL[:, 0].tolist() == pytest.approx([a, -a, 0.0, 0.0, 0.0], abs=1e-5)
     out = compute_advantages("rloo", inp, AdvantageConfig())
     assert out.advantages_BL[:, 0].tolist() == pytest.approx([1.0, -1.0, 0.0, 0.0, 0.0])
+
+
+ZERO_INFO_VALUES = [0.1, 1.2, 1e6 + 0.3, -7.7, 1 / 3, 1e-7, -123.456, 0.0, 3e9 + 0.7]
+ZERO_INFO_SIZES = [2, 3, 5, 7, 8, 13, 16, 31, 64]
+
+
+@pytest.mark.parametrize(("estimator", "norm_std"), [("grpo", True), ("grpo", False), ("rloo", True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_groups_of_equal_rewards_get_exactly_zero_advantage(estimator, norm_std, dtype):
+    """A float mean of n equal values is not always that value (1.2 x 8 in float32 leaves a
+    residue that std + eps then inflates to 0.1); a group without reward spread carries no
+    signal and must get exactly 0, whatever the value and the group size."""
+    cfg = AdvantageConfig(norm_std=norm_std)
+    for value in ZERO_INFO_VALUES:
+        for n in ZERO_INFO_SIZES:
+            # the zero-information group sits beside an informative one, and holds an excluded
+            # sample whose different reward must not count as spread
+            rewards = [value] * n + [99.0] + [0.0, 1.0, 0.5]
+            groups = [0] * (n + 1) + [1, 1, 1]
+            valid = [True] * n + [False] + [True] * 3
+            inp = _inputs(rewards, groups, width=3, valid=valid)
+            inp = AdvantageInputs(inp.token_rewards_BL, inp.mask_BL, inp.group_index_B,
+                                  torch.tensor(rewards, dtype=dtype), valid_B=inp.valid_B)
+            adv = compute_advantages(estimator, inp, cfg).advantages_BL
+            assert torch.count_nonzero(adv[: n + 1]) == 0, (value, n, adv[:n, 0].tolist())
+            assert torch.count_nonzero(adv[n + 1 :]) > 0  # the informative group still learns
+
+
+def test_grpo_keeps_small_but_real_spread():
+    """Rewards one float32 step apart are different rewards: the group is not zeroed."""
+    a32 = torch.tensor(1e6 + 0.3, dtype=torch.float32)
+    a, b = float(a32), float(torch.nextafter(a32, torch.tensor(2e6)))
+    out = compute_advantages("grpo", _inputs([a, b, a, b], [0, 0, 0, 0]), AdvantageConfig(norm_std=False))
+    assert out.advantages_BL[:, 0].tolist() == pytest.approx([-(b - a) / 2, (b - a) / 2] * 2)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp", "gae"])
+def test_estimators_accept_responses_without_tokens(estimator):
+    """A batch whose responses all have 0 tokens: (B, 0) tensors in, (B, 0) advantages out."""
+    mask_BL = torch.ones(4, 0)
+    rewards_B = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    inp = AdvantageInputs(place_rewards(rewards_B, mask_BL), mask_BL, torch.tensor([0, 0, 1, 1]), rewards_B,
+                          values_BL=torch.zeros(4, 0))
+    out = compute_advantages(estimator, inp, AdvantageConfig())
+    assert out.advantages_BL.shape == (4, 0) and out.returns_BL.shape == (4, 0)
