@@ -1,11 +1,13 @@
 """Arrow sample tables -> rank slices -> mini-batches -> padded micro-batches of tensors.
 
     pa.Table (global batch, whole groups)
-      └─ split_groups(table, world_size)      one table per rank, groups never split,
-           │                                   balanced by token count
-           └─ RankBatch.from_table             response-aligned tensors (N, R): mask, engine
+      └─ split_batch(table, world_size, n)    mini-batches: n consecutive runs of groups (one
+           │                                   per optimizer update, the same for any world
+           │                                   size); each run split over the ranks, groups
+           │                                   never split, balanced by token count
+           └─ RankShare.table ─► RankBatch     response-aligned tensors (N, R): mask, engine
                 │                              log-probs, token versions; rewards, group index
-                └─ minibatch_rows(n)           whole groups per optimizer update
+                └─ RankShare.minibatch_rows()  this rank's rows of each update
                      └─ plan_micro_batches     rows sorted by length, grouped under a token
                                                budget: right-padded (rows x padded length)
                                                or packed into one sequence (summed length)
@@ -39,45 +41,89 @@ def group_order(table: pa.Table) -> list[str]:
     return list(seen)
 
 
-def check_global_batch(table: pa.Table, global_batch_groups: int) -> None:
-    """Refuse a global batch whose number of distinct groups is not ``trainer.global_batch_groups``."""
-    n = len(group_order(table))
-    if n != global_batch_groups:
-        raise ValueError(
-            f"the global batch has {n} group(s) but trainer.global_batch_groups={global_batch_groups}; "
-            "the driver must hand train_step exactly that many whole groups (or set global_batch_groups to match)"
-        )
+def minibatch_groups(groups: list[str], num_minibatches: int) -> list[list[str]]:
+    """``groups`` cut into ``num_minibatches`` consecutive runs whose sizes differ by <= 1."""
+    bounds = [round(k * len(groups) / num_minibatches) for k in range(num_minibatches + 1)]
+    return [groups[bounds[k] : bounds[k + 1]] for k in range(num_minibatches)]
 
 
-def split_groups(table: pa.Table, num_ranks: int) -> list[pa.Table]:
-    """Cut a global batch into ``num_ranks`` tables of whole groups with similar token counts.
-
-    Groups go, largest first, to the rank with the fewest tokens so far; each rank keeps the
-    groups in their original order. Raises ValueError when there are fewer groups than ranks
-    (every rank must have data to take part in the collectives).
-    """
-    groups = group_order(table)
-    if len(groups) < num_ranks:
-        raise ValueError(
-            f"the batch has {len(groups)} group(s) but trainer.num_workers={num_ranks}; every worker needs at "
-            "least one whole group: raise trainer.global_batch_groups or lower trainer.num_workers"
-        )
-    lengths = pc.add(
-        pc.list_value_length(table.column("prompt_ids")), pc.list_value_length(table.column("response_ids"))
-    ).to_pylist()
-    tokens: dict[str, int] = dict.fromkeys(groups, 0)
-    for g, n in zip(_group_ids(table), lengths, strict=True):
-        tokens[g] += n
+def _balance(groups: list[str], tokens: dict[str, int], num_ranks: int) -> dict[str, int]:
+    """Owner rank of each group: largest first, to the rank with the fewest tokens so far."""
     load = [0] * num_ranks
     owner: dict[str, int] = {}
     for g in sorted(groups, key=lambda g: -tokens[g]):  # stable: ties keep first-appearance order
         rank = min(range(num_ranks), key=lambda r: (load[r], r))
         owner[g] = rank
         load[rank] += tokens[g]
+    return owner
+
+
+@dataclasses.dataclass(frozen=True)
+class RankShare:
+    """One rank's part of a global batch: its rows, mini-batch after mini-batch."""
+
+    table: pa.Table
+    minibatch_sizes: tuple[int, ...]
+    """Rows of each mini-batch, in order (they sum to ``table.num_rows``)."""
+
+    def minibatch_rows(self) -> list[list[int]]:
+        """Row indices into ``table`` of each mini-batch (consecutive ranges)."""
+        out, start = [], 0
+        for n in self.minibatch_sizes:
+            out.append(list(range(start, start + n)))
+            start += n
+        return out
+
+
+def split_batch(table: pa.Table, num_ranks: int, num_minibatches: int = 1) -> list[RankShare]:
+    """Cut a global batch into ``num_ranks`` shares of whole groups, aligned by mini-batch.
+
+    The global batch is first cut into ``num_minibatches`` consecutive runs of groups (the
+    optimizer updates of one train step, the same runs for any ``num_ranks``); each run is then
+    split over the ranks, groups largest first to the rank with the fewest tokens so far.
+    So every rank holds at least one group of every mini-batch, and update k on M ranks sees
+    exactly the groups that update k sees on one rank. Rows keep their original order inside
+    each (rank, mini-batch).
+
+    Raises:
+        ValueError: fewer groups than ``num_ranks * num_minibatches`` (a rank without data in
+            an update could not take part in its collectives).
+    """
+    groups = group_order(table)
+    need = num_ranks * num_minibatches
+    if len(groups) < need:
+        raise ValueError(
+            f"the batch has {len(groups)} group(s) but trainer.num_workers={num_ranks} x "
+            f"trainer.batching.updates_per_batch={num_minibatches} = {need} are needed: every worker needs at least "
+            "one whole group in each update; raise trainer.global_batch_groups or lower num_workers / updates_per_batch"
+        )
+    lengths = pc.add(
+        pc.list_value_length(table.column("prompt_ids")), pc.list_value_length(table.column("response_ids"))
+    ).to_pylist()
+    ids = _group_ids(table)
+    tokens: dict[str, int] = dict.fromkeys(groups, 0)
+    rows_of: dict[str, list[int]] = {g: [] for g in groups}
+    for i, (g, n) in enumerate(zip(ids, lengths, strict=True)):
+        tokens[g] += n
+        rows_of[g].append(i)
     rows: list[list[int]] = [[] for _ in range(num_ranks)]
-    for i, g in enumerate(_group_ids(table)):
-        rows[owner[g]].append(i)
-    return [table.take(pa.array(r, type=pa.int64())) for r in rows]
+    sizes: list[list[int]] = [[] for _ in range(num_ranks)]
+    for mb in minibatch_groups(groups, num_minibatches):
+        owner = _balance(mb, tokens, num_ranks)
+        assert len(set(owner.values())) == num_ranks, "a mini-batch left a rank without groups"
+        for r in range(num_ranks):
+            mine = sorted(i for g in mb if owner[g] == r for i in rows_of[g])
+            rows[r] += mine
+            sizes[r].append(len(mine))
+    return [
+        RankShare(table.take(pa.array(rows[r], type=pa.int64())), tuple(sizes[r])) for r in range(num_ranks)
+    ]
+
+
+def split_groups(table: pa.Table, num_ranks: int) -> list[pa.Table]:
+    """``split_batch`` with one mini-batch: ``num_ranks`` tables of whole groups with similar
+    token counts (each rank keeps its groups in their original order)."""
+    return [share.table for share in split_batch(table, num_ranks, 1)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +154,9 @@ class RankBatch:
         cols = table.select(["prompt_ids", "response_ids", "reward", "group_id", "policy_version"]).to_pydict()
         n = table.num_rows
         lens_N = np.array([len(r) for r in cols["response_ids"]], dtype=np.int64)
-        width = int(lens_N.max()) if n else 0
+        # At least one column: a batch whose responses are all empty still gets (N, 1) tensors
+        # (mask 0), the width of the micro-batches built from it.
+        width = max(int(lens_N.max()) if n else 0, 1)
         # Scatter the flat per-token values into (N, R): row i, column j < len_i.
         rows = np.repeat(np.arange(n), lens_N)
         starts = np.repeat(np.cumsum(lens_N) - lens_N, lens_N)
@@ -139,18 +187,6 @@ class RankBatch:
             policy_version_N=torch.tensor(cols["policy_version"], dtype=torch.long),
             keep_N=keep_N,
         )
-
-    def minibatch_rows(self, num_minibatches: int) -> list[list[int]]:
-        """Row indices of ``num_minibatches`` consecutive runs of whole groups (sizes differ by <= 1 group)."""
-        num_groups = int(self.group_index_N.max().item()) + 1 if self.num_rows else 0
-        if num_groups < num_minibatches:
-            raise ValueError(
-                f"a trainer rank got {num_groups} group(s) but trainer.batching.updates_per_batch={num_minibatches}; "
-                "each update needs whole groups on every worker: lower updates_per_batch or raise global_batch_groups"
-            )
-        bounds = [round(k * num_groups / num_minibatches) for k in range(num_minibatches + 1)]
-        gi = self.group_index_N.tolist()
-        return [[i for i in range(self.num_rows) if bounds[k] <= gi[i] < bounds[k + 1]] for k in range(num_minibatches)]
 
 
 @dataclasses.dataclass(frozen=True)

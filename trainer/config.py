@@ -147,6 +147,8 @@ class TrainerConfig:
     """Seed of torch RNGs in the workers."""
     exclude_status: list[str] = field(default_factory=lambda: ["failed", "aborted"])
     """Samples with these `status` values get no loss and are left out of group baselines (GRPO/RLOO mean, std and leave-one-out); a group with fewer than 2 remaining samples gets zero advantage. Values: completed, truncated, aborted, failed."""
+    max_logprob_mismatch: float = field(default=1.0, metadata={"ge": 0})
+    """Refuse a batch whose behaviour log-probs (`response_logprobs`) are implausible: a mean |trainer - engine| log-prob gap above this many nats on the loss tokens of staleness 0 (measured before the update), or exactly 0.0 on every loss token (never filled). A matching engine is within ~0.1 nat. 0 disables both checks."""
     checkpoint_hf: bool = True
     """Also write an HF export of the policy (transformers / vLLM loadable) to `<checkpoint>/hf`."""
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)

@@ -1,17 +1,22 @@
 """One rank's training state and its train step (no Ray here; ``TrainerWorker`` wraps it).
 
-    pa.Table (this rank's whole groups)
-      └─ RankBatch ─► pre-pass (no grad): reference log-probs, critic values, proximal
-           │            log-probs when they cannot come from the update pass itself
+    pa.Table (the global batch, whole groups)
+      └─ checks.check_batch (schema, group count, filled log-probs) ─► split_batch: this
+         rank's share, mini-batch by mini-batch ─► RankBatch
+           ├─ pre-pass (no grad): reference log-probs, critic values, proximal log-probs
+           │    when they cannot come from the update pass itself
+           ├─ fresh-token log-prob gap check (pre-update log-probs vs engine)
            ├─ token rewards (reward on the last loss token, minus KL penalty) ─► advantages
            └─ for each mini-batch: micro-batches ─► forward ─► loss share ─► backward
                                    ─► clip grad norm ─► AdamW step ─► LR scheduler step
+                                   (skipped when no rank has a loss token)
       version += 1 ─► metrics reduced across ranks
 
 Works alone (no process group: plain module) or as one rank of a torch.distributed group
-(FSDP2 shards; the global batch is split by ``batching.split_groups``). Loss shares are
-normalised by global token / sequence counts and the backward is scaled by the world size
-(FSDP2 averages gradients), so M ranks compute the same update as one.
+(FSDP2 shards; each rank takes its share of the global batch with ``batching.split_batch``,
+aligned by mini-batch). Loss shares are normalised by global token / sequence counts and the
+backward is scaled by the world size (FSDP2 averages gradients), so M ranks compute the same
+update as one.
 
 >>> core = TrainerCore(TrainerConfig(), "path/to/hf_model")          # doctest: +SKIP
 >>> metrics = core.train_step(table)   # pa.Table of SAMPLE_SCHEMA    # doctest: +SKIP
@@ -39,10 +44,11 @@ from slime_rl.trainer.advantages import (
 from slime_rl.trainer.batching import (
     MicroBatch,
     RankBatch,
-    check_global_batch,
     dummy_micro_batch,
     plan_micro_batches,
+    split_batch,
 )
+from slime_rl.trainer.checks import check_batch, check_fresh_gap
 from slime_rl.trainer.config import TrainerConfig
 from slime_rl.trainer.kl import kl_estimate
 from slime_rl.trainer.losses import LossNorm, aggregate, value_loss
@@ -54,10 +60,14 @@ from slime_rl.trainer.weights import WeightBucket, export_hf, iter_weight_bucket
 
 logger = logging.getLogger(__name__)
 
-REQUIRED_COLUMNS = (
-    "group_id", "prompt_ids", "response_ids", "response_logprobs", "loss_mask", "token_versions", "reward",
-    "policy_version", "status",
-)
+
+def set_torch_threads(n: int) -> None:
+    """Set torch's intra-op CPU thread count of this process to ``n``.
+
+    ``torch._C.set_num_threads``, not ``torch.set_num_threads``: once a vLLM CPU engine was
+    created in a process, vLLM's worker has replaced ``torch.set_num_threads`` by a no-op there.
+    """
+    torch._C.set_num_threads(int(n))
 
 
 class TrainerCore:
@@ -70,6 +80,8 @@ class TrainerCore:
         self.rank = dist.get_rank() if self.distributed else 0
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.device = device or torch.device("cpu")
+        if self.device.type == "cpu":  # honoured wherever the trainer runs (Ray actor or in-process)
+            set_torch_threads(cfg.num_threads)
         self.timeout = datetime.timedelta(seconds=cfg.timeout_s)
         torch.manual_seed(cfg.seed)
         b = cfg.batching
@@ -166,18 +178,26 @@ class TrainerCore:
                 m.set_requires_gradient_sync(on)
 
     # -- the step ----------------------------------------------------------------------------
+    def _tag(self) -> str:
+        return f"trainer rank {self.rank} step {self.step + 1}"
+
     def train_step(self, table: pa.Table) -> dict[str, float]:
-        """One optimizer step (or ``updates_per_batch`` steps) on this rank's slice of the global batch."""
-        missing = [c for c in REQUIRED_COLUMNS if c not in table.schema.names]
-        if missing:
-            raise ValueError(f"trainer rank {self.rank} step {self.step + 1}: batch lacks column(s) {missing} of SAMPLE_SCHEMA")
-        if table.num_rows == 0:
-            raise ValueError(f"trainer rank {self.rank} step {self.step + 1}: got an empty batch; every rank needs whole groups")
-        if not self.distributed:  # with workers, TrainerWorker checks the global table before splitting it
-            check_global_batch(table, self.cfg.global_batch_groups)
-        start = time.perf_counter()
+        """One train step on the *global* batch ``table`` (pa.Table of SAMPLE_SCHEMA, exactly
+        ``trainer.global_batch_groups`` whole groups): ``updates_per_batch`` optimizer updates on
+        this rank's share (``split_batch(table, world_size, updates_per_batch)[rank]``).
+
+        Returns slash-namespaced metrics reduced over ranks. Raises ValueError (prefixed with
+        rank and step) for a batch that fails ``checks.check_batch`` or whose fresh behaviour
+        log-probs are implausible (``trainer.max_logprob_mismatch``); nothing was updated then.
+        """
         cfg = self.cfg
-        rb = RankBatch.from_table(table, cfg.exclude_status)
+        try:
+            check_batch(table, cfg.global_batch_groups, cfg.exclude_status, cfg.max_logprob_mismatch)
+            share = split_batch(table, self.world_size, cfg.batching.updates_per_batch)[self.rank]
+        except ValueError as e:
+            raise ValueError(f"{self._tag()}: {e}") from e
+        start = time.perf_counter()
+        rb = RankBatch.from_table(share.table, cfg.exclude_status)
         dev = self.device
         keep_N = rb.kept_N.to(dev)
         mask_NR = rb.mask_NR.to(dev) * keep_N[:, None]  # excluded statuses carry no loss
@@ -185,6 +205,9 @@ class TrainerCore:
         staleness_NR = (self.version - rb.versions_NR).to(dev)
         metrics = StepMetrics()
         pre = self._pre_pass(rb)
+        check_gap = cfg.max_logprob_mismatch > 0
+        if check_gap and "proximal" in pre:  # the pre-update log-probs of every row are at hand
+            self._check_fresh_gap(_fresh_gap(pre["proximal"], behaviour_NR, staleness_NR, mask_NR))
 
         # Rewards -> advantages (the KL-in-reward penalty uses the pre-update policy).
         rewards_N = rb.rewards_N.to(dev)
@@ -202,55 +225,82 @@ class TrainerCore:
             self.all_reduce_sum,
         )
         kept = keep_N.float()
-        metrics.add_mean("train/excluded_samples", rb.num_rows - kept.sum(), 1.0 / self.world_size)
+        per_rank = 1.0 / self.world_size  # count of a metric summed over ranks
+        metrics.add_mean("train/excluded_samples", rb.num_rows - kept.sum(), per_rank)
+        metrics.add_mean("train/empty_samples", sum(not r for r in rb.response_ids), per_rank)
         metrics.add_mean("train/reward_mean", (rb.rewards_N.to(dev) * kept).sum(), kept.sum())
         metrics.add_mean("train/advantage_mean", (adv.advantages_BL * mask_NR).sum(), mask_NR.sum())
         metrics.add_mean("train/response_len", sum(len(r) for r in rb.response_ids), rb.num_rows)
-        metrics.add_mean("train/loss_tokens", mask_NR.sum(), 1.0 / self.world_size)
+        metrics.add_mean("train/loss_tokens", mask_NR.sum(), per_rank)
         all_tokens = sum(len(p) + len(r) for p, r in zip(rb.prompt_ids, rb.response_ids, strict=True))
-        metrics.add_mean("train/tokens", all_tokens, 1.0 / self.world_size)
+        metrics.add_mean("train/tokens", all_tokens, per_rank)
 
         sft_ok_N = torch.ones(rb.num_rows, device=dev)
         if cfg.loss.sft_min_reward is not None:
             sft_ok_N = (rb.rewards_N >= cfg.loss.sft_min_reward).float().to(dev)
 
-        grad_norm = 0.0
-        for rows in rb.minibatch_rows(cfg.batching.updates_per_batch):
+        lrs: list[float] = []
+        grad_norms: list[float] = []
+        skipped = real_micro_batches = 0
+        for k, rows in enumerate(share.minibatch_rows()):
             local = torch.tensor([mask_NR[rows].sum().item(), (mask_NR[rows].sum(1) > 0).sum().item()], dtype=torch.float64)
             n_tok, n_seq = self.all_reduce_sum(local).tolist()
             norm = LossNorm(n_tok, n_seq)
             mbs = self._synced_micro_batches(rb, rows)
-            metrics.add_mean("train/micro_batches", sum(not mb.dummy for mb in mbs), 1.0 / self.world_size)
+            real_micro_batches += sum(not mb.dummy for mb in mbs)
             self.optimizer.zero_grad(set_to_none=True)
             if self.critic_optimizer is not None:
                 self.critic_optimizer.zero_grad(set_to_none=True)
+            # Without a pre-pass, the first update's own forward is the pre-update policy.
+            gap = torch.zeros(2, dtype=torch.float64) if check_gap and k == 0 and "proximal" not in pre else None
             loss_share = 0.0
-            for k, mb in enumerate(mbs):
-                self._set_grad_sync(k == len(mbs) - 1)
-                loss_share += self._micro_step(mb, pre, adv, mask_NR, behaviour_NR, staleness_NR, sft_ok_N, norm, metrics)
-            metrics.add_mean("train/loss", loss_share, 1.0 / self.world_size)
-            grad_norm = clip_grad_norm(self.policy.parameters(), cfg.optim.grad_clip)
+            for j, mb in enumerate(mbs):
+                self._set_grad_sync(j == len(mbs) - 1)
+                loss_share += self._micro_step(mb, pre, adv, mask_NR, behaviour_NR, staleness_NR, sft_ok_N, norm, metrics, gap)
+            if gap is not None:
+                self._check_fresh_gap(gap)
+            metrics.add_mean("train/loss", loss_share, per_rank)
+            if n_tok == 0:
+                # No loss token on any rank (all responses empty or excluded): an optimizer step
+                # would still move the weights by Adam's momentum. Skip it (on every rank alike).
+                skipped += 1
+                continue
+            grad_norms.append(clip_grad_norm(self.policy.parameters(), cfg.optim.grad_clip))
+            lrs.append(float(self.optimizer.param_groups[0]["lr"]))  # what this update uses
             self.optimizer.step()
             self.scheduler.step()
             if self.critic_optimizer is not None:
                 metrics.add_max("train/critic_grad_norm", clip_grad_norm(self.critic.parameters(), cfg.optim.grad_clip))
                 self.critic_optimizer.step()
                 self.critic_scheduler.step()
+        metrics.add_mean("train/micro_batches", real_micro_batches, per_rank)  # summed over ranks and updates
         self.step += 1
         self.version += 1
         out = metrics.reduce(self.all_reduce_sum, self.all_reduce_max)
         seconds = time.perf_counter() - start
         out.update(
             {
-                "train/grad_norm": grad_norm,
-                "train/lr": self.scheduler.get_last_lr()[0],
+                # Same on every rank: FSDP's clip returns the global norm; LR schedules step alike.
+                "train/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else 0.0,
+                "train/grad_norm_max": max(grad_norms, default=0.0),
+                "train/lr": sum(lrs) / len(lrs) if lrs else float(self.optimizer.param_groups[0]["lr"]),
+                "train/skipped_updates": float(skipped),
                 "train/step": float(self.step),
                 "train/version": float(self.version),
                 "train/step_seconds": seconds,
                 "train/tokens_per_s": out["train/tokens"] / max(seconds, 1e-9),
             }
         )
-        return out
+        return dict(sorted(out.items()))
+
+    def _check_fresh_gap(self, gap: torch.Tensor) -> None:
+        """All-reduce this rank's (sum |gap|, count) over fresh loss tokens and refuse an
+        implausible mean (every rank raises alike)."""
+        total, count = self.all_reduce_sum(gap.double().cpu()).tolist()
+        try:
+            check_fresh_gap(total, count, self.cfg.max_logprob_mismatch, self.cfg.batching.temperature)
+        except ValueError as e:
+            raise ValueError(f"{self._tag()}: {e}") from e
 
     def _pre_pass(self, rb: RankBatch) -> dict[str, torch.Tensor]:
         """No-grad forward passes over the rank's rows: ``ref``, ``values``, ``proximal`` (N, R)."""
@@ -292,8 +342,10 @@ class TrainerCore:
         sft_ok_N: torch.Tensor,
         norm: LossNorm,
         metrics: StepMetrics,
+        fresh_gap: torch.Tensor | None = None,
     ) -> float:
-        """Forward + backward of one micro-batch; returns its share of the loss."""
+        """Forward + backward of one micro-batch; returns its share of the loss. ``fresh_gap``
+        (float64 CPU [sum, count]) accumulates |anchor - behaviour| over fresh loss tokens."""
         cfg, lc = self.cfg, self.cfg.loss
         rows = mb.rows.to(self.device)
         take = lambda x_NR: x_NR[rows, : mb.width]  # noqa: E731
@@ -316,6 +368,8 @@ class TrainerCore:
         loss = obj.loss
         mismatch_BR = logprobs_BR.detach() if cfg.off_policy.proximal == "engine" else obj.anchor_BL
         record_mismatch(metrics, mismatch_BR, inp.behaviour_BL, take(staleness_NR), mask_BR)
+        if fresh_gap is not None:
+            fresh_gap += _fresh_gap(mismatch_BR, inp.behaviour_BL, take(staleness_NR), mask_BR)
         record_ratios(metrics, obj.pg.ratio_BL, obj.weight_BL, obj.pg.clipped_BL, obj.pg.dual_clipped_BL, mask_BR)
         n_tok = mask_BR.sum()
         metrics.add_mean("train/pg_loss", (obj.pg.loss_BL * obj.weight_BL * mask_BR).sum().detach(), n_tok)
@@ -333,3 +387,13 @@ class TrainerCore:
             metrics.add_mean("train/value_loss", (vl_BR.detach() * mask_BR).sum(), n_tok)
             metrics.add_mean("train/value_clip_frac", (vclip_BR & (mask_BR > 0)).sum(), n_tok)
         return float(loss.detach())
+
+
+def _fresh_gap(
+    trainer_BR: torch.Tensor, behaviour_BR: torch.Tensor, staleness_BR: torch.Tensor, mask_BR: torch.Tensor
+) -> torch.Tensor:
+    """[sum of |trainer - behaviour| log-prob, count] over loss tokens of staleness 0, float64 on CPU."""
+    with torch.no_grad():
+        fresh_BR = (mask_BR > 0) & (staleness_BR == 0)
+        total = (trainer_BR.float() - behaviour_BR.float()).abs()[fresh_BR].sum()
+        return torch.stack([total.double(), fresh_BR.sum().double()]).cpu()

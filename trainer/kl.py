@@ -23,6 +23,17 @@ import torch
 
 KLFn = Callable[[torch.Tensor], torch.Tensor]
 
+MAX_LOG_RATIO = 20.0
+"""|log-ratio| cap before ``exp``: e^20 ~ 4.9e8 keeps ratios, importance weights and k3 finite
+(float32 and bf16) on wildly diverged tokens."""
+
+
+def exp_log_ratio(log_ratio: torch.Tensor) -> torch.Tensor:
+    """exp(clamp(log_ratio, -MAX_LOG_RATIO, MAX_LOG_RATIO)), elementwise: a probability ratio
+    that cannot overflow (its gradient is 0 beyond the cap). Used for every ratio the trainer
+    exponentiates: PPO/GSPO ratios, behaviour importance weights, k3, mismatch KL."""
+    return torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+
 
 def _k1(log_ratio: torch.Tensor) -> torch.Tensor:
     return log_ratio
@@ -33,9 +44,8 @@ def _k2(log_ratio: torch.Tensor) -> torch.Tensor:
 
 
 def _k3(log_ratio: torch.Tensor) -> torch.Tensor:
-    # Clamp so exp() cannot overflow on wildly diverged tokens; the estimate stays huge.
-    neg = (-log_ratio).clamp(max=20.0)
-    return torch.exp(neg) - 1.0 + log_ratio
+    # exp_log_ratio cannot overflow on wildly diverged tokens; the estimate stays huge.
+    return exp_log_ratio(-log_ratio) - 1.0 + log_ratio
 
 
 KL_ESTIMATORS: dict[str, KLFn] = {"k1": _k1, "k2": _k2, "k3": _k3}

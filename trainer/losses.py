@@ -1,4 +1,4 @@
-"""Policy-gradient, value, entropy and SFT losses as per-token tensors, plus aggregation.
+"""Policy-gradient and value losses as per-token tensors, plus aggregation.
 
 Every function returns a ``(B, L)`` per-token loss; ``aggregate`` turns it into this
 micro-batch's share of the global loss. The normalisers (token and sequence counts) are
@@ -7,7 +7,7 @@ micro-batch on every rank gives exactly the loss of the global batch: gradient a
 and data parallelism change nothing but floating-point order.
 
     logprobs, proximal, advantages ─► policy_loss ─► (B, L) ─┐
-    logits ─► entropy ──────────────────────────────────────►├─► aggregate(mask, norm) ─► scalar
+    entropy, NLL (model.response_logprobs) ─────────────────►├─► aggregate(mask, norm) ─► scalar
     values, returns ─► value_loss ──────────────────────────►┘
 
 PPO clipped surrogate (per token, ratio = pi/pi_prox):
@@ -23,8 +23,7 @@ from collections.abc import Callable
 
 import torch
 from slime_rl.trainer.config import LossConfig
-
-_MAX_LOG_RATIO = 20.0
+from slime_rl.trainer.kl import exp_log_ratio
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +102,7 @@ def ppo_loss(
     cfg: LossConfig,
 ) -> PolicyLossOut:
     """Token-level clipped surrogate with clip-higher and dual-clip."""
-    log_ratio_BL = (logprobs_BL - proximal_BL).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
-    ratio_BL = torch.exp(log_ratio_BL)
+    ratio_BL = exp_log_ratio(logprobs_BL - proximal_BL)
     return _clipped_surrogate(ratio_BL, advantages_BL, cfg)
 
 
@@ -121,7 +119,7 @@ def gspo_loss(
     m_BL = mask_BL.to(logprobs_BL.dtype)
     log_ratio_BL = (logprobs_BL - proximal_BL) * m_BL
     seq_log_ratio_B = log_ratio_BL.sum(dim=1) / m_BL.sum(dim=1).clamp(min=1.0)
-    ratio_BL = torch.exp(seq_log_ratio_B.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))[:, None].expand_as(logprobs_BL)
+    ratio_BL = exp_log_ratio(seq_log_ratio_B)[:, None].expand_as(logprobs_BL)
     return _clipped_surrogate(ratio_BL, advantages_BL, cfg)
 
 
@@ -141,12 +139,6 @@ def policy_loss(
     if name not in POLICY_LOSSES:
         raise ValueError(f"trainer.loss.policy_loss={name!r} is unknown; choose one of {sorted(POLICY_LOSSES)}")
     return POLICY_LOSSES[name](logprobs_BL, proximal_BL, advantages_BL, mask_BL, cfg)
-
-
-def entropy_from_logits(logits_BLV: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical at every position -> (B, L)."""
-    logp_BLV = torch.log_softmax(logits_BLV.float(), dim=-1)
-    return -(logp_BLV.exp() * logp_BLV).sum(dim=-1)
 
 
 def value_loss(

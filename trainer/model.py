@@ -22,15 +22,6 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
-def pick_device(use_gpu: bool) -> torch.device:
-    """cuda:<current> when a GPU is wanted and present, else CPU."""
-    if use_gpu:
-        if not torch.cuda.is_available():
-            raise ValueError("trainer.num_gpus_per_worker > 0 but this worker sees no CUDA device; set it to 0 for CPU")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast on GPU for precision auto/bf16 (and on CPU only for an explicit bf16); else nothing."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):

@@ -22,11 +22,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from slime_rl.trainer.kl import exp_log_ratio
 from slime_rl.trainer.metrics import StepMetrics
 
 
 def _raw_weight(proximal_BL: torch.Tensor, behaviour_BL: torch.Tensor) -> torch.Tensor:
-    return torch.exp((proximal_BL - behaviour_BL).clamp(-20.0, 20.0))
+    return exp_log_ratio(proximal_BL - behaviour_BL)
 
 
 def _truncate(proximal_BL: torch.Tensor, behaviour_BL: torch.Tensor, cap: float) -> torch.Tensor:
@@ -74,7 +75,7 @@ def record_mismatch(
         m_BL = mask_BL > 0
         n = m_BL.sum()
         diff_BL = (trainer_BL - behaviour_BL).float()
-        kl_BL = torch.exp(diff_BL.clamp(max=20.0)) - 1.0 - diff_BL
+        kl_BL = exp_log_ratio(diff_BL) - 1.0 - diff_BL
         metrics.add_mean("train/logprob_mismatch", diff_BL.abs()[m_BL].sum(), n)
         metrics.add_mean("train/logprob_mismatch_kl", kl_BL[m_BL].sum(), n)
         fresh_BL = m_BL & (staleness_BL == 0)

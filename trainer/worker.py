@@ -3,9 +3,11 @@
     TrainerGroup ──address()──► rank 0 (picks MASTER_ADDR / a free port)
                  ──setup(addr, port)──► every rank: init_process_group (gloo on CPU, NCCL on
                                         GPU, with trainer.timeout_s) ─► TrainerCore (FSDP2)
-                 ──train_step(global table or ObjectRef)──► every rank takes its own whole
-                                        groups (split_groups(table, M)[rank]) ─► metrics
-                 ──publish_weights / save_checkpoint / export_hf──► collectives on all ranks
+                 ──train_step(global table or ObjectRef)──► every rank checks the global batch
+                                        and takes its own whole groups of each mini-batch
+                                        (split_batch(table, M, updates)[rank]) ─► metrics
+                 ──weight_buckets / put_weight_buckets / publish_weights / save_checkpoint /
+                   export_hf──► collectives on all ranks (rank 0 holds the result)
 
 Errors raised here name the rank and the step; the group adds the actor.
 """
@@ -18,15 +20,17 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import torch
 import torch.distributed as dist
-from slime_rl.trainer.batching import check_global_batch, split_groups
 from slime_rl.trainer.config import TrainerConfig
-from slime_rl.trainer.core import TrainerCore
+from slime_rl.trainer.core import TrainerCore, set_torch_threads
 from slime_rl.trainer.weights import WeightBucket
+
+if TYPE_CHECKING:
+    import ray
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +50,7 @@ class TrainerWorker:
         self.rank = rank
         self.world_size = world_size
         self.core: TrainerCore | None = None
-        torch.set_num_threads(cfg.num_threads)
+        set_torch_threads(cfg.num_threads)  # also on GPU workers (their CPU-side ops)
 
     def address(self) -> tuple[str, int]:
         """This node's IP and a free TCP port (rank 0 hosts the rendezvous)."""
@@ -81,13 +85,11 @@ class TrainerWorker:
         return self.core
 
     def train_step(self, table: pa.Table) -> dict[str, float]:
-        """Train on this rank's share of the global batch ``table`` (whole groups)."""
+        """Train on this rank's share of the global batch ``table`` (whole groups); the core
+        checks the whole table and takes its share, so every rank refuses a bad batch alike."""
         core = self._core()
         try:
-            if self.world_size > 1:  # a single rank's TrainerCore checks the table itself
-                check_global_batch(table, self.cfg.global_batch_groups)
-            mine = split_groups(table, self.world_size)[self.rank] if self.world_size > 1 else table
-            return core.train_step(mine)
+            return core.train_step(table)
         except Exception as e:
             if str(e).startswith(f"trainer rank {self.rank} "):
                 raise  # already names the rank and step
@@ -97,6 +99,18 @@ class TrainerWorker:
         """All buckets of the current weights on rank 0 (None elsewhere; every rank must be called)."""
         buckets = list(self._core().iter_weight_buckets(bucket_bytes, include_tied))
         return buckets if self.rank == 0 else None
+
+    def put_weight_buckets(self, bucket_bytes: int, include_tied: bool = False) -> list[ray.ObjectRef] | None:
+        """Gather bucket by bucket; rank 0 ``ray.put``s each ``WeightBucket`` as soon as it is
+        complete and returns the refs in bucket order (None elsewhere; every rank must be
+        called). The tensors reach engines through the object store, never the driver."""
+        import ray
+
+        refs = []
+        for bucket in self._core().iter_weight_buckets(bucket_bytes, include_tied):
+            if self.rank == 0:
+                refs.append(ray.put(bucket))
+        return refs if self.rank == 0 else None
 
     def gradients(self) -> dict[str, torch.Tensor] | None:
         """Full gradients of the last update on rank 0 (None elsewhere; every rank must be called)."""

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import torch
-from slime_rl.trainer.batching import RankBatch, dummy_micro_batch, plan_micro_batches, split_groups
+from slime_rl.trainer.batching import (
+    RankBatch,
+    dummy_micro_batch,
+    group_order,
+    minibatch_groups,
+    plan_micro_batches,
+    split_batch,
+    split_groups,
+)
 from slime_rl.trainer.config import OptimConfig
 from slime_rl.trainer.metrics import StepMetrics
 from slime_rl.trainer.optim import lr_lambda
@@ -55,10 +65,59 @@ def test_micro_batches_cover_rows_under_budget_and_align_tokens():
 
 
 def test_minibatches_are_whole_groups():
-    rb = RankBatch.from_table(synthetic_table(num_groups=5, group_size=2, vocab_size=50))
-    parts = rb.minibatch_rows(2)
+    (share,) = split_batch(synthetic_table(num_groups=5, group_size=2, vocab_size=50), 1, 2)
+    parts = share.minibatch_rows()
     assert [len(p) for p in parts] == [4, 6]  # groups 0-1 | 2-4 (round(2.5) = 2)
     assert sorted(sum(parts, [])) == list(range(10))
+    gids = share.table.column("group_id").to_pylist()
+    assert [sorted({gids[i] for i in p}) for p in parts] == [["g0", "g1"], ["g2", "g3", "g4"]]
+
+
+def _lopsided(num_groups: int, seed: int) -> pa.Table:
+    """Group g0 holds more tokens than all the others together: a token-balanced split of the
+    whole batch gives it a rank of its own."""
+    big = synthetic_table(num_groups=1, group_size=4, vocab_size=50, seed=seed, prompt_len=(40, 40), response_len=(60, 60))
+    rest = synthetic_table(num_groups=num_groups, group_size=2, vocab_size=50, seed=seed + 1)
+    rest = rest.filter(pc.not_equal(rest.column("group_id"), "g0"))
+    return pa.concat_tables([big, rest])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_batch_gives_every_rank_a_group_of_every_update_aligned_across_world_sizes(seed):
+    """updates_per_batch > 1 with several ranks: each rank needs whole groups in each update,
+    and update k must see the same groups on M ranks as on one (1-vs-M equivalence)."""
+    for num_ranks in (1, 2, 3):
+        for updates in (1, 2, 3):
+            for extra in range(4):
+                table = _lopsided(num_ranks * updates + extra, seed)
+                groups = group_order(table)
+                expected = minibatch_groups(groups, updates)
+                shares = split_batch(table, num_ranks, updates)
+                assert sum(s.table.num_rows for s in shares) == table.num_rows
+                for k in range(updates):
+                    seen: list[str] = []
+                    for share in shares:
+                        gids = share.table.column("group_id").to_pylist()
+                        mine = {gids[i] for i in share.minibatch_rows()[k]}
+                        assert mine, (num_ranks, updates, extra, k)  # >= 1 whole group per rank and update
+                        seen += mine
+                    assert sorted(seen) == sorted(expected[k])  # aligned: the global mini-batch k
+                for share in shares:  # whole groups: every row of a group on the same rank
+                    gids = share.table.column("group_id").to_pylist()
+                    for g in set(gids):
+                        assert gids.count(g) == table.column("group_id").to_pylist().count(g)
+
+
+def test_split_batch_refuses_too_few_groups_for_workers_times_updates():
+    with pytest.raises(ValueError, match=r"3 group\(s\) but trainer.num_workers=2 x trainer.batching.updates_per_batch=2 = 4"):
+        split_batch(synthetic_table(num_groups=3, group_size=2, vocab_size=50), 2, 2)
+
+
+def test_rank_batch_of_empty_responses_has_one_masked_column():
+    rb = RankBatch.from_table(synthetic_table(num_groups=2, group_size=2, vocab_size=50, response_len=(0, 0)))
+    assert rb.mask_NR.shape == (4, 1) and rb.mask_NR.sum() == 0
+    mbs = plan_micro_batches(rb, list(range(4)), max_tokens=40, pad_id=0)
+    assert all(mb.width == 1 for mb in mbs)
 
 
 def test_step_metrics_reduce_means_and_maxes():

@@ -13,17 +13,11 @@ from slime_rl.trainer.config import TrainerConfig
 from slime_rl.trainer.core import TrainerCore
 from slime_rl.trainer.testing import synthetic_table
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _core(model_dir, **kw) -> TrainerCore:
-    cfg = TrainerConfig(lr=1e-3, global_batch_groups=2, **kw)
+    cfg = TrainerConfig(lr=1e-3, global_batch_groups=2, max_logprob_mismatch=0.0, **kw)  # synthetic log-probs
     cfg.batching.max_tokens_per_micro_batch = 64
     return TrainerCore(cfg, model_dir)
 

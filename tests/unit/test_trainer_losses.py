@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from slime_rl.trainer.batching import MicroBatch
 from slime_rl.trainer.config import LossConfig
-from slime_rl.trainer.kl import kl_estimate
-from slime_rl.trainer.losses import (
-    LossNorm,
-    aggregate,
-    entropy_from_logits,
-    policy_loss,
-    value_loss,
-)
+from slime_rl.trainer.kl import MAX_LOG_RATIO, exp_log_ratio, kl_estimate
+from slime_rl.trainer.losses import LossNorm, aggregate, policy_loss, value_loss
 from slime_rl.trainer.metrics import StepMetrics
+from slime_rl.trainer.model import response_logprobs
 from slime_rl.trainer.off_policy import behaviour_weight, record_mismatch
 
 CFG = LossConfig(eps_low=0.2, eps_high=0.28, dual_clip=3.0)
@@ -83,10 +80,62 @@ def test_masked_tokens_get_zero_gradient():
     assert (logp.grad[mask == 1] != 0).all()
 
 
-def test_entropy_by_hand():
-    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, math.log(3.0), -1e9, -1e9]]])
-    # uniform over 4: ln 4 ; p = (.25, .75): -(.25 ln .25 + .75 ln .75) = 0.5623351
-    assert entropy_from_logits(logits).tolist()[0] == pytest.approx([math.log(4), 0.5623351], abs=1e-6)
+class _FixedLogits(torch.nn.Module):
+    """A stand-in causal LM whose logits are given (B, T, V), whatever the input."""
+
+    def __init__(self, logits_BTV: torch.Tensor) -> None:
+        super().__init__()
+        self.logits_BTV = torch.nn.Parameter(logits_BTV)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+        return SimpleNamespace(logits=self.logits_BTV)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_training_entropy_and_logprobs_by_hand(temperature):
+    """The entropy the train step uses (model.response_logprobs), at the scoring temperature."""
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, math.log(3.0), -1e9, -1e9], [5.0, 0.0, 0.0, 0.0]]])
+    mb = MicroBatch(
+        rows=torch.tensor([0]),
+        input_ids_BT=torch.tensor([[7, 8, 9]]),
+        attention_mask_BT=torch.ones(1, 3, dtype=torch.long),
+        resp_pos_BR=torch.tensor([[0, 1]]),  # logits at positions 0, 1 predict response tokens 2, 1
+        response_ids_BR=torch.tensor([[2, 1]]),
+    )
+    model = _FixedLogits(logits)
+    lp_BR, ent_BR = response_logprobs(model, mb, temperature, with_entropy=True, entropy_grad=True)
+    # position 0 uniform over 4 at any temperature: log-prob -ln 4, entropy ln 4.
+    # position 1: p proportional to (1, 3^(1/T)); T=1: (.25, .75), entropy 0.5623351.
+    q = 3.0 ** (1 / temperature)
+    p = (1 / (1 + q), q / (1 + q))
+    assert lp_BR.tolist()[0] == pytest.approx([-math.log(4), math.log(p[1])], abs=1e-6)
+    assert ent_BR.tolist()[0] == pytest.approx([math.log(4), -sum(x * math.log(x) for x in p)], abs=1e-6)
+    if temperature == 1.0:
+        assert ent_BR[0, 1].item() == pytest.approx(0.5623351, abs=1e-6)
+    ent_BR.sum().backward()  # differentiable for the entropy bonus
+    assert model.logits_BTV.grad[0, 1].abs().sum() > 0
+    _, ent = response_logprobs(model, mb, temperature, with_entropy=True, entropy_grad=False)
+    assert not ent.requires_grad  # metric-only entropy keeps no graph
+
+
+def test_every_exponentiated_log_ratio_is_capped():
+    """One cap (kl.MAX_LOG_RATIO) for PPO/GSPO ratios, importance weights, k3 and the mismatch KL."""
+    x = torch.tensor([-1e4, -MAX_LOG_RATIO - 1, -3.0, 0.0, 3.0, MAX_LOG_RATIO + 1, 1e4])
+    y = exp_log_ratio(x)
+    assert torch.isfinite(y).all()
+    assert y[2:5].tolist() == pytest.approx([math.exp(-3), 1.0, math.exp(3)], rel=1e-6)
+    assert y[-1] == y[-2] == pytest.approx(math.exp(MAX_LOG_RATIO), rel=1e-6)
+    far = torch.tensor([[-1e4, 1e4]])
+    ones = torch.ones(1, 2)
+    for name in ("ppo", "gspo"):
+        out = policy_loss(name, far, torch.zeros(1, 2), ones, ones, CFG)
+        assert torch.isfinite(out.loss_BL).all() and torch.isfinite(out.ratio_BL).all()
+    assert torch.isfinite(behaviour_weight(far, torch.zeros(1, 2), "none", 2.0)).all()
+    assert torch.isfinite(behaviour_weight(far.flip(1), torch.zeros(1, 2), "truncate", 1e12)).all()
+    assert torch.isfinite(kl_estimate("k3", far, torch.zeros(1, 2))).all()
+    m = StepMetrics()
+    record_mismatch(m, far, torch.zeros(1, 2), torch.zeros(1, 2), ones)
+    assert all(math.isfinite(v) for v in m.reduce().values())
 
 
 def test_value_loss_clipping():

@@ -22,12 +22,7 @@ PROMPTS = [[5, 17, 42], [9, 8, 77, 31]]
 RESPONSES = [[12, 99, 7, 250, 33], [61, 61, 3, 140], [18, 222, 5, 9, 90], [44, 301, 6]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(groups: int, **kw) -> TrainerConfig:
@@ -188,18 +183,18 @@ def test_excluded_statuses_get_no_loss_and_leave_group_baselines(tiny_model_dir)
     token count), although their rewards would shift the RLOO baselines."""
     rows = [(0, 0, 1.0), (0, 1, 0.0), (0, 2, 1.0), (1, 3, 1.0), (1, 0, 0.0)]
     status = ["completed", "truncated", "failed", "completed", "aborted"]
-    behaviour = [[-3.0] * len(RESPONSES[r]) for _, r, _ in rows]
-    full = TrainerCore(_cfg(2), tiny_model_dir)
+    behaviour = [[-3.0] * len(RESPONSES[r]) for _, r, _ in rows]  # constant: not the model's
+    full = TrainerCore(_cfg(2, max_logprob_mismatch=0.0), tiny_model_dir)
     m_full = full.train_step(_table(rows, behaviour, status))
     kept = [0, 1, 3]
-    ref = TrainerCore(_cfg(2), tiny_model_dir)
+    ref = TrainerCore(_cfg(2, max_logprob_mismatch=0.0), tiny_model_dir)
     m_ref = ref.train_step(_table([rows[i] for i in kept], [behaviour[i] for i in kept]))
     assert m_full["train/excluded_samples"] == 2.0
     assert m_full["train/loss_tokens"] == m_ref["train/loss_tokens"] == sum(len(RESPONSES[rows[i][1]]) for i in kept)
     assert m_full["train/loss"] == pytest.approx(m_ref["train/loss"], rel=1e-5)
     _assert_grads_close(full.gradients(), ref.gradients(), rel=1e-5)
     # Only statuses listed in exclude_status are dropped.
-    keep_all = TrainerCore(_cfg(2, exclude_status=[]), tiny_model_dir)
+    keep_all = TrainerCore(_cfg(2, exclude_status=[], max_logprob_mismatch=0.0), tiny_model_dir)
     m_all = keep_all.train_step(_table(rows, behaviour, status))
     assert m_all["train/excluded_samples"] == 0.0 and m_all["train/loss_tokens"] > m_full["train/loss_tokens"]
 
@@ -209,7 +204,7 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients(tiny_model_dir):
     behaviour = [[-3.0] * len(RESPONSES[r]) for _, r, _ in rows]
     out = []
     for ckpt in (False, True):
-        core = TrainerCore(_cfg(2, batching__gradient_checkpointing=ckpt), tiny_model_dir)
+        core = TrainerCore(_cfg(2, batching__gradient_checkpointing=ckpt, max_logprob_mismatch=0.0), tiny_model_dir)
         assert core.policy.is_gradient_checkpointing == ckpt
         out.append((core.train_step(_table(rows, behaviour)), core.gradients()))
     (m0, g0), (m1, g1) = out
