@@ -7,9 +7,11 @@ from slime_rl.rollout.engines.base import (
     GenerateResult,
     NamedTensors,
     PauseMode,
+    RequestRejected,
     RolloutEngine,
     SamplingParams,
     as_named_tensors,
+    error_result,
     sampling_from_config,
 )
 from slime_rl.rollout.engines.registry import (
@@ -27,9 +29,11 @@ __all__ = [
     "GenerateResult",
     "NamedTensors",
     "PauseMode",
+    "RequestRejected",
     "RolloutEngine",
     "SamplingParams",
     "as_named_tensors",
+    "error_result",
     "create_engine",
     "create_engine_from_config",
     "engine_params_from_config",

@@ -1,15 +1,19 @@
 """Ray actor wrapper: one rollout engine per (asyncio) actor, same methods as `RolloutEngine`.
 
-    rollout worker ──generate(req)──────────────► EngineActor ──► engine (hf | vllm | sglang)
+    rollout manager ──generate_group(reqs)──────► EngineActor ──► engine (hf | vllm | sglang)
+                    ──tokenizer_info()──────────►     (per-request results: a bad request is
+                                                       an error result, not an exception)
     weight publisher ─begin_weight_update(v)────►     │  stage buckets (ObjectRefs are
                      ─load_weight_bucket(b|ref)─►     │  resolved inside the actor)
                      ─commit_weight_update()────►     └► pause → load full state dict → resume
       or in one call: update_weights(v, [bucket | ref, ...])
+                      load_weights_from_refs(v, [ref of WeightBucket, ...])  (checked)
       or the trainer's WeightBucket stream: receive_bucket(b) (index 0 opens, last commits)
 
-A bucket is `list[tuple[str, Tensor]]` or `dict[str, Tensor]` (HF parameter names); the
-buckets of one version together must hold the full state dict. Every weight call has a
-timeout and raises `TimeoutError` naming the actor and version, so a sync never hangs.
+A bucket is `list[tuple[str, Tensor]]` or `dict[str, Tensor]` (HF parameter names), or the
+trainer's `WeightBucket` (`version`, `index`, `num_buckets`, `named_tensors()`); the buckets
+of one version together must hold the full state dict. Every commit has a timeout and raises
+`TimeoutError` naming the actor, the version and whether the old weights are still in place.
 
 Example:
     >>> actor = start_engine_actor("hf", model_dir, name="engine-0")        # doctest: +SKIP
@@ -35,6 +39,7 @@ from slime_rl.rollout.engines.base import (
     GenerateRequest,
     GenerateResult,
     PauseMode,
+    generate_each,
 )
 from slime_rl.rollout.engines.registry import create_engine, engine_params_from_config
 
@@ -55,11 +60,12 @@ class EngineActor:
         weight_update_mode: str = "keep",
     ) -> None:
         self._name = f"EngineActor[{kind}]"
-        try:
-            ctx = ray.get_runtime_context()
-            self._name = f"EngineActor[{kind}:{ctx.get_actor_name() or ctx.get_actor_id()}]"
-        except Exception:  # not inside Ray (direct use in tests)
-            pass
+        if ray.is_initialized():  # (get_runtime_context() would start a local Ray cluster)
+            try:
+                ctx = ray.get_runtime_context()
+                self._name = f"EngineActor[{kind}:{ctx.get_actor_name() or ctx.get_actor_id()}]"
+            except Exception:  # a driver, not an actor (direct use in tests)
+                pass
         self._timeout = weight_update_timeout_s
         self._mode = PauseMode(weight_update_mode)
         self._engine = create_engine(kind, model_path, **params)
@@ -68,12 +74,24 @@ class EngineActor:
         return await bucket if isinstance(bucket, ray.ObjectRef) else bucket
 
     async def _timed(self, coro, what: str, version: int | None):
+        old = self._engine.version
         try:
             return await asyncio.wait_for(coro, self._timeout)
         except asyncio.TimeoutError as e:
+            loading = getattr(self._engine, "loading_version", None)
+            if loading is not None and loading == version:
+                state = (
+                    f"the load had started and cannot be interrupted: it goes on and the "
+                    f"engine switches to version {version} when it ends (check version())"
+                )
+            else:
+                state = (
+                    f"nothing was loaded: the engine keeps version {old} and its weights; "
+                    "resend the version"
+                )
             raise TimeoutError(
                 f"{self._name}: {what} for weight version {version} did not finish within "
-                f"{self._timeout:.0f} s (rollout.weight_update_timeout_s)"
+                f"{self._timeout:g} s (rollout.weight_update_timeout_s); {state}"
             ) from e
 
     # ---- generation ---------------------------------------------------------------------------
@@ -82,6 +100,29 @@ class EngineActor:
 
     async def generate_many(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
         return await self._engine.generate_many(requests)
+
+    async def generate_group(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+        """One prompt group in one call (low Ray overhead): results in request order; a request
+        refused alone (too long, duplicate id) comes back with `finish_reason=error` and
+        `error` set, whatever the backend's `generate_many` does. Raises only when the engine
+        itself failed or is shut down."""
+        return await generate_each(self._engine, requests)
+
+    async def tokenizer_info(self) -> dict[str, Any]:
+        """`{"max_model_len": int, "eos_token_id": int | list[int]}`: the engine's context limit
+        (prompt + response tokens; hf: the model's `max_position_embeddings`) and its EOS ids."""
+        info = getattr(self._engine, "tokenizer_info", None)
+        if callable(info):
+            return dict(info())
+        return {
+            "max_model_len": int(getattr(self._engine, "max_model_len", 0) or 0),
+            "eos_token_id": list(getattr(self._engine, "eos_token_ids", []) or []),
+        }
+
+    async def torch_threads(self) -> int | None:
+        """Torch intra-op threads of the engine thread (hf, vllm; None for other backends)."""
+        fn = getattr(self._engine, "torch_threads", None)
+        return await fn() if callable(fn) else None
 
     async def abort(self, request_ids: Sequence[str]) -> list[GenerateResult]:
         return await self._engine.abort(request_ids)
@@ -122,6 +163,50 @@ class EngineActor:
         await self._engine.begin_weight_update(version)
         for b in buckets:
             await self._engine.load_weight_bucket(await self._resolve(b))
+        commit = self._engine.commit_weight_update(PauseMode(mode or self._mode))
+        return await self._timed(commit, "commit", version)
+
+    async def load_weights_from_refs(
+        self, version: int, refs: Sequence[Any], mode: str | None = None
+    ) -> int:
+        """Load one whole version from a list of buckets (each an ObjectRef or a value): the
+        trainer's `WeightBucket`s (checked: every bucket's `version` equals `version`, indices
+        are distinct and all `num_buckets` arrived; staged by index) or plain buckets (list of
+        pairs / dict, staged in list order). Nothing is staged unless the checks pass.
+
+        Returns the committed version. Raises `ValueError` naming the bucket (wrong version,
+        repeated index, missing buckets), `TimeoutError` as `commit_weight_update`.
+        """
+        buckets = list(await asyncio.gather(*(self._resolve(r) for r in refs)))
+        if not buckets:
+            raise ValueError(f"{self._name}: load_weights_from_refs({version}) got no buckets")
+        versioned = [b for b in buckets if hasattr(b, "num_buckets")]
+        for pos, b in enumerate(buckets):
+            got = getattr(b, "version", version)
+            if got != version:
+                raise ValueError(
+                    f"{self._name}: bucket {getattr(b, 'index', pos)} (position {pos}) holds "
+                    f"weight version {got}, expected {version}; send one version's buckets per call"
+                )
+        if versioned:
+            indices = [b.index for b in versioned]
+            if len(set(indices)) != len(indices):
+                dup = next(i for i in indices if indices.count(i) > 1)
+                raise ValueError(f"{self._name}: bucket {dup} of version {version} arrived twice")
+            expected = {b.num_buckets for b in versioned}
+            if len(expected) != 1 or len(versioned) != next(iter(expected)):
+                raise ValueError(
+                    f"{self._name}: version {version} has {sorted(expected)} buckets but "
+                    f"{len(versioned)} arrived (indices {sorted(indices)}); send all of them"
+                )
+            if len(versioned) != len(buckets):
+                raise ValueError(
+                    f"{self._name}: version {version} mixes WeightBuckets with plain buckets"
+                )
+            buckets.sort(key=lambda b: b.index)
+        await self._engine.begin_weight_update(version)
+        for b in buckets:
+            await self._engine.load_weight_bucket(b)
         commit = self._engine.commit_weight_update(PauseMode(mode or self._mode))
         return await self._timed(commit, "commit", version)
 

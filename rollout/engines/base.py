@@ -15,6 +15,7 @@ i.e. what the trainer's teacher-forced forward pass gives with the same temperat
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import enum
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,6 +36,16 @@ class FinishReason(str, enum.Enum):
     """`max_new_tokens` reached (or the model's context is full)."""
     ABORT = "abort"
     """Aborted (`abort`, `pause(mode="abort")`, shutdown): the tokens so far are returned."""
+    ERROR = "error"
+    """Refused or failed alone (e.g. a prompt longer than the context): no tokens, the reason
+    in `GenerateResult.error`. Only `generate_many` (and the actor's `generate_group`) return
+    it; `generate` raises `RequestRejected` instead."""
+
+
+class RequestRejected(ValueError):
+    """The engine refused this one request (too long, duplicate id, invalid for the backend);
+    other requests and the engine are unaffected. `generate` raises it, `generate_many`
+    turns it into a `FinishReason.ERROR` result."""
 
 
 class PauseMode(str, enum.Enum):
@@ -120,6 +131,9 @@ class GenerateResult:
     """Engine weight version when it finished."""
     stop_reason: str | int | None = None
     """The stop string or stop token id that ended it (None for EOS, length, abort)."""
+    error: str | None = None
+    """Why the request failed (`finish_reason=error` only), e.g. `RequestRejected: request
+    'g3-1': prompt of 1200 tokens does not fit the model's 1024 positions`."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -162,7 +176,9 @@ class RolloutEngine(Protocol):
         ...
 
     async def generate_many(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
-        """Complete many prompts concurrently; results in request order."""
+        """Complete many prompts concurrently; results in request order. A request refused
+        alone (`ValueError`, e.g. too long) gives a `FinishReason.ERROR` result instead of
+        failing the others; an engine failure (`RuntimeError`) still raises."""
         ...
 
     async def abort(self, request_ids: Sequence[str]) -> list[GenerateResult]:
@@ -204,6 +220,34 @@ class RolloutEngine(Protocol):
     async def shutdown(self) -> None:
         """Abort everything, free the model and caches; the engine is unusable afterwards."""
         ...
+
+
+def error_result(request: GenerateRequest, error: BaseException, version: int) -> GenerateResult:
+    """The `FinishReason.ERROR` result of a request the engine refused alone (no tokens)."""
+    return GenerateResult(
+        request_id=request.request_id,
+        token_ids=[],
+        logprobs=[],
+        finish_reason=FinishReason.ERROR,
+        weight_versions=[],
+        version_start=version,
+        version_end=version,
+        error=f"{type(error).__name__}: {error}",
+    )
+
+
+async def generate_each(engine: Any, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+    """`engine.generate` for every request concurrently, results in request order; a
+    `ValueError` (the request refused alone) becomes an error result, anything else (the
+    engine failed, the caller was cancelled) propagates. The shared `generate_many`."""
+
+    async def one(request: GenerateRequest) -> GenerateResult:
+        try:
+            return await engine.generate(request)
+        except ValueError as e:
+            return error_result(request, e, engine.version)
+
+    return list(await asyncio.gather(*(one(r) for r in requests)))
 
 
 def as_named_tensors(tensors: Any) -> list[tuple[str, torch.Tensor]]:

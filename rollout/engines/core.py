@@ -11,16 +11,31 @@
 All backend calls run on one dedicated thread, so the backend never sees two calls at once
 and the event loop (a Ray asyncio actor's) stays responsive while a step computes. Weights
 are applied only while no step runs, which makes the per-token versions exact.
+
+A weight commit has two phases: pausing (cancellable: a caller that gives up, e.g. on the
+actor's timeout, leaves the old weights and version) and loading (shielded: once the backend
+received the tensors the version must follow them, so the load runs to the end and resumes
+generation even if its caller is gone; `loading_version` says it is running).
+
+An engine that was never shut down is shut down when the interpreter exits (`atexit`): its
+requests in flight end as aborted and the backend is closed, instead of the loop failing with
+a traceback (and vLLM possibly aborting the process).
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import atexit
 import concurrent.futures
 import dataclasses
+import functools
 import logging
-from collections.abc import Mapping, Sequence
+import queue
+import threading
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from slime_rl.rollout.engines.base import (
@@ -30,10 +45,72 @@ from slime_rl.rollout.engines.base import (
     GenerateResult,
     NamedTensors,
     PauseMode,
+    RequestRejected,
     as_named_tensors,
+    generate_each,
 )
 
 logger = logging.getLogger(__name__)
+
+EXIT_SHUTDOWN_TIMEOUT_S = 30.0
+"""How long the exit hook waits for each forgotten engine to shut down."""
+
+
+class BackendThread:
+    """The one thread on which every backend call of an engine runs, in submission order.
+
+    Not a `ThreadPoolExecutor`: those refuse new work once the interpreter starts exiting
+    ("cannot schedule new futures after interpreter shutdown"), which failed the engine loop
+    with a traceback when a script ended with a request in flight, and would keep the exit
+    hook from closing the backend. A daemon thread, so a forgotten engine cannot hang exit.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        """Queue `fn(*args)`; the future holds its result or exception."""
+        if self._stopped:
+            raise RuntimeError(f"{self._thread.name}: the engine thread is stopped")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((fut, fn, args))
+        return fut
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fut, fn, args = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as e:  # delivered to the caller, whatever it is
+                fut.set_exception(e)
+            else:
+                fut.set_result(result)
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop after the calls already queued; later `submit`s raise."""
+        if not self._stopped:
+            self._stopped = True
+            self._queue.put(None)
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+
+_UNCLOSED: weakref.WeakSet[SteppedEngine] = weakref.WeakSet()
+"""Engines not shut down yet, for the exit hook (weak: a dropped engine is not kept alive)."""
+
+
+@atexit.register
+def _shutdown_unclosed_engines() -> None:
+    for engine in list(_UNCLOSED):
+        try:
+            engine._shutdown_at_exit(EXIT_SHUTDOWN_TIMEOUT_S)
+        except Exception as e:  # exiting anyway: one line, no traceback
+            logger.warning("%s engine: shutdown at exit failed: %r", engine.backend, e)
 
 
 @dataclasses.dataclass(slots=True)
@@ -129,15 +206,19 @@ class SteppedEngine(WeightStaging, abc.ABC):
         # pause() waits on it, so no token is produced or delivered after pause() returns.
         self._between_steps = asyncio.Event()
         self._between_steps.set()
-        self._thread = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"{self.backend}-engine"
-        )
+        self._thread = BackendThread(f"{self.backend}-engine")
         self._loop_task: asyncio.Task | None = None
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # built outside a loop; the first generate() records it
+            self._loop = None
         self._staged: list[tuple[str, torch.Tensor]] | None = None
         self._staged_version: int | None = None
         self._update_lock = asyncio.Lock()
+        self._loading_version: int | None = None
         self._error: BaseException | None = None
         self._closed = False
+        _UNCLOSED.add(self)
 
     # ---- backend hooks (run on the engine thread) -------------------------------------------
     @abc.abstractmethod
@@ -161,8 +242,35 @@ class SteppedEngine(WeightStaging, abc.ABC):
     def version(self) -> int:
         return self._version
 
+    @property
+    def loading_version(self) -> int | None:
+        """Version whose weights are being loaded right now (None otherwise); such a load
+        finishes and sets the version even if the commit's caller gave up."""
+        return self._loading_version
+
     async def _call(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        return await asyncio.wrap_future(self._thread.submit(fn, *args))
+
+    def _set_engine_threads(self, num_threads: int) -> None:
+        """Set torch's intra-op thread count on the engine thread, where every forward pass
+        runs, so that it holds whatever other components of the process set later.
+
+        The count is per thread (OpenMP), and torch initialises a thread's count lazily, at
+        its first parallel op, from the value most recently set by *any* thread: set on the
+        constructing thread only, the engine thread would take whatever a trainer (or another
+        engine) in the process set last. So: initialise the engine thread first
+        (`get_num_threads`), then set its own count. `torch._C` directly because vLLM's CPU
+        worker turns `torch.set_num_threads` into a no-op."""
+
+        def apply() -> None:
+            torch.get_num_threads()  # run torch's per-thread lazy init now, not later
+            torch._C.set_num_threads(num_threads)
+
+        self._thread.submit(apply).result()
+
+    async def torch_threads(self) -> int:
+        """Torch intra-op threads of the engine thread (what `num_threads` set)."""
+        return await self._call(torch.get_num_threads)
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -175,11 +283,12 @@ class SteppedEngine(WeightStaging, abc.ABC):
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         self._check_usable()
         if request.request_id in self._live:
-            raise ValueError(
+            raise RequestRejected(
                 f"request_id {request.request_id!r} is already in flight; ids must be unique"
             )
         if self._loop_task is None:
-            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+            self._loop = asyncio.get_running_loop()
+            self._loop_task = self._loop.create_task(self._run_loop())
         live = _Live(request, asyncio.get_running_loop().create_future(), self._version)
         self._live[request.request_id] = live
         self._pending.append(request.request_id)
@@ -192,7 +301,8 @@ class SteppedEngine(WeightStaging, abc.ABC):
             raise
 
     async def generate_many(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
-        return list(await asyncio.gather(*(self.generate(r) for r in requests)))
+        """Concurrent `generate`; a request refused alone gives a `FinishReason.ERROR` result."""
+        return await generate_each(self, requests)
 
     async def abort(self, request_ids: Sequence[str]) -> list[GenerateResult]:
         lives = [self._live[r] for r in request_ids if r in self._live]
@@ -263,21 +373,39 @@ class SteppedEngine(WeightStaging, abc.ABC):
             raise ValueError(f"weight update to version {self._staged_version} has no tensors")
         staged, version = self._staged, self._staged_version
         self._staged = self._staged_version = None
-        async with self._update_lock:
-            try:
-                await self._pause(PauseMode(mode), "update")
-                # Shielded: once loading starts, the version must follow the weights even if
-                # the caller times out.
-                await asyncio.shield(self._apply(staged, version))
-            finally:
-                self._paused_by.discard("update")
-                self._wake.set()
-        logger.info("%s: weights at version %d (%d tensors)", self.backend, version, len(staged))
+        # The lock is released by the load task, not here: a load that outlives its caller
+        # still holds it, so updates never overlap.
+        await self._update_lock.acquire()
+        try:
+            await self._pause(PauseMode(mode), "update")
+        except BaseException:  # gave up (timeout) or failed while pausing: nothing loaded
+            self._resume_after_update()
+            raise
+        self._loading_version = version
+        task = asyncio.ensure_future(self._load_and_resume(staged, version))
+        try:
+            # Shielded: once loading starts, the version must follow the weights even if the
+            # caller times out.
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                task.add_done_callback(functools.partial(report_orphan_load, self.backend, version))
+            raise
         return version
 
-    async def _apply(self, staged: list[tuple[str, torch.Tensor]], version: int) -> None:
-        await self._call(self.backend_load, staged)
-        self._version = version
+    async def _load_and_resume(self, staged: list[tuple[str, torch.Tensor]], version: int) -> None:
+        try:
+            await self._call(self.backend_load, staged)
+            self._version = version
+            logger.info("%s: weights at version %d (%d tensors)", self.backend, version, len(staged))
+        finally:
+            self._resume_after_update()
+
+    def _resume_after_update(self) -> None:
+        self._loading_version = None
+        self._paused_by.discard("update")
+        self._wake.set()
+        self._update_lock.release()
 
     async def health(self) -> EngineHealth:
         running = sum(lv.admitted for lv in self._live.values())
@@ -296,19 +424,48 @@ class SteppedEngine(WeightStaging, abc.ABC):
             return
         await self.abort(list(self._live))
         self._closed = True
+        _UNCLOSED.discard(self)
         self._wake.set()
         if self._loop_task is not None:
             await self._loop_task
         await self._call(self.backend_close)
         self._thread.shutdown(wait=True)
 
+    def _shutdown_at_exit(self, timeout_s: float) -> None:
+        """Called by the exit hook for an engine nobody shut down."""
+        if self._closed:
+            return
+        logger.warning(
+            "%s engine was not shut down; shutting it down at exit (%d requests in flight "
+            "end as aborted). Call shutdown()/close() when done.",
+            self.backend,
+            len(self._live),
+        )
+        loop = self._loop
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        if loop is not None and loop.is_running() and loop is not current:
+            asyncio.run_coroutine_threadsafe(self.shutdown(), loop).result(timeout_s)
+            return
+        # Its loop is gone (e.g. asyncio.run returned): close the backend directly.
+        self._closed = True
+        _UNCLOSED.discard(self)
+        self._thread.submit(self.backend_close).result(timeout_s)
+        self._thread.shutdown(wait=False)
+
     def _admit(self, requests: list[GenerateRequest]) -> list[tuple[str, Exception]]:
-        failed = []
+        failed: list[tuple[str, Exception]] = []
         for r in requests:
             try:
                 self.backend_add([r])
             except Exception as e:  # rejected at admission (e.g. too long): backend untouched
-                failed.append((r.request_id, e))
+                rejected = RequestRejected(
+                    f"{self.backend} engine refused request {r.request_id!r}: {e}"
+                )
+                rejected.__cause__ = e
+                failed.append((r.request_id, rejected))
         return failed
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -367,3 +524,14 @@ class SteppedEngine(WeightStaging, abc.ABC):
                     del self._live[d.request_id]
                     lv.finish(version, d.finish_reason, d.stop_reason)
             await asyncio.sleep(0)  # let callers run (abort, pause) between steps
+
+
+def report_orphan_load(backend: str, version: int, task: asyncio.Future) -> None:
+    """Done-callback of a load whose commit caller gave up: say how it ended (and retrieve
+    its exception, which nobody else will)."""
+    if task.cancelled():
+        return
+    if (error := task.exception()) is not None:
+        logger.error("%s: weight update to version %d failed after its caller gave up: %r", backend, version, error)
+    else:
+        logger.warning("%s: weight update to version %d finished after its caller gave up", backend, version)

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 from slime_rl.rollout.engines.base import FinishReason, GenerateRequest
@@ -67,9 +68,10 @@ class HFEngine(SteppedEngine):
         super().__init__()
         if num_threads is not None:
             # On a busy CPU, torch's default of one OpenMP thread per core can be >10x slower
-            # for a tiny model than one thread (spin-waiting on descheduled threads).
-            # (torch._C directly: an in-process vLLM engine replaces torch.set_num_threads.)
+            # for a tiny model than one thread (spin-waiting on descheduled threads). Set on
+            # the engine thread, where the model runs, and here (loading runs on this thread).
             torch._C.set_num_threads(num_threads)
+            self._set_engine_threads(num_threads)
         if dtype not in _DTYPES:
             raise ValueError(f"hf engine: dtype={dtype!r}; choose one of {sorted(_DTYPES)}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -103,13 +105,18 @@ class HFEngine(SteppedEngine):
         self._mask_BT: torch.Tensor | None = None
         self._cache = None
 
+    def tokenizer_info(self) -> dict[str, Any]:
+        """`{"max_model_len": max_position_embeddings, "eos_token_id": [ids]}` (EOS ids from
+        the generation config, the model config and the tokenizer together)."""
+        return {"max_model_len": self.max_model_len, "eos_token_id": list(self.eos_token_ids)}
+
     # ---- backend hooks ------------------------------------------------------------------------
     def backend_add(self, requests: list[GenerateRequest]) -> None:
         for r in requests:
             if len(r.prompt_token_ids) >= self.max_model_len:
                 raise ValueError(
-                    f"request {r.request_id!r}: prompt of {len(r.prompt_token_ids)} tokens does not fit "
-                    f"the model's {self.max_model_len} positions"
+                    f"prompt of {len(r.prompt_token_ids)} tokens does not fit the model's "
+                    f"{self.max_model_len} positions"
                 )
         self._waiting.extend(requests)
 

@@ -68,9 +68,11 @@ class StopChecker:
         self._stop_ids = frozenset(params.stop_token_ids)
         self._stop = params.stop
         self._tokenizer = tokenizer
-        # Enough trailing tokens to contain any stop string (a token is at least one char,
-        # plus slack for tokens that decode to nothing).
-        self._window = max((len(s) for s in self._stop), default=0) + 8
+        # Enough trailing tokens to contain any stop string: a token decodes to at least one
+        # *byte* (byte-level BPE splits a CJK character into 3 tokens; byte-fallback pieces
+        # are one byte), so count UTF-8 bytes, not characters; +8 for tokens that decode to
+        # nothing (skipped special tokens).
+        self._window = max((len(s.encode("utf-8")) for s in self._stop), default=0) + 8
         if self._stop and tokenizer is None:
             raise ValueError(
                 "stop strings need a tokenizer; load the engine with one or use stop_token_ids"

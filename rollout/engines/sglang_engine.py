@@ -36,6 +36,8 @@ from slime_rl.rollout.engines.base import (
     GenerateRequest,
     GenerateResult,
     PauseMode,
+    RequestRejected,
+    generate_each,
 )
 from slime_rl.rollout.engines.sglang_convert import (
     _import_sglang,
@@ -123,6 +125,7 @@ class SGLangEngine(SGLangWeightUpdates):
         self._gate.set()
         self._paused = False
         self._update_lock = asyncio.Lock()
+        self._loading_version: int | None = None
         self._staged: list[tuple[str, torch.Tensor]] | None = None
         self._staged_version: int | None = None
         self._closed = False
@@ -136,7 +139,7 @@ class SGLangEngine(SGLangWeightUpdates):
         if self._closed:
             raise RuntimeError("sglang engine is shut down; create a new one")
         if request.request_id in self._streams:
-            raise ValueError(
+            raise RequestRejected(
                 f"request_id {request.request_id!r} is already in flight; ids must be unique"
             )
         st = _Stream(request, self._version, asyncio.get_running_loop().create_future())
@@ -179,7 +182,18 @@ class SGLangEngine(SGLangWeightUpdates):
         return result
 
     async def generate_many(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
-        return list(await asyncio.gather(*(self.generate(r) for r in requests)))
+        """Concurrent `generate`; a request refused alone gives a `FinishReason.ERROR` result."""
+        return await generate_each(self, requests)
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        """`{"max_model_len": context length, "eos_token_id": [ids]}` as SGLang resolved them."""
+        config = getattr(self._tm, "model_config", None)
+        context = getattr(self._tm, "context_len", None) or getattr(config, "context_len", 0)
+        eos = getattr(config, "hf_eos_token_id", None)
+        if not eos:
+            eos = getattr(getattr(self._tm, "tokenizer", None), "eos_token_id", None)
+        eos_ids = sorted(eos) if isinstance(eos, (set, list, tuple)) else ([] if eos is None else [eos])
+        return {"max_model_len": int(context), "eos_token_id": eos_ids}
 
     async def abort(
         self, request_ids: Sequence[str], deadline_s: float = ABORT_DEADLINE_S
@@ -216,18 +230,23 @@ class SGLangEngine(SGLangWeightUpdates):
     async def progress(self, request_ids: Sequence[str]) -> dict[str, int]:
         return {r: len(self._streams[r].token_ids) for r in request_ids if r in self._streams}
 
+    async def _drain(self) -> None:
+        """Admit nothing new and wait for the running requests to finish (wait mode); the
+        gate reopens if the wait is cancelled."""
+        self._gate.clear()
+        try:
+            while running := [
+                st.done for st in self._streams.values() if st.admitted and not st.done.done()
+            ]:
+                await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            self._gate.set()
+            raise
+
     async def pause(self, mode: PauseMode | str = PauseMode.KEEP) -> None:
         mode = PauseMode(mode)
         if mode is PauseMode.WAIT:
-            self._gate.clear()  # admit nothing new; let running requests finish
-            try:
-                while running := [
-                    st.done for st in self._streams.values() if st.admitted and not st.done.done()
-                ]:
-                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-            except BaseException:
-                self._gate.set()
-                raise
+            await self._drain()
         await self._tm.pause_generation(self._io.PauseGenerationReqInput(mode=_SGLANG_PAUSE[mode]))
         self._paused = True
 

@@ -9,17 +9,23 @@
 SGLang's synchronous `Engine.update_weights_*` wrappers call `loop.run_until_complete`, so
 these await the `TokenizerManager` coroutines directly. `SGLangWeightUpdates` is a mixin of
 `SGLangEngine`, which provides `_tm`, `_io`, `_tp`, `_serialize`, `_paused`, `_update_lock`,
-`_version`, `pause` and `resume`.
+`_loading_version`, `_version`, `_drain`, `pause` and `resume`.
+
+As in `core.py`, only the wait-mode drain can be cancelled (a caller's timeout then leaves
+the old weights and version); from SGLang's pause on, the update runs to the end in its own
+task (load, flush, version, resume) even if the caller gives up: a cancelled RPC could still
+change SGLang's weights while the version stayed behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 from slime_rl.rollout.engines.base import PauseMode
-from slime_rl.rollout.engines.core import WeightStaging
+from slime_rl.rollout.engines.core import WeightStaging, report_orphan_load
 
 
 class SGLangWeightUpdates(WeightStaging):
@@ -127,11 +133,35 @@ class SGLangWeightUpdates(WeightStaging):
                 "cache would serve KV of the old weights; the version is not advanced"
             )
 
+    @property
+    def loading_version(self) -> int | None:
+        """Version being loaded right now (None otherwise); it completes even if its caller
+        gave up."""
+        return self._loading_version
+
     async def _with_pause(self, mode: PauseMode | str, load, version: int) -> None:
-        async with self._update_lock:
-            was_paused = self._paused
+        mode = PauseMode(mode)
+        await self._update_lock.acquire()  # released by the update task (it may outlive us)
+        was_paused = self._paused
+        try:
+            if not was_paused and mode is PauseMode.WAIT:
+                await self._drain()  # the long, cancellable part: nothing loaded yet
+        except BaseException:
+            self._update_lock.release()
+            raise
+        self._loading_version = version
+        task = asyncio.ensure_future(self._pause_load_resume(mode, load, version, was_paused))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                task.add_done_callback(functools.partial(report_orphan_load, self.backend, version))
+            raise
+
+    async def _pause_load_resume(self, mode: PauseMode, load, version: int, was_paused: bool) -> None:
+        try:
             if not was_paused:
-                await self.pause(mode)
+                await self.pause(mode)  # (wait mode: already drained, returns at once)
             try:
                 await asyncio.sleep(0)  # deliver chunks produced before the pause
                 await load()
@@ -140,3 +170,6 @@ class SGLangWeightUpdates(WeightStaging):
             finally:
                 if not was_paused:
                     await self.resume()
+        finally:
+            self._loading_version = None
+            self._update_lock.release()

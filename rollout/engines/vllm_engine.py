@@ -5,6 +5,13 @@
     commit_weight_update ─► pause (between steps) ─► collective_rpc("slime_load_weights")
                             ─► tied lm_head re-pack ─► reset_prefix_cache ─► version = v ─► resume
 
+Start-up, once: the log-prob sampler is switched (see `vllm_ext`), the checkpoint names a
+full update must hold are derived from the model's own parameters through a worker RPC (any
+checkpoint format: safetensors, `pytorch_model.bin`, ...), vLLM's reload warning for layers
+with nothing to load (rotary embeddings, a tied `lm_head`) is filtered, and the torch thread
+count is set on the engine thread. Requests go in as token inputs (`tokens_input`) with
+detokenization off unless they have stop strings (only token ids and log-probs are used).
+
 Why not `AsyncLLM`: in vLLM 0.32 it always runs the engine core in a child process
 (`VLLM_ENABLE_V1_MULTIPROCESSING` only affects `LLMEngine`), which costs ~13 s and ~1 GiB
 more per start on CPU and turns tensors into lists on the RPC. `LLMEngine` with
@@ -23,7 +30,12 @@ from typing import Any
 import torch
 from slime_rl.rollout.engines.base import FinishReason, GenerateRequest, SamplingParams
 from slime_rl.rollout.engines.core import StepDelta, SteppedEngine
-from slime_rl.rollout.engines.vllm_ext import EXTENSION_PATH, pack_weights
+from slime_rl.rollout.engines.vllm_ext import (
+    EXTENSION_PATH,
+    IGNORED_CHECKPOINT_SUFFIXES,
+    check_full_state_dict,
+    pack_weights,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +65,11 @@ def _import_vllm():
     return vllm, LLMEngine
 
 
-def to_vllm_sampling(params: SamplingParams):
-    """Our `SamplingParams` as vLLM's (log-prob of the sampled token only, delta outputs)."""
-    vllm, _ = _import_vllm()
-    from vllm.sampling_params import RequestOutputKind
-
-    return vllm.SamplingParams(
+def vllm_sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
+    """Keyword arguments of vLLM's `SamplingParams` for ours (log-prob of the sampled token
+    only). Detokenization is on only for stop strings, which vLLM matches on text: the engine
+    uses token ids and log-probs alone, and incremental detokenizing cost ~15 % of decode."""
+    return dict(
         n=1,
         temperature=params.temperature,
         top_p=params.top_p,
@@ -69,12 +80,22 @@ def to_vllm_sampling(params: SamplingParams):
         seed=params.seed,
         ignore_eos=params.ignore_eos,
         logprobs=0,
-        output_kind=RequestOutputKind.DELTA,
+        detokenize=bool(params.stop),
     )
 
 
+def to_vllm_sampling(params: SamplingParams):
+    """Our `SamplingParams` as vLLM's, with delta outputs."""
+    vllm, _ = _import_vllm()
+    from vllm.sampling_params import RequestOutputKind
+
+    return vllm.SamplingParams(**vllm_sampling_kwargs(params), output_kind=RequestOutputKind.DELTA)
+
+
 def checkpoint_tensor_names(model_path: str | Path) -> set[str] | None:
-    """Tensor names in a local safetensors checkpoint (None when there is none to read)."""
+    """Tensor names in a local safetensors checkpoint (None when there is none to read),
+    without the ones vLLM drops on load. Only a cross-check: the engine's own parameters
+    decide what an update must hold."""
     files = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
     if not files:
         return None
@@ -83,26 +104,10 @@ def checkpoint_tensor_names(model_path: str | Path) -> set[str] | None:
     names: set[str] = set()
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
-            names.update(sf.keys())
+            names.update(k for k in sf.keys() if not k.endswith(IGNORED_CHECKPOINT_SUFFIXES))
     return names
 
 
-def check_full_state_dict(expected: set[str] | None, names: list[str], tied: bool) -> None:
-    """Refuse partial or foreign updates before vLLM touches the model: its in-place reload
-    gives NaN or a mix of old and new weights on a partial state dict."""
-    if expected is None:
-        return
-    got = set(names)
-    optional = {"lm_head.weight"} if tied else set()
-    missing = sorted(expected - got - optional)
-    unknown = sorted(got - expected - optional)
-    if unknown:
-        raise ValueError(f"vllm engine: weights {unknown[:5]} are not in the model's checkpoint")
-    if missing:
-        raise ValueError(
-            f"vllm engine: the update misses {missing[:5]}... ({len(missing)} tensors); "
-            "send the full state dict (partial updates corrupt vLLM's in-place reload)"
-        )
 
 
 class VLLMEngine(SteppedEngine):
@@ -158,14 +163,53 @@ class VLLMEngine(SteppedEngine):
         # Built on the engine thread: every later vLLM call runs there too.
         self._engine = self._thread.submit(self._build, args).result()
         # Log-probs of log_softmax(logits / T), full vocabulary (the trainer's view).
-        self._thread.submit(self._engine.collective_rpc, "slime_install_logprob_sampler").result()
+        self._rpc("slime_install_logprob_sampler")
+        # What a full update must hold, from the model's own parameters (any checkpoint format).
+        expected = self._rpc("slime_expected_weights")[0]
+        self._expected: dict[str, Any] = expected["params"]
+        self._optional: set[str] = set(expected["optional"])
+        self._rpc("slime_quiet_reload_warnings")
         if num_threads is not None:
-            # torch._C directly: vLLM's CPU worker replaces torch.set_num_threads with a no-op.
-            self._thread.submit(torch._C.set_num_threads, num_threads).result()
+            self._set_engine_threads(num_threads)
         self.max_model_len = self._engine.model_config.max_model_len
-        self._checkpoint_names = checkpoint_tensor_names(model_path)
-        hf_config = self._engine.model_config.hf_config
-        self._tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.eos_token_ids = self._eos_token_ids()
+        self._cross_check_checkpoint(model_path)
+
+    def _rpc(self, method: str, *args: Any) -> list[Any]:
+        """`collective_rpc` on the engine thread (blocking; for start-up)."""
+        return self._thread.submit(self._engine.collective_rpc, method, None, args).result()
+
+    def _eos_token_ids(self) -> list[int]:
+        config = self._engine.model_config
+        eos: set[int] = set()
+        sources = [
+            config.try_get_generation_config().get("eos_token_id"),
+            getattr(config.hf_config, "eos_token_id", None),
+            getattr(self._engine.get_tokenizer(), "eos_token_id", None),
+        ]
+        for e in sources:
+            eos.update([e] if isinstance(e, int) else (e or []))
+        return sorted(eos)
+
+    def _cross_check_checkpoint(self, model_path: str | Path) -> None:
+        """Warn when a local safetensors checkpoint disagrees with the names derived from the
+        engine (an unusual name mapping); updates are checked against the engine's names."""
+        names = checkpoint_tensor_names(model_path)
+        if names is None:
+            return
+        try:
+            check_full_state_dict(self._expected, self._optional, sorted(names))
+        except ValueError as e:
+            logger.warning(
+                "vllm engine: the checkpoint in %s does not match the weight names derived from "
+                "the engine's parameters (%s); weight updates are checked against the engine's",
+                model_path,
+                e,
+            )
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        """`{"max_model_len": vLLM's context limit, "eos_token_id": [ids]}`."""
+        return {"max_model_len": self.max_model_len, "eos_token_id": list(self.eos_token_ids)}
 
     @staticmethod
     def _build(args: dict[str, Any]):
@@ -176,6 +220,8 @@ class VLLMEngine(SteppedEngine):
 
     # ---- backend hooks (engine thread) ------------------------------------------------------
     def backend_add(self, requests: list[GenerateRequest]) -> None:
+        from vllm.inputs.engine import tokens_input
+
         for r in requests:
             params = to_vllm_sampling(r.sampling)
             # Like hf: a request that reaches the context limit ends with `length` instead of
@@ -183,9 +229,8 @@ class VLLMEngine(SteppedEngine):
             room = self.max_model_len - len(r.prompt_token_ids)
             if 0 < room < params.max_tokens:
                 params.max_tokens = room
-            self._engine.add_request(
-                r.request_id, {"prompt_token_ids": list(r.prompt_token_ids)}, params
-            )
+            # A token input, not a raw prompt dict (which vLLM 0.32 warns about as deprecated).
+            self._engine.add_request(r.request_id, tokens_input(list(r.prompt_token_ids)), params)
 
     def backend_step(self) -> list[StepDelta]:
         deltas = []
@@ -206,7 +251,7 @@ class VLLMEngine(SteppedEngine):
         self._engine.abort_request(list(request_ids))
 
     def backend_load(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-        check_full_state_dict(self._checkpoint_names, [n for n, _ in named_tensors], self._tied)
+        check_full_state_dict(self._expected, self._optional, [n for n, _ in named_tensors])
         payload: Any = named_tensors if self._tensors_by_reference else pack_weights(named_tensors)
         self._engine.collective_rpc("slime_load_weights", args=(payload,))
         # Requests kept across the update are preempted and recomputed with the new weights;

@@ -6,8 +6,13 @@
         worker.reload_weights(weights_iterator)   # vLLM's layerwise in-place reload
         tied lm_head: repack from the new embedding (else it keeps the OLD packed weights)
 
-`slime_install_logprob_sampler` (called once after start) switches the worker's sampler to
-report `log_softmax(logits / T)` over the full vocabulary (see `TemperatureLogprobSampler`).
+Called once after start:
+- `slime_install_logprob_sampler` switches the worker's sampler to report
+  `log_softmax(logits / T)` over the full vocabulary (see `TemperatureLogprobSampler`);
+- `slime_expected_weights` derives, from the model's own parameters, the checkpoint (HF)
+  names a full update must hold, for any checkpoint format (see `weight_ways`);
+- `slime_quiet_reload_warnings` filters vLLM's "<Layer>: Failed to load weights" warning
+  for layers a reload has nothing to load into (rotary embeddings, a tied `lm_head`).
 
 Loaded by vLLM by dotted path (`worker_extension_cls`); imports vllm only inside methods so
 the module itself imports without vllm installed.
@@ -16,6 +21,7 @@ the module itself imports without vllm installed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,6 +29,135 @@ import torch
 logger = logging.getLogger(__name__)
 
 EXTENSION_PATH = "slime_rl.rollout.engines.vllm_ext.WeightSyncExtension"
+
+IGNORED_CHECKPOINT_SUFFIXES = (
+    "rotary_emb.inv_freq",
+    "rotary_pos_emb.inv_freq",
+    "rotary_emb.cos_cached",
+    "rotary_emb.sin_cached",
+)
+"""Tensors some checkpoints carry and vLLM drops on load: allowed in an update, never required."""
+
+Ways = list[list[list[str]]]
+"""How one vLLM parameter can be covered by checkpoint names: a list of *ways*, each a list
+of *slots*, each slot a list of alternative names. Covered when every slot of some way has
+one of its names in the update."""
+
+
+def weight_ways(
+    param_names: Iterable[str],
+    packed: Mapping[str, Sequence[str]],
+    experts: Sequence[tuple[str, str, Any]] = (),
+    prefix_renames: Mapping[str, str] | None = None,
+) -> dict[str, Ways]:
+    """The checkpoint names that cover each vLLM parameter (pure: no vLLM needed).
+
+    Args:
+        param_names: the model's `named_parameters()` names (vLLM naming; a tied `lm_head`
+            is not among them).
+        packed: the model's `packed_modules_mapping`, e.g. `{"qkv_proj": ["q_proj",
+            "k_proj", "v_proj"]}`: a packed parameter is covered by itself (a checkpoint
+            that stores it fused) or by all of its shards.
+        experts: `(param_prefix, weight_prefix, key)` from the model's
+            `get_expert_mapping()` (`("experts.w13_", "experts.0.gate_proj.", (0, "w1"))`):
+            a fused-experts parameter is covered by itself or by one name per key.
+        prefix_renames: vLLM-name prefix -> checkpoint-name prefix (the inverse of the
+            model's `hf_to_vllm_mapper.orig_to_new_prefix`).
+    """
+    renames = dict(prefix_renames or {})
+
+    def to_checkpoint(name: str) -> str:
+        for new, orig in renames.items():
+            if name.startswith(new):
+                return orig + name[len(new) :]
+        return name
+
+    out: dict[str, Ways] = {}
+    for name in param_names:
+        ways: Ways = [[[name]]]
+        parts = name.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part in packed:
+                ways.append([[".".join([*parts[:i], sub, *parts[i + 1 :]])] for sub in packed[part]])
+                break
+        slots: dict[Any, list[str]] = {}
+        for param_prefix, weight_prefix, key in experts:
+            if param_prefix in name:
+                alternative = name.replace(param_prefix, weight_prefix, 1)
+                slot = slots.setdefault((param_prefix, key), [])
+                if alternative not in slot:
+                    slot.append(alternative)
+        if slots:
+            ways.append(list(slots.values()))
+        out[name] = [[[to_checkpoint(n) for n in slot] for slot in way] for way in ways]
+    return out
+
+
+def check_full_state_dict(expected: Mapping[str, Ways], optional: set[str], names: Sequence[str]) -> None:
+    """Refuse a partial or foreign update before vLLM touches the model (its in-place reload
+    of a partial state dict gives NaN or a mix of old and new weights).
+
+    Raises:
+        ValueError: naming up to 5 unknown names, or the missing names (checkpoint naming)
+            with how many are missing.
+    """
+    got = set(names)
+    allowed = set(optional)
+    for ways in expected.values():
+        allowed.update(n for way in ways for slot in way for n in slot)
+    unknown = sorted(n for n in got - allowed if not n.endswith(IGNORED_CHECKPOINT_SUFFIXES))
+    if unknown:
+        raise ValueError(
+            f"vllm engine: weights {unknown[:5]} ({len(unknown)} in all) are not parameters of "
+            "the engine's model; send the model's own (HF-named) state dict"
+        )
+    missing: list[str] = []
+    for ways in expected.values():
+        gaps = [[slot[0] for slot in way if got.isdisjoint(slot)] for way in ways]
+        if any(not gap for gap in gaps):
+            continue
+        # Report the way closest to complete; on a tie the most split one (checkpoint naming).
+        best = min(range(len(ways)), key=lambda i: (len(gaps[i]) / len(ways[i]), -i))
+        missing += gaps[best]
+    if missing:
+        raise ValueError(
+            f"vllm engine: the update misses {sorted(missing)[:5]}... ({len(missing)} tensors); "
+            "send the full state dict (partial updates corrupt vLLM's in-place reload)"
+        )
+
+
+_RELOAD_WARNING = "%s: Failed to load weights"
+
+
+class QuietReloadFilter(logging.Filter):
+    """Drops vLLM's "<Layer>: Failed to load weights" reload warning for layer classes that
+    own no parameter of their own (rotary embeddings hold only buffers; a tied `lm_head`'s
+    weight is the embedding's, loaded there): a reload has nothing to load into them. The
+    warning for any other layer passes: that one is news (a layer kept its old weights)."""
+
+    def __init__(self, classes: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.classes: set[str] = set(classes)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != _RELOAD_WARNING or not record.args:
+            return True
+        args = record.args if isinstance(record.args, tuple) else (record.args,)
+        return args[0] not in self.classes
+
+
+def parameterless_layer_classes(model: torch.nn.Module) -> set[str]:
+    """Names of module classes none of whose instances owns a parameter not already owned by
+    an earlier module (tied aliases do not count)."""
+    seen: set[int] = set()
+    silent: set[str] = set()
+    loud: set[str] = set()
+    for module in model.modules():
+        own = [p for _, p in module.named_parameters(recurse=False, remove_duplicate=False)]
+        fresh = [p for p in own if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        (loud if fresh else silent).add(type(module).__name__)
+    return silent - loud
 
 
 def pack_weights(named_tensors: list[tuple[str, torch.Tensor]]) -> bytes:
@@ -106,6 +241,44 @@ class WeightSyncExtension:
             )
         sampler.__class__ = scaled  # same state, temperature-aware compute_logprobs
         return "temperature_scaled_raw_logprobs"
+
+    def slime_expected_weights(self) -> dict[str, Any]:
+        """`{"params": {vllm_name: Ways}, "optional": [names]}`: what a full update must hold,
+        in checkpoint names, derived from this worker's model (see `weight_ways`)."""
+        model = self.model_runner.get_model()
+        packed: dict[str, list[str]] = {}
+        for module in model.modules():  # packed_modules_mapping may sit on an inner module
+            packed.update(getattr(module, "packed_modules_mapping", None) or {})
+        experts: list[tuple[str, str, Any]] = []
+        if callable(getattr(model, "get_expert_mapping", None)):
+            for param_prefix, weight_prefix, expert_id, shard_id in model.get_expert_mapping():
+                experts.append((param_prefix, weight_prefix, (expert_id, shard_id)))
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        renames = {
+            new: orig
+            for orig, new in (getattr(mapper, "orig_to_new_prefix", None) or {}).items()
+            if new is not None
+        }
+        names = [n for n, _ in model.named_parameters()]
+        config = getattr(model, "config", None)
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        return {
+            "params": weight_ways(names, packed, experts, renames),
+            "optional": ["lm_head.weight"] if tied and "lm_head.weight" not in names else [],
+        }
+
+    def slime_quiet_reload_warnings(self) -> list[str]:
+        """Install `QuietReloadFilter` (once per process) on vLLM's layerwise-reload logger for
+        this model's parameterless layer classes; returns the classes filtered."""
+        from vllm.model_executor.model_loader.reload import layerwise
+
+        reload_logger = getattr(layerwise, "logger", None) or logging.getLogger(layerwise.__name__)
+        quiet = next((f for f in reload_logger.filters if isinstance(f, QuietReloadFilter)), None)
+        if quiet is None:
+            quiet = QuietReloadFilter()
+            reload_logger.addFilter(quiet)
+        quiet.classes |= parameterless_layer_classes(self.model_runner.get_model())
+        return sorted(quiet.classes)
 
     def slime_param_checksum(self) -> float:
         """Sum of all parameters (float64): lets tests see that weights really changed."""

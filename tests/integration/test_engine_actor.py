@@ -107,7 +107,9 @@ def test_commit_timeout_names_actor_and_version(client, models):
     wait_for_tokens(client, "long", 1)
     v = client.version()
     with pytest.raises(
-        TimeoutError, match=rf"test-engine-actor.*version {v + 1}.*weight_update_timeout_s"
+        TimeoutError,
+        match=rf"test-engine-actor.*version {v + 1}.*weight_update_timeout_s\); nothing was "
+        rf"loaded: the engine keeps version {v}",
     ):
         client.update_weights(v + 1, models["a"].state_dict(), PauseMode.WAIT)  # waits for "long"
     assert client.version() == v and client.health().ok
@@ -117,12 +119,54 @@ def test_commit_timeout_names_actor_and_version(client, models):
 
 
 def test_shutdown_ends_the_engine(ray_cluster, tiny_model_dir):
-    cfg = RolloutConfig(engine="hf", cpu_threads=1, max_batch_size=4)
+    cfg = RolloutConfig(engine="hf", cpu_threads=3, max_batch_size=4)
     c = ActorClient(start_engine_actor_from_config(cfg, tiny_model_dir, num_cpus=0), timeout_s=60)
     assert c.generate(GenerateRequest("x", [5, 6, 7], SamplingParams(max_new_tokens=2))).token_ids
+    # rollout.cpu_threads reaches the thread that runs the model (Ray's default would be 1)
+    assert ray.get(c.handle.torch_threads.remote(), timeout=30) == 3
     ray.get(c.handle.shutdown.remote(), timeout=60)
     health = c.health()
     assert not health.ok and health.detail == "shut down"
     with pytest.raises(ray.exceptions.RayTaskError, match="shut down"):
         c.generate(GenerateRequest("y", [5, 6]))
     c.close()
+
+
+def test_generate_group_returns_an_error_result_for_a_bad_request(client, models):
+    """One call per prompt group; a prompt too long for the context fails alone."""
+    p = SamplingParams(max_new_tokens=3, ignore_eos=True, seed=2)
+    reqs = [GenerateRequest("grp-0", [5, 6, 7], p), GenerateRequest("grp-1", list(range(3, 300)) * 4, p),
+            GenerateRequest("grp-2", [9, 10], p)]  # fmt: skip
+    ok0, bad, ok2 = ray.get(client.handle.generate_group.remote(reqs), timeout=60)
+    assert [r.request_id for r in (ok0, bad, ok2)] == ["grp-0", "grp-1", "grp-2"]
+    assert len(ok0.token_ids) == len(ok2.token_ids) == 3
+    assert bad.finish_reason is FinishReason.ERROR and bad.token_ids == []
+    assert "does not fit the model's 1024 positions" in bad.error
+    info = ray.get(client.handle.tokenizer_info.remote(), timeout=30)
+    assert info == {"max_model_len": 1024, "eos_token_id": [2]}
+
+
+def test_load_weights_from_refs_checks_versions_and_counts(client, models):
+    """The rollout manager's path: ObjectRefs of the trainer's WeightBuckets, in any order."""
+    from slime_rl.trainer.weights import WeightBucket
+
+    state = {k: t for k, t in models["b"].state_dict().items() if k != "lm_head.weight"}
+    names = list(state)
+    chunks = [names[i : i + 12] for i in range(0, len(names), 12)]
+    v = client.version()
+    h = client.handle
+
+    def buckets(version: int, n: int | None = None) -> list[WeightBucket]:
+        return [WeightBucket(version, i, n or len(chunks), c, [state[x] for x in c]) for i, c in enumerate(chunks)]
+
+    wrong = buckets(v + 1)
+    wrong[2] = buckets(v + 7)[2]
+    with pytest.raises(ray.exceptions.RayTaskError, match=rf"bucket 2 .* holds weight version {v + 7}, expected {v + 1}"):
+        ray.get(h.load_weights_from_refs.remote(v + 1, [ray.put(b) for b in wrong]), timeout=60)
+    short = buckets(v + 1)[:-1]
+    with pytest.raises(ray.exceptions.RayTaskError, match=rf"version {v + 1} has \[{len(chunks)}\] buckets but {len(chunks) - 1} arrived"):
+        ray.get(h.load_weights_from_refs.remote(v + 1, [ray.put(b) for b in short]), timeout=60)
+    assert client.version() == v
+    refs = [ray.put(b) for b in reversed(buckets(v + 1))]  # staged by index, whatever the order
+    assert ray.get(h.load_weights_from_refs.remote(v + 1, refs, "keep"), timeout=60) == v + 1
+    check_logprobs_match(client, models["b"], make_prompts(2, models["a"].config.vocab_size, seed=5), "from-refs")

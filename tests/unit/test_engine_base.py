@@ -170,3 +170,120 @@ def test_sglang_request_and_result_translation():
         },
     }
     assert from_sglang_output(req, cut, 0, 0).finish_reason is FinishReason.ABORT
+
+
+def test_stop_string_of_multibyte_characters_stops_on_its_last_byte_token(tiny_model_dir):
+    """A 5-character CJK stop string is 15 byte-level tokens in the tiny tokenizer: the checker
+    must look at enough tokens to cover the string's bytes, not its characters."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    stop = "停止生成吧"
+    pre, ids_stop = tok("Sam has 3 pens. ", add_special_tokens=False)["input_ids"], tok(stop, add_special_tokens=False)["input_ids"]
+    assert len(ids_stop) == 15  # one token per UTF-8 byte
+    generated = pre + ids_stop + tok(" more", add_special_tokens=False)["input_ids"]
+    chk = StopChecker(SamplingParams(stop=(stop,)), eos_token_ids=[], tokenizer=tok)
+    ends = [i for i in range(1, len(generated) + 1) if chk.check(generated[:i])[0]]
+    assert ends[0] == len(pre) + len(ids_stop) and chk.check(generated[: ends[0]]) == (True, stop)
+
+
+def test_vllm_detokenizes_only_for_stop_strings():
+    """Token ids and log-probs are all the engine uses; text is needed only to match stops."""
+    from slime_rl.rollout.engines.vllm_engine import vllm_sampling_kwargs
+
+    plain = vllm_sampling_kwargs(SamplingParams(stop_token_ids=(9,), seed=1))
+    assert plain["detokenize"] is False and plain["stop"] is None and plain["stop_token_ids"] == [9]
+    assert vllm_sampling_kwargs(SamplingParams(stop=("</answer>",)))["detokenize"] is True
+
+
+QWEN2_PARAMS = [
+    "model.embed_tokens.weight",
+    *(f"model.layers.{i}.{p}" for i in range(2) for p in (
+        "self_attn.qkv_proj.weight", "self_attn.qkv_proj.bias", "self_attn.o_proj.weight",
+        "mlp.gate_up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
+        "post_attention_layernorm.weight")),
+    "model.norm.weight",
+]  # fmt: skip
+QWEN2_PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+
+def _hf_names() -> list[str]:
+    """The HF checkpoint names of QWEN2_PARAMS (what the trainer sends)."""
+    out = []
+    for name in QWEN2_PARAMS:
+        for packed, subs in QWEN2_PACKED.items():
+            if f".{packed}." in name:
+                out += [name.replace(packed, s) for s in subs]
+                break
+        else:
+            out.append(name)
+    return out
+
+
+def test_expected_weight_names_come_from_the_engine_parameters():
+    from slime_rl.rollout.engines.vllm_ext import check_full_state_dict, weight_ways
+
+    expected = weight_ways(QWEN2_PARAMS, QWEN2_PACKED)
+    full = _hf_names()
+    check_full_state_dict(expected, {"lm_head.weight"}, full)  # HF names
+    check_full_state_dict(expected, {"lm_head.weight"}, [*full, "lm_head.weight", "model.layers.0.self_attn.rotary_emb.inv_freq"])
+    check_full_state_dict(expected, set(), QWEN2_PARAMS)  # a checkpoint storing packed weights fused
+    no_layer1 = [n for n in full if "layers.1." not in n]
+    with pytest.raises(ValueError, match=r"misses \['model.layers.1.input_layernorm.weight', .*\(12 tensors\); send the full state dict"):
+        check_full_state_dict(expected, set(), no_layer1)
+    no_k = [n for n in full if n != "model.layers.0.self_attn.k_proj.bias"]
+    with pytest.raises(ValueError, match=r"misses \['model.layers.0.self_attn.k_proj.bias'\]\.\.\. \(1 tensors\)"):
+        check_full_state_dict(expected, set(), no_k)
+    with pytest.raises(ValueError, match=r"weights \['bogus.weight'\] \(1 in all\) are not parameters"):
+        check_full_state_dict(expected, set(), [*full, "bogus.weight"])
+
+
+def test_expected_weight_names_for_fused_experts_and_renamed_prefixes():
+    from slime_rl.rollout.engines.vllm_ext import check_full_state_dict, weight_ways
+
+    params = ["lm.layers.0.mlp.experts.w13_weight", "lm.layers.0.mlp.experts.w2_weight", "lm.norm.weight"]
+    experts = [
+        (p, f"experts.{e}.{w}.", (e, shard))
+        for e in range(2)
+        for p, w, shard in (("experts.w13_", "gate_proj", "w1"), ("experts.w13_", "up_proj", "w3"), ("experts.w2_", "down_proj", "w2"))
+    ]
+    expected = weight_ways(params, {}, experts, prefix_renames={"lm.": "model."})
+    full = ["model.norm.weight"] + [f"model.layers.0.mlp.experts.{e}.{w}.weight" for e in range(2) for w in ("gate_proj", "up_proj", "down_proj")]
+    check_full_state_dict(expected, set(), full)
+    with pytest.raises(ValueError, match=r"misses \['model.layers.0.mlp.experts.1.up_proj.weight'\]"):
+        check_full_state_dict(expected, set(), [n for n in full if "experts.1.up_proj" not in n])
+
+
+def test_reload_warning_is_filtered_only_for_layers_without_parameters_of_their_own():
+    import logging
+
+    from slime_rl.rollout.engines.vllm_ext import QuietReloadFilter, parameterless_layer_classes
+
+    class Rotary(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("cos_sin_cache", torch.zeros(4))
+
+    class Head(torch.nn.Module):
+        pass
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(4, 2)
+            self.rotary = Rotary()
+            self.proj = torch.nn.Linear(2, 2)
+            self.head = Head()
+            self.head.weight = self.embed.weight  # tied
+
+    classes = parameterless_layer_classes(Net())
+    assert {"Rotary", "Head"} <= classes and not {"Embedding", "Linear"} & classes
+    quiet = QuietReloadFilter(classes)
+
+    def record(name: str) -> logging.LogRecord:
+        return logging.LogRecord("vllm.x", logging.WARNING, "f", 1, "%s: Failed to load weights", (name,), None)
+
+    assert not quiet.filter(record("Rotary")) and not quiet.filter(record("Head"))
+    assert quiet.filter(record("Linear")), "a real layer that failed to load is news"
+    other = logging.LogRecord("vllm.x", logging.WARNING, "f", 1, "%s: other", ("Rotary",), None)
+    assert quiet.filter(other)

@@ -233,3 +233,43 @@ def test_bad_request_fails_alone(eng):
         gen(eng, list(range(3, 300)) * 4, tag="too-long")
     assert eng.health().ok
     assert gen(eng, [5, 6, 7], max_new_tokens=2, ignore_eos=True).token_ids
+
+
+def test_generate_many_keeps_the_good_results_when_one_prompt_is_too_long(eng):
+    """A group with one over-long prompt: the others complete, the bad one is an error result."""
+    p = SamplingParams(max_new_tokens=3, ignore_eos=True, seed=1)
+    reqs = [GenerateRequest("ok-0", [5, 6, 7], p), GenerateRequest("long", list(range(3, 300)) * 4, p),
+            GenerateRequest("ok-1", [8, 9], p)]  # fmt: skip
+    ok0, bad, ok1 = eng.generate_many(reqs)
+    assert len(ok0.token_ids) == len(ok1.token_ids) == 3 and ok0.finish_reason is FinishReason.LENGTH
+    assert bad.finish_reason is FinishReason.ERROR and bad.token_ids == [] and bad.weight_versions == []
+    assert "request 'long'" in bad.error and "does not fit the model's 1024 positions" in bad.error
+    assert eng.engine.tokenizer_info() == {"max_model_len": 1024, "eos_token_id": [2]}
+
+
+def test_num_threads_is_honoured_on_the_engine_thread(tiny_model_dir):
+    """Built on one thread, driven from another's event loop (as in a Ray asyncio actor), with
+    another component of the process setting its own count in between (a trainer's
+    `num_threads`): the thread that runs the model still computes with the engine's count."""
+    import threading
+
+    from slime_rl.rollout.engines.hf import HFEngine
+
+    main_threads = torch.get_num_threads()
+    want = main_threads + 1  # differs from every thread's default
+    built: dict = {}
+    builder = threading.Thread(target=lambda: built.setdefault("e", HFEngine(tiny_model_dir, num_threads=want)))
+    builder.start()
+    builder.join()
+    engine = built["e"]
+    torch._C.set_num_threads(want + 1)  # another component's count (new threads get the latest)
+
+    async def drive():
+        res = await engine.generate(GenerateRequest("t", [5, 6, 7], SamplingParams(max_new_tokens=2)))
+        threads = await engine.torch_threads()
+        await engine.shutdown()
+        return res, threads
+
+    res, threads = asyncio.run(drive())
+    assert threads == want and len(res.token_ids) >= 1
+    torch.set_num_threads(main_threads)
