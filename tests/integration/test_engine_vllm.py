@@ -2,6 +2,8 @@
 
 One engine start for the whole module (each costs seconds and ~1 GiB); the actor's own
 process keeps vLLM's process-global state (torch threads, torch.distributed) out of pytest.
+The module's engine loads the tiny model from a `pytorch_model.bin` folder (no safetensors):
+the guard against partial updates must not depend on the checkpoint format.
 """
 
 from __future__ import annotations
@@ -45,11 +47,27 @@ def models(tiny_model_dir, tiny_model_dir_b):
 
 
 @pytest.fixture(scope="module")
-def client(ray_cluster, tiny_model_dir, tmp_path_factory):
+def tiny_bin_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with its weights as `pytorch_model.bin` instead of safetensors."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path_factory.mktemp("tiny_bin")
+    for f in tiny_model_dir.iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy(f, out / f.name)
+    torch.save(load_file(tiny_model_dir / "model.safetensors"), out / "pytorch_model.bin")
+    return out
+
+
+@pytest.fixture(scope="module")
+def client(ray_cluster, tiny_bin_dir, tmp_path_factory):
     rpc_dir = tmp_path_factory.mktemp("vllm_rpc")
     handle = start_engine_actor(
         "vllm",
-        tiny_model_dir,
+        tiny_bin_dir,
         num_cpus=0,
         kv_cache_gb=0.125,
         max_model_len=512,
@@ -180,11 +198,20 @@ def test_update_in_abort_mode_and_pause(eng, models):
 
 
 def test_partial_update_is_refused_and_harmless(eng, models):
+    """With a pytorch_model.bin checkpoint (the names come from the engine's parameters)."""
     sd = models["b"].state_dict()
     partial = {k: t for k, t in sd.items() if "layers.1." not in k}
     v = eng.version()
-    with pytest.raises(ray.exceptions.RayTaskError, match="full state dict"):
+    with pytest.raises(
+        ray.exceptions.RayTaskError,
+        match=r"misses \['model.layers.1.input_layernorm.weight', .*\(12 tensors\); send the full state dict",
+    ):
         eng.update_weights(v + 1, partial)
+    no_k = {k: t for k, t in sd.items() if k != "model.layers.2.self_attn.k_proj.weight"}
+    with pytest.raises(ray.exceptions.RayTaskError, match=r"misses \['model.layers.2.self_attn.k_proj.weight'\]"):
+        eng.update_weights(v + 1, no_k)
+    with pytest.raises(ray.exceptions.RayTaskError, match=r"\['bogus.weight'\] \(1 in all\) are not parameters"):
+        eng.update_weights(v + 1, {**sd, "bogus.weight": sd["model.norm.weight"]})
     assert eng.version() == v and eng.health().ok
     check_logprobs_match(
         eng, models["a"], make_prompts(2, models["a"].config.vocab_size, seed=8), "after-refusal"
@@ -195,6 +222,14 @@ def test_bad_request_fails_alone(eng):
     with pytest.raises(ray.exceptions.RayTaskError, match="512"):
         gen(eng, list(range(3, 300)) * 2, tag="too-long")  # 594 tokens > max_model_len 512
     assert eng.health().ok
+    p = SamplingParams(max_new_tokens=3, ignore_eos=True, seed=1)
+    group = [GenerateRequest("grp-0", [5, 6, 7], p), GenerateRequest("grp-1", list(range(3, 300)) * 2, p)]
+    ok, bad = ray.get(eng.handle.generate_group.remote(group), timeout=120)
+    assert len(ok.token_ids) == 3 and bad.finish_reason is FinishReason.ERROR and bad.token_ids == []
+    assert "request 'grp-1'" in bad.error and "maximum model length of 512" in bad.error
+    info = ray.get(eng.handle.tokenizer_info.remote(), timeout=30)
+    assert info == {"max_model_len": 512, "eos_token_id": [2]}
+    assert ray.get(eng.handle.torch_threads.remote(), timeout=30) == 1
     near = gen(
         eng, list(range(3, 300)) + [5] * 200, max_new_tokens=50, ignore_eos=True
     )  # 497 tokens
@@ -203,41 +238,75 @@ def test_bad_request_fails_alone(eng):
 
 
 SHUTDOWN_SCRIPT = """
-import json, sys
+import json, logging, sys
 import psutil
+from safetensors.torch import load_file
 from slime_rl.rollout.engines import GenerateRequest, SamplingParams
 from slime_rl.rollout.engines.sync import EngineRunner
 
+class Loud(logging.Handler):  # WARNING and ERROR records, from vLLM and everything else
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.seen = []
+    def emit(self, record):
+        self.seen.append(f"{record.name}: {record.getMessage()}")
+
 def main():
-    proc, rss = psutil.Process(), []
-    for _ in range(2):  # a second engine in the same process must start after a shutdown
-        r = EngineRunner("vllm", sys.argv[1], kv_cache_gb=1.0, max_model_len=256, num_threads=1)
-        r.generate(GenerateRequest("x", [5, 6, 7], SamplingParams(max_new_tokens=4)))
-        up = proc.memory_info().rss
-        r.close()
-        rss.append((up, proc.memory_info().rss))
-    print(json.dumps(rss))
+    model_a, model_b = sys.argv[1], sys.argv[2]
+    proc, out = psutil.Process(), {}
+    # 1. threads, a quiet weight push and generation, then shutdown: memory comes back
+    r = EngineRunner("vllm", model_a, kv_cache_gb=1.0, max_model_len=256, num_threads=3)
+    out["threads"] = r.call(r.engine.torch_threads())
+    loud = Loud()
+    for name in ("vllm", ""):
+        logging.getLogger(name).addHandler(loud)
+    r.generate(GenerateRequest("x", [5, 6, 7], SamplingParams(max_new_tokens=4)))
+    before = r.call(r.engine.param_checksum())
+    r.update_weights(1, load_file(model_b + "/model.safetensors"))
+    out["changed"] = r.call(r.engine.param_checksum()) != before
+    r.generate(GenerateRequest("y", [5, 6, 7], SamplingParams(max_new_tokens=4)))
+    out["warnings"] = list(loud.seen)
+    for name in ("vllm", ""):
+        logging.getLogger(name).removeHandler(loud)
+    up = proc.memory_info().rss
+    r.close()
+    out["rss"] = (up, proc.memory_info().rss)
+    # 2. a second engine in the same process starts after a shutdown; this one is left with a
+    #    request in flight and no close(): the exit must be clean all the same
+    r2 = EngineRunner("vllm", model_a, kv_cache_gb=0.25, max_model_len=256, num_threads=1)
+    r2.submit_generate(GenerateRequest("z", [5, 6, 7], SamplingParams(max_new_tokens=200, ignore_eos=True)))
+    while not r2.progress(["z"]):
+        pass
+    print(json.dumps(out), flush=True)
 
 if __name__ == "__main__":
     main()
 """
 
 
-@pytest.mark.timeout(180)
-def test_shutdown_frees_memory_and_exits_cleanly(tiny_model_dir, tmp_path):
+@pytest.mark.timeout(240)
+def test_quiet_update_shutdown_memory_and_clean_exit(tiny_model_dir, tiny_model_dir_b, tmp_path):
+    """In a subprocess: engine threads as asked (3, not the default), a weight push and
+    generation log no WARNING/ERROR record, shutdown frees the KV cache, and a second engine
+    left running with a request in flight at exit ends without traceback or abort."""
     script = tmp_path / "shutdown.py"
     script.write_text(SHUTDOWN_SCRIPT)
     env = {**os.environ, "VLLM_RPC_BASE_PATH": str(tmp_path)}
     proc = subprocess.run(
-        [sys.executable, str(script), str(tiny_model_dir)],
+        [sys.executable, str(script), str(tiny_model_dir), str(tiny_model_dir_b)],
         capture_output=True,
         text=True,
         env=env,
-        timeout=170,
+        timeout=230,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "terminate called" not in proc.stderr
-    for up, down in json.loads(proc.stdout.strip().splitlines()[-1]):
-        assert up - down > 0.5 * (1 << 30), (
-            f"shutdown freed only {(up - down) / 2**20:.0f} MiB of a 1 GiB KV cache"
-        )
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "vllm engine was not shut down; shutting it down at exit (1 requests" in proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["threads"] == 3 and out["changed"]
+    assert out["warnings"] == [], out["warnings"]
+    up, down = out["rss"]
+    assert up - down > 0.5 * (1 << 30), (
+        f"shutdown freed only {(up - down) / 2**20:.0f} MiB of a 1 GiB KV cache"
+    )
