@@ -7,7 +7,8 @@
              isolate: read-only binds of /usr /etc ... and the interpreter, fresh /proc, minimal
                       /dev, one capped tmpfs for /tmp /var/tmp /dev/shm and the work folder
                       -> chroot -> drop privileges (nobody, or no capabilities)
-             read + close the secret pipe -> setrlimit -> main.py -> tests -> nonce to verdict
+             with tests: fork; child: setrlimit -> main.py -> serve calls; parent (judge):
+             read the secret -> run the tests against the child -> nonce to verdict
       └─ wall-time timeout -> SIGKILL the process group (the pid namespace takes every descendant)
       └─ rmtree the folder (whatever the program wrote lived in the tmpfs and is gone already)
 
@@ -20,8 +21,11 @@ Containment of each threat:
 - file system: a mount namespace; nothing of the host is writable, only system folders
   and the interpreter are visible (read-only), and every write lands in one tmpfs capped in
   size (``disk_mb``) and number of files (``max_files``);
-- scoring cheats: assert-style tests and the success nonce arrive over a pipe the launcher
-  closes before the program runs; they are in no file, argument or environment variable.
+- scoring cheats: assert-style tests run in a judge process forked off before the program
+  starts; the program runs in the child and answers the judge's calls with plain data only.
+  The tests and the success nonce reach the judge over a pipe the child closed unread; they
+  are in no file, argument, environment variable or memory the program can reach (the judge
+  is not dumpable and is the pid namespace's init). See ``sandbox_judge``.
 
 ``network="audit"`` (explicit opt-in) runs without namespaces: an audit hook refuses
 AF_INET/AF_INET6 sockets and starting programs. ctypes bypasses it and there is no
@@ -64,7 +68,8 @@ def _load_sibling(name: str) -> types.ModuleType:
 _hostproc = _load_sibling("sandbox_process")
 
 NOBODY = 65534
-_LAUNCHER = (Path(__file__).with_name("sandbox_launcher.py")).read_text()
+# The judge's code first: the launcher calls its serve() and run_judge() (one -c program).
+_LAUNCHER = "\n".join(Path(__file__).with_name(f).read_text() for f in ("sandbox_judge.py", "sandbox_launcher.py"))
 _SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 _PREFIXES = (
     "import json, os, sys; print(json.dumps([sys.prefix, sys.base_prefix, sys.exec_prefix, "
@@ -273,10 +278,12 @@ class Sandbox:
         """Run ``code`` as ``main.py`` (plus ``files``) with ``stdin``; never raises for what
         the program does -- a crash, a limit or a timeout shows in the result.
 
-        With ``tests`` (Python source), the tests run in the program's globals after it
-        finishes, and ``tests_passed`` says whether they reached their end. The program cannot
-        read them (no file, argument or environment variable holds them) nor fake the verdict
-        by printing or exiting early: only the launcher knows the nonce the host checks.
+        With ``tests`` (Python source), the tests run after the program finishes, in a judge
+        process that calls the program's functions across a pipe and gets plain data back
+        (see ``sandbox_judge``); ``tests_passed`` says whether they reached their end. The
+        program cannot read them nor fake the verdict (printing, exiting early, patching
+        ``exec``, reading frames or memory, always-equal objects): only the judge knows the
+        nonce the host checks.
         """
         t0 = time.monotonic()
         token = uuid.uuid4().hex

@@ -1,7 +1,8 @@
 """The first code that runs inside the sandbox: isolate, drop privileges, limit, then run.
 
-Not imported by slime-rl: :mod:`slime_rl.rewards.sandbox` passes this file's text to
-``python -I -c`` (standard library only) with a JSON spec as ``argv[1]``.
+Not imported by slime-rl: :mod:`slime_rl.rewards.sandbox` passes this file's text, after that
+of ``sandbox_judge.py`` (both standard library only), to ``python -I -c`` with a JSON spec as
+``argv[1]``.
 
     [inside unshare --mount --net --pid ... (root, or root of a fresh user namespace)]
       isolate():  tmpfs new root <- read-only binds of the system and interpreter folders
@@ -9,12 +10,16 @@ Not imported by slime-rl: :mod:`slime_rl.rewards.sandbox` passes this file's tex
                   /var/tmp, /dev/shm and the work folder -> chroot
       drop():     setuid(nobody) as host root; otherwise no capabilities, no new user
                   namespaces, no new privileges
-      read the secret (test code + nonce) from an inherited pipe, close it
-      setrlimit -> [audit hook] -> exec main.py as __main__ -> exec the tests in its globals
-      -> write the nonce to the verdict pipe (the host scores only on that nonce)
+      without tests: setrlimit -> [audit hook] -> exec main.py as __main__
+      with tests:    not dumpable -> fork
+                       child (candidate): close the secret and verdict fds -> setrlimit ->
+                                          [audit hook] -> main.py -> serve the judge
+                       this process (judge): setrlimit -> read the secret (test code + nonce)
+                                          -> run the tests against the child over pipes
+                                          -> nonce to the verdict pipe if they all passed
 
-The spec (argv) never holds the test code or the nonce; they are only in this process's
-memory after the pipe is closed.
+The spec (argv) never holds the test code or the nonce; only the judge ever reads them, after
+the fork, so they are in no memory the program can reach (see sandbox_judge).
 """
 
 import ctypes
@@ -22,11 +27,13 @@ import json
 import os
 import resource
 import sys
+import traceback
 import types
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1024, 2048, 1 << 21
+PR_SET_DUMPABLE = 4
 _DEVICES = ("null", "zero", "full", "random", "urandom")
 
 
@@ -172,6 +179,74 @@ def _read_all(fd):
     return b"".join(chunks)
 
 
+def _limit(spec):
+    for name, value in spec["rlimits"].items():
+        resource.setrlimit(getattr(resource, name), (value, value))
+
+
+def _run_program(spec):
+    """Run main.py as ``__main__`` in this process; return its globals."""
+    if spec["audit"]:
+        _audit_hook()
+    program = spec["file"]
+    with open(program) as f:
+        source = f.read()
+    module = types.ModuleType("__main__")
+    module.__file__ = program
+    module.__builtins__ = __builtins__
+    sys.modules["__main__"] = module
+    sys.argv = [program]
+    sys.path.insert(0, os.getcwd())
+    exec(compile(source, program, "exec"), module.__dict__)
+    return module.__dict__
+
+
+def _candidate(spec, req_fd, rep_fd, close_fds):
+    """The forked child: the program, then answers to the judge. Never returns."""
+    code = 1
+    try:
+        for fd in close_fds:  # the secret, the verdict and the judge's pipe ends
+            os.close(fd)
+        _libc().prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # only the judge hides its memory
+        _limit(spec)
+        program_globals = _run_program(spec)
+        serve(req_fd, rep_fd, program_globals)
+        code = 0
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - the program's own crash, reported like Python would
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _judged(spec):
+    """Fork the program off and judge it from this process (see sandbox_judge)."""
+    req_r, req_w = os.pipe()
+    rep_r, rep_w = os.pipe()
+    # Not dumpable before the fork, so the child can never ptrace or read this process's
+    # memory and fds; the child turns it back on for itself.
+    if _libc().prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE) failed")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        _candidate(spec, req_r, rep_w, (spec["secret_fd"], spec["verdict_fd"], req_w, rep_r))
+    os.close(req_r)
+    os.close(rep_w)
+    _limit(spec)
+    secret = json.loads(_read_all(spec["secret_fd"]))  # read only here, after the fork
+    run_judge(secret["tests"], secret["nonce"], req_w, rep_r, spec["verdict_fd"], pid)
+
+
 def main():
     spec = json.loads(sys.argv[1])
     files = {}
@@ -183,30 +258,11 @@ def main():
                     files[path] = f.read()
         isolate(spec, files)
         drop(spec)
-    secret = None
+    del files
     if spec["secret_fd"] is not None:
-        secret = json.loads(_read_all(spec["secret_fd"]))
-    for name, value in spec["rlimits"].items():
-        resource.setrlimit(getattr(resource, name), (value, value))
-    if spec["audit"]:
-        _audit_hook()
-    program = spec["file"]
-    verdict_fd = spec["verdict_fd"]
-    with open(program) as f:
-        source = f.read()
-    module = types.ModuleType("__main__")
-    module.__file__ = program
-    module.__builtins__ = __builtins__
-    sys.modules["__main__"] = module
-    sys.argv = [program]
-    sys.path.insert(0, os.getcwd())
-    del spec, files
-    exec(compile(source, program, "exec"), module.__dict__)
-    if secret is not None:
-        tests, nonce = secret.pop("tests"), secret.pop("nonce")
-        exec(compile(tests, "<tests>", "exec"), module.__dict__)
-        sys.stdout.flush()
-        os.write(verdict_fd, nonce.encode())
+        _judged(spec)  # never returns
+    _limit(spec)
+    _run_program(spec)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ Test-case formats (JSON in ``sample.label``, or already parsed in ``sample.metad
 
 - stdin/stdout: ``{"inputs": ["1 2\\n"], "outputs": ["3\\n"]}`` or ``[{"input": .., "output": ..}]``;
   outputs compare line by line with trailing whitespace ignored;
-- asserts: ``{"asserts": ["assert add(1, 2) == 3"]}`` or ``{"test": "<python with asserts>"}``;
-  the tests run in the program's globals after it finishes and must reach their end. They
-  reach the sandbox over a pipe (never a file the program could read), and only the
-  launcher's nonce, not anything the program prints or its exit status, counts as a pass.
+- asserts: ``{"asserts": ["assert add(1, 2) == 3"]}`` or ``{"test": "<python with asserts>"}``
+  (one case per entry); after the program finishes, a judge process the program cannot touch
+  runs the tests, calling the program's functions over a pipe and comparing the plain values
+  they return (exact builtin types: an always-equal object passes nothing); they must reach
+  their end. Only the judge's nonce, not anything the program prints, patches or exits with,
+  counts as a pass (see :mod:`~slime_rl.rewards.sandbox_judge`).
 
 Timing: each test case gets ``timeout_s`` of wall time once a sandbox slot is free; the
 runner's ``reward.timeout_s`` starts when the first case of a sample gets its slot
