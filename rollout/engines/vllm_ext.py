@@ -259,7 +259,8 @@ class WeightSyncExtension:
             for orig, new in (getattr(mapper, "orig_to_new_prefix", None) or {}).items()
             if new is not None
         }
-        names = [n for n, _ in model.named_parameters()]
+        # (with LoRA, vLLM wraps layers: `x.base_layer.weight` loads from `x.weight`)
+        names = [n.replace(".base_layer.", ".") for n, _ in model.named_parameters()]
         config = getattr(model, "config", None)
         tied = bool(getattr(config, "tie_word_embeddings", False))
         return {
