@@ -75,6 +75,10 @@ _MATH_WORDS = frozenset(
 _UNIT_WORD = re.compile(r"[^\W\d_][^\W\d_]*\.?(?:\^\{?-?\d\}?|\d)?")
 _UNIT_TAIL = re.compile(r"^(?P<num>.*?[\d)])(?P<space>\s*)(?P<unit>[^\W\d_][^()=+*\\]*)$")
 _PLAIN = re.compile(r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d{1,3}(?: \d{3})+(?:\.\d+)?|\d+(?:\.\d*)?|\.\d+")
+# 1.5e3, 1.5 \times 10^{3}, 2.5\cdot10^{-1} (exponents of at most 3 digits: never a huge power)
+_SCIENTIFIC = re.compile(
+    r"(?P<m>\d+(?:\.\d*)?|\.\d+)\s*(?:[eE]\s*|(?:\\times|\\cdot|×|·|\*)\s*10\s*\^\s*)\{?\s*(?P<e>[-+]?\d{1,3})\s*\}?"
+)
 
 
 def _latex_fracs(s: str) -> str | None:
@@ -174,7 +178,12 @@ def _value(s: str, depth: int = 0) -> Fraction | None:
         if num is None or den is None or den == 0:
             return None
         return sign * num / den
-    if len(parts) > 2 or not _PLAIN.fullmatch(s):
+    if len(parts) > 2:
+        return None
+    sci = _SCIENTIFIC.fullmatch(s)
+    if sci is not None:
+        return sign * Fraction(sci.group("m")) * Fraction(10) ** int(sci.group("e"))
+    if not _PLAIN.fullmatch(s):
         return None
     try:
         return sign * Fraction(s.replace(",", "").replace(" ", ""))
@@ -199,7 +208,8 @@ def parse_number(answer: str) -> Number | None:
     """The exact value of an answer that is one plain number, whatever its dress: currency
     (``\\$``, ``€``, ``USD``), thousands separators (``9,500``, ``9{,}500``, ``9\\,500``, ``9 500``),
     a sign before a fraction, LaTeX fractions, parentheses, a percent sign, a trailing unit
-    (``5 cm``, ``5\\text{ kg}``, ``5cm``), scale words (``5 million``), unicode digits and signs.
+    (``5 cm``, ``5\\text{ kg}``, ``5cm``), scale words (``5 million``), scientific notation
+    (``1.5e3``, ``1.5\\times 10^{3}``), unicode digits and signs.
 
     Returns None for anything else (``x+1``, ``1,2,3``, ``5x``, ``2^{10}``, ``\\sqrt{2}``); such
     answers need a symbolic check.

@@ -18,9 +18,12 @@ THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 
 _NUMBER_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:/\d+)?|-?\.\d+")
-_ANSWER_IS_RE = re.compile(
-    r"(?:answer\s*(?:is|:|=)|答案\s*(?:是|为|為|:))[\s:*_]*(?:\\?\$|€|£|¥|₹)?\s*([^\n$]+)", re.IGNORECASE
-)
+# "answer is X" / "Answer: X" / "答案是 X": the trigger only, so that "Final Answer: The final
+# answer is $42$" finds its last trigger; the phrase is what follows, to a newline or a "$".
+_ANSWER_IS_RE = re.compile(r"(?:answer\s*(?:is|:|=)|答案\s*(?:是|为|為|:))", re.IGNORECASE)
+_PHRASE_RE = re.compile(r"[\s:*_]*(?:\\?\$|€|£|¥|₹)?\s*([^\n$]*)")
+# A number grouped by spaces ("1 000 000") right at the start of an answer phrase.
+_SPACE_GROUPED_RE = re.compile(r"-?\d{1,3}(?: \d{3})+(?![\d,.])")
 # LaTeX thousands separators between digit groups: 9{,}500, 9\,500, 9\!500, 9~500.
 _LATEX_GROUP_RE = re.compile(r"(?<=\d)(?:\{,\}|\\[,! ]|~)(?=\d{3}(?!\d))")
 _SCALE_RE = re.compile(r"\s+(?:hundred|thousand|million|billion|trillion)\b", re.IGNORECASE)
@@ -70,9 +73,9 @@ def extract_answer(response: str) -> str | None:
     if boxed is not None:
         return boxed.strip()
     matches = list(_ANSWER_IS_RE.finditer(text))
-    if matches:
-        phrase = matches[-1].group(1).strip().rstrip("*_").strip()
-        lead = _NUMBER_RE.match(phrase)
+    phrase = _PHRASE_RE.match(text, matches[-1].end()).group(1).strip().rstrip("*_").strip() if matches else ""
+    if phrase:
+        lead = _SPACE_GROUPED_RE.match(phrase) or _NUMBER_RE.match(phrase)
         if lead is not None:
             scale = _SCALE_RE.match(phrase, lead.end())
             if scale is not None:

@@ -42,6 +42,13 @@ ROWS = [
     ("\\boxed{90^\\circ}", "90", 1.0, NUM),
     ("The answer is 12 apples", "12", 1.0, NUM),
     ("The answer is 3 million people", "3000000", 1.0, NUM),
+    ("The answer is 1 000 000", "1000000", 1.0, NUM),
+    ("Final Answer: The final answer is $9,500$. I hope it is correct.", "9500", 1.0, NUM),
+    ("The answer is: **9,500**", "9500", 1.0, NUM),
+    ("#### 9,500", "9500", 1.0, NUM),
+    # scientific notation
+    ("\\boxed{1.5 \\times 10^{3}}", "1500", 1.0, NUM),
+    ("The answer is 1,000,000.", "1e6", 1.0, NUM),
     # signs in front of fractions, fraction variants
     ("\\boxed{-\\frac{1}{2}}", "-0.5", 1.0, NUM),
     ("\\boxed{\\frac{-1}{2}}", "-\\frac{1}{2}", 1.0, NUM),
@@ -103,14 +110,15 @@ def test_the_table_covers_enough_forms():
 @pytest.mark.parametrize(
     ("text", "value", "percent"),
     [("9{,}500", 9500, False), ("-\\tfrac{1}{4}", -0.25, False), ("(−2)", -2, False), ("12.5\\%", 12.5, True),
-     ("2.5 billion dollars", 2_500_000_000, False), ("US$ 7", 7, False), ("1,000.25", 1000.25, False)],
+     ("2.5 billion dollars", 2_500_000_000, False), ("US$ 7", 7, False), ("1,000.25", 1000.25, False),
+     ("1.5e3", 1500, False), ("2.5\\cdot 10^{-1}", 0.25, False)],
 )
 def test_parse_number_values(text, value, percent):
     num = parse_number(text)
     assert num is not None and float(num.value) == value and num.percent == percent
 
 
-@pytest.mark.parametrize("text", ["x+1", "1,2,3", "5x", "5 x", "2^{10}", "\\sqrt{2}", "1/2/3", "1e5", "1/0", "9" * 300])
+@pytest.mark.parametrize("text", ["x+1", "1,2,3", "5x", "5 x", "2^{10}", "\\sqrt{2}", "1/2/3", "1e5000", "1/0", "9" * 300])
 def test_parse_number_refuses_what_is_not_one_plain_number(text):
     assert parse_number(text) is None
 
