@@ -122,10 +122,13 @@ class RewardProcessPool:
         self._load_error: str | None = None
         self._free: asyncio.Condition | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
         for _ in range(max_workers):
             self._spawn()
 
     def _spawn(self) -> None:
+        if self._closed:
+            raise WorkerError("the reward process pool was closed")
         self._starting.append(_Worker(self._ctx, self._preload))
 
     def _condition(self) -> asyncio.Condition:
@@ -175,7 +178,8 @@ class RewardProcessPool:
             self._idle.append(worker)
         else:
             await asyncio.to_thread(worker.kill)
-            self._spawn()  # the replacement warms up while other calls run
+            if not self._closed:
+                self._spawn()  # the replacement warms up while other calls run
         free = self._condition()
         async with free:
             free.notify()
@@ -213,7 +217,8 @@ class RewardProcessPool:
         return value
 
     def close(self) -> None:
-        """Kill every worker (running calls included)."""
+        """Kill every worker (running calls included); the pool cannot be used afterwards."""
+        self._closed = True
         for worker in [*self._starting, *self._idle, *self._busy]:
             worker.kill()
         self._starting.clear()

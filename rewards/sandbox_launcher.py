@@ -210,7 +210,7 @@ def _candidate(spec, req_fd, rep_fd, close_fds):
         _libc().prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # only the judge hides its memory
         _limit(spec)
         program_globals = _run_program(spec)
-        serve(req_fd, rep_fd, program_globals)
+        serve(req_fd, rep_fd, program_globals)  # noqa: F821 - sandbox_judge.py precedes this file
         code = 0
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
@@ -244,7 +244,7 @@ def _judged(spec):
     os.close(rep_w)
     _limit(spec)
     secret = json.loads(_read_all(spec["secret_fd"]))  # read only here, after the fork
-    run_judge(secret["tests"], secret["nonce"], req_w, rep_r, spec["verdict_fd"], pid)
+    run_judge(secret["tests"], secret["nonce"], req_w, rep_r, spec["verdict_fd"], pid)  # noqa: F821
 
 
 def main():

@@ -12,7 +12,12 @@ import string
 import unicodedata
 from fractions import Fraction
 
-from slime_rl.rewards.builtin.answer_forms import clean_latex, normalize_unicode, numbers_equal, parse_number
+from slime_rl.rewards.builtin.answer_forms import (
+    clean_latex,
+    normalize_unicode,
+    numbers_equal,
+    parse_number,
+)
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
