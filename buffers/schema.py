@@ -292,33 +292,12 @@ def _check_versions(data: pa.RecordBatch | pa.Table, lengths: np.ndarray) -> Non
         )
 
 
-_NEWLINES = r"[\r\n]"
-
-
 def _check_metadata(col: pa.ChunkedArray | pa.Array) -> None:
     """Every ``metadata`` entry is a JSON object (or ``""``): what ``Sample.from_row`` reads."""
     if pc.all(pc.equal(col, "{}")).as_py():  # no metadata at all: the common cheap case
         return
-    values = pc.filter(col, pc.not_equal(col, ""))
-    if not pc.any(pc.match_substring_regex(values, _NEWLINES)).as_py():
-        # Arrow's JSON reader parses one object per line (several times faster than json.loads
-        # per row); a row that is not exactly one object makes it fail or change the row count.
-        import pyarrow.json as pa_json
-
-        if isinstance(values, pa.ChunkedArray):
-            values = values.combine_chunks()
-        one_list = pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
-        text = pc.binary_join(one_list, "\n")[0].as_buffer()
-        try:
-            parsed = pa_json.read_json(
-                pa.BufferReader(text),
-                read_options=pa_json.ReadOptions(use_threads=False, block_size=max(1 << 20, text.size + 1)),
-                parse_options=pa_json.ParseOptions(explicit_schema=pa.schema([]), unexpected_field_behavior="ignore"),
-            )
-            if parsed.num_rows == len(values):
-                return
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            pass
+    if _json_objects_fast(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col):
+        return
     for row, text in enumerate(col.to_pylist()):  # name the first bad row, with json's reason
         if text == "":
             continue
@@ -334,3 +313,31 @@ def _check_metadata(col: pa.ChunkedArray | pa.Array) -> None:
                 f"column 'metadata' row {row} is a JSON {type(value).__name__}, not an object: "
                 f"{text[:80]!r}; metadata must be a JSON object, e.g. json.dumps(dict)"
             )
+
+
+def _json_objects_fast(values: pa.Array) -> bool:
+    """True when every string is exactly one JSON object, checked with Arrow's JSON reader
+    (one object per line, several times faster than ``json.loads`` per row). False means
+    "not proven": the caller then checks row by row.
+
+    Each row must start with ``{``, end with ``}`` and hold no line break, so it is one
+    line that yields at least one object; the reader must then find exactly one object per
+    row (``{..}{..}`` on one line would make two)."""
+    if not (pc.all(pc.starts_with(values, "{")).as_py() and pc.all(pc.ends_with(values, "}")).as_py()):
+        return False
+    one_list = pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
+    text = pc.binary_join(one_list, "\n")[0].as_buffer()
+    raw = np.frombuffer(text, dtype=np.uint8)
+    if np.count_nonzero(raw == 10) != len(values) - 1 or np.count_nonzero(raw == 13):
+        return False  # a row holds a line break
+    import pyarrow.json as pa_json
+
+    try:
+        parsed = pa_json.read_json(
+            pa.BufferReader(text),
+            read_options=pa_json.ReadOptions(use_threads=False, block_size=text.size + 1),  # one block
+            parse_options=pa_json.ParseOptions(explicit_schema=pa.schema([]), unexpected_field_behavior="ignore"),
+        )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return False
+    return parsed.num_rows == len(values)
