@@ -125,6 +125,8 @@ class RolloutConfig:
     manager generates replacements so batches stay full."""
     max_new_tokens_by_mode: dict[str, int] = field(default_factory=dict)
     """Token budget per mode (`think`, `non_think`) overriding `max_new_tokens` for that mode."""
+    engine_start_timeout_s: float = field(default=900.0, metadata={"gt": 0})
+    """Longest an engine may take to load its model at start-up before the run stops."""
     engine_max_restarts: int = field(default=3, metadata={"ge": 0})
     """Times Ray restarts a dead engine actor; its groups go back to the queue meanwhile."""
     engine_restart_timeout_s: float = field(default=300.0, metadata={"gt": 0})

@@ -17,13 +17,11 @@ import sys
 from collections.abc import Sequence
 
 from slime_rl.config import Config, ConfigError, load_config, save_config, to_yaml
+from slime_rl.preflight import PreflightError
 from slime_rl.rewards import RewardLoadError, redacted
+from slime_rl.submit import SubmitError
 
 EXIT_USAGE = 2
-
-
-class NotYetAvailable(RuntimeError):
-    """A subcommand whose implementation has not landed yet."""
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -42,9 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("submit", help="submit an RL job to a Ray cluster", description="Submit `slime-rl train` with this config as a Ray job.")
+    p = sub.add_parser("submit", help="submit an RL job to a Ray cluster", description="Submit `slime-rl train` with this config as a Ray job (Ray's job SDK; the working directory travels with it).")
     _add_config_args(p)
-    p.add_argument("--address", default=None, help="Ray dashboard address (default: $RAY_ADDRESS or ray.address)")
+    p.add_argument("--address", default=None, help="Ray job server (default: $RAY_ADDRESS, ray.address, or http://127.0.0.1:8265)")
+    p.add_argument("--follow", action="store_true", help="stream the job's logs and exit with its status")
+    p.add_argument("--python", default=None, help="Python of the cluster nodes (default: this one)")
     p.set_defaults(func=_cmd_submit)
 
     p = sub.add_parser("config", help="print the resolved config", description="Print the config after YAML and overrides are applied and validated.")
@@ -78,18 +78,28 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from slime_rl.driver import Driver
+    from slime_rl.preflight import run_preflight
+
     cfg = _load(args)
+    run_preflight(cfg)
     # the saved copy never holds literal API keys or tokens from reward kwargs
     path = save_config(dataclasses.replace(cfg, reward=redacted(cfg.reward)), cfg.run_dir / "config.yaml")
-    raise NotYetAvailable(
-        f"config is valid and was written to {path}, but the RL training loop has not landed yet; "
-        "build the model with `slime-rl make-tiny-model` in the meantime"
-    )
+    logging.getLogger("slime_rl").setLevel(cfg.logging.level)
+    print(f"slime-rl: run {cfg.run.name} ({cfg.run.mode}, {cfg.run.num_steps} steps) -> {cfg.run_dir} (config: {path})", file=sys.stderr)
+    result = Driver(cfg).run()
+    print(result["table"])
+    return 0
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    _load(args)
-    raise NotYetAvailable("config is valid, but Ray job submission has not landed yet; it comes with the RL loop")
+    from slime_rl.preflight import check_model, check_plugins
+    from slime_rl.submit import submit
+
+    cfg = _load(args)
+    check_model(cfg.model.path, cfg.model.tokenizer_path, cfg.rollout.engine)
+    check_plugins(cfg)
+    return submit(args.config, list(args.overrides), cfg, address=args.address, follow=args.follow, python=args.python)
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -127,9 +137,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RewardLoadError as e:
         print(f"slime-rl: reward error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except NotYetAvailable as e:
-        print(f"slime-rl {args.command}: not yet available: {e}", file=sys.stderr)
+    except PreflightError as e:
+        print(f"slime-rl: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except SubmitError as e:
+        print(f"slime-rl submit: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("slime-rl: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

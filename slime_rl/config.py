@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from slime_rl.buffers.config import BufferConfig
 from slime_rl.rewards.config import RewardConfig
-from slime_rl.rollout.config import DataConfig, RolloutConfig
+from slime_rl.rollout.config import DataConfig, EvalConfig, RolloutConfig
 from slime_rl.trainer.config import TrainerConfig
 
 
@@ -44,6 +44,11 @@ class RunConfig:
     """`async`: rollout keeps generating while the trainer trains; `sync`: the baseline that alternates."""
     num_steps: int = field(default=20, metadata={"ge": 1})
     """Trainer steps (optimizer updates) to run."""
+    rollout_only: bool = False
+    """Debug: generate, score and save `num_steps` batches to `<run_dir>/samples/` (Parquet), no trainer."""
+    train_only: str | None = None
+    """Debug: train from saved batches (a folder of `step_*.parquet`, e.g. a rollout-only run's
+    `samples/`), no engines."""
 
 
 @dataclass
@@ -60,24 +65,14 @@ class ModelConfig:
 class WeightSyncConfig:
     interval: int = field(default=1, metadata={"ge": 1})
     """Push weights to the engines every this many trainer steps."""
-    transport: str = field(default="object_store", metadata={"choices": ("object_store", "distributed", "disk")})
-    """Ray object store (single node), a torch.distributed broadcast group, or safetensors on disk."""
+    transport: str = field(default="object_store", metadata={"choices": ("object_store", "collective", "disk")})
+    """`object_store` (buckets through Ray's object store; one node), `collective` (a torch.distributed
+    broadcast group of trainer rank 0 and the engines: gloo on CPU, NCCL on GPU), or `disk`
+    (safetensors files under the run directory)."""
     bucket_mb: float = field(default=256.0, metadata={"gt": 0})
     """Size of one transfer bucket of named tensors."""
     timeout_s: float = field(default=300.0, metadata={"gt": 0})
     """A sync that takes longer fails with the engine and step named, never hangs."""
-
-
-@dataclass
-class EvalConfig:
-    interval: int = field(default=0, metadata={"ge": 0})
-    """Evaluate every this many trainer steps (0 = only at the end, if `data.eval_path` is set)."""
-    max_prompts: int = field(default=200, metadata={"ge": 1})
-    """Evaluate on at most this many prompts."""
-    temperature: float = field(default=0.0, metadata={"ge": 0})
-    """Sampling temperature for evaluation (0 = greedy)."""
-    max_new_tokens: int = field(default=64, metadata={"ge": 1})
-    """Most tokens generated per evaluation reply."""
 
 
 @dataclass
@@ -90,6 +85,10 @@ class LoggingConfig:
     """Show a progress bar on the console."""
     level: str = field(default="INFO", metadata={"choices": ("DEBUG", "INFO", "WARNING", "ERROR")})
     """Log level of slime-rl's loggers."""
+    save_samples: bool = False
+    """Write every trained batch to `<run_dir>/samples/step_NNNNNN.parquet` (ids, text, rewards, versions)."""
+    plot_every: int = field(default=5, metadata={"ge": 1})
+    """Redraw the PNG plots every this many steps (and at the end)."""
 
 
 @dataclass
@@ -137,8 +136,28 @@ class Config:
         """Temperature of the distribution the engines sample from (1.0 for greedy)."""
         return self.rollout.temperature if self.rollout.temperature > 0 else 1.0
 
+    def max_staleness(self) -> int:
+        """The staleness bound in effect: 0 in sync mode, `buffer.max_staleness` otherwise."""
+        return 0 if self.run.mode == "sync" else self.buffer.max_staleness
+
     def validate(self) -> None:
         """Rules that span sections."""
+        s, k, b = self.max_staleness(), self.weight_sync.interval, self.trainer.global_batch_groups
+        if self.run.mode == "sync" and k != 1:
+            raise ValueError(f"run.mode=sync pushes weights after every step; weight_sync.interval={k} must be 1")
+        if s < k - 1:
+            raise ValueError(
+                f"buffer.max_staleness={s} is below weight_sync.interval - 1 = {k - 1}: the engines keep version v "
+                f"for {k} steps, so samples are up to {k - 1} versions old when trained and the run would stall; "
+                f"set buffer.max_staleness >= {k - 1} or lower weight_sync.interval"
+            )
+        if self.buffer.capacity_groups < (s + 2) * b:
+            raise ValueError(
+                f"buffer.capacity_groups={self.buffer.capacity_groups} is too small: up to (max_staleness + 2) x "
+                f"global_batch_groups = {(s + 2) * b} groups can wait in it; raise it to at least {(s + 2) * b}"
+            )
+        if self.run.rollout_only and self.run.train_only:
+            raise ValueError("run.rollout_only and run.train_only exclude each other; set one")
         sampling_t = self.sampling_temperature()
         if self.trainer.batching.temperature != sampling_t:
             raise ValueError(

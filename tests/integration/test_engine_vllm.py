@@ -237,6 +237,20 @@ def test_bad_request_fails_alone(eng):
     assert gen(eng, [5, 6, 7], max_new_tokens=2, ignore_eos=True).token_ids
 
 
+def test_many_seeded_requests_with_long_prompts_repeat_exactly(eng):
+    """More prompt tokens than one prefill step holds: on CPU a split (chunked) prefill of a seeded
+    request used to kill the engine ("CPU Generator does not use offset")."""
+    prompt = list(range(10, 90))  # 80 tokens x 64 requests > vLLM's 2,048-token step budget
+
+    def run(tag: str) -> list[list[int]]:
+        reqs = [GenerateRequest(f"{tag}-{i}", prompt, SamplingParams(temperature=1.0, max_new_tokens=6, seed=i)) for i in range(64)]
+        return [r.token_ids for r in ray.get(eng.handle.generate_group.remote(reqs), timeout=300)]
+
+    first, again = run("seed-a"), run("seed-b")
+    assert first == again and len({tuple(t) for t in first}) > 1
+    assert eng.health().ok
+
+
 SHUTDOWN_SCRIPT = """
 import json, logging, sys
 import psutil

@@ -1,0 +1,149 @@
+"""Ray connection and placement: who runs where, and with what resources.
+
+    ray.address unset ─► a local cluster sized to what the run asks for (at least this machine's CPUs)
+    ray.address / $RAY_ADDRESS ─► join that cluster
+    ray.placement = colocate:     one placement group; engine i and trainer rank i share bundle i
+                                  (on GPU they split its device; the engines sleep while training)
+    ray.placement = disaggregate: a placement group per side; engines and trainer never share a device
+
+Each actor's Ray options come from `Placement.engine_options(i)` / `Placement.trainer_options(rank)`,
+which pin it to its bundle. Resources per actor come from the config: engine CPUs =
+`rollout.cpu_threads` (1 when 0), engine GPUs = `rollout.tensor_parallel_size` on a GPU cluster;
+trainer CPUs = `trainer.num_threads`, GPUs = `trainer.num_gpus_per_worker`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+logger = logging.getLogger(__name__)
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot host the run as configured; the message says what is missing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    engine_cpus: float
+    engine_gpus: float
+    trainer_cpus: float
+    trainer_gpus: float
+    num_engines: int
+    num_trainers: int
+
+    @property
+    def total_cpus(self) -> float:
+        return self.engine_cpus * self.num_engines + self.trainer_cpus * self.num_trainers
+
+    @property
+    def total_gpus(self) -> float:
+        return self.engine_gpus * self.num_engines + self.trainer_gpus * self.num_trainers
+
+
+def resources_for(cfg: Any, gpu_cluster: bool) -> Resources:
+    """Per-actor resources from the config (`Config`)."""
+    r, t = cfg.rollout, cfg.trainer
+    engine_gpus = float(r.tensor_parallel_size) if gpu_cluster and r.engine != "hf" else 0.0
+    return Resources(
+        engine_cpus=float(r.cpu_threads or 1),
+        engine_gpus=engine_gpus,
+        trainer_cpus=float(t.num_threads) if t.num_gpus_per_worker == 0 else 1.0,
+        trainer_gpus=float(t.num_gpus_per_worker),
+        num_engines=r.num_engines,
+        num_trainers=t.num_workers,
+    )
+
+
+def connect(cfg: Any, runtime_env: dict[str, Any] | None = None) -> str:
+    """Join `ray.address` (or $RAY_ADDRESS) or start a local cluster; returns a description."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    env = dict(runtime_env or {})
+    if ray.is_initialized():
+        return "already connected"
+    if address:
+        ray.init(address=address, runtime_env=env or None, log_to_driver=True, logging_level=logging.WARNING)
+        return f"joined {address}"
+    need = resources_for(cfg, gpu_cluster=cfg.trainer.num_gpus_per_worker > 0).total_cpus
+    cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, int(need + 0.999))
+    if need > (os.cpu_count() or 1):
+        logger.warning(
+            "the run asks for %.0f CPUs (engines + trainer workers) on a %d-core machine; they will share cores",
+            need, os.cpu_count() or 1,
+        )
+    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env or None, log_to_driver=True,
+             logging_level=logging.WARNING)
+    return f"local cluster ({cpus} CPUs)"
+
+
+class Placement:
+    """Placement groups of one run and the Ray options of each actor."""
+
+    def __init__(self, cfg: Any, timeout_s: float = 60.0) -> None:
+        gpu = bool(ray.cluster_resources().get("GPU", 0))
+        self.res = res = resources_for(cfg, gpu_cluster=gpu)
+        self.mode = cfg.ray.placement
+        self.groups: list[PlacementGroup] = []
+        engine_bundle = {"CPU": res.engine_cpus, **({"GPU": res.engine_gpus} if res.engine_gpus else {})}
+        trainer_bundle = {"CPU": res.trainer_cpus, **({"GPU": res.trainer_gpus} if res.trainer_gpus else {})}
+        if self.mode == "colocate":
+            bundles = [engine_bundle] * res.num_engines + [trainer_bundle] * res.num_trainers
+            if gpu and res.trainer_gpus and res.engine_gpus:
+                # Shared devices: bundle i holds one device for engine i and trainer rank i.
+                n = max(res.num_engines, res.num_trainers)
+                bundles = [{"CPU": res.engine_cpus + res.trainer_cpus, "GPU": 1.0}] * n
+            self.groups = [self._reserve(bundles, "PACK", timeout_s)]
+        else:
+            self.groups = [
+                self._reserve([engine_bundle] * res.num_engines, "PACK", timeout_s),
+                self._reserve([trainer_bundle] * res.num_trainers, "PACK", timeout_s),
+            ]
+        self._shared_gpu = self.mode == "colocate" and gpu and res.trainer_gpus and res.engine_gpus
+
+    def _reserve(self, bundles: list[dict[str, float]], strategy: str, timeout_s: float) -> PlacementGroup:
+        pg = placement_group(bundles, strategy=strategy)
+        ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+        if not ready:
+            remove_placement_group(pg)
+            have = ray.available_resources()
+            raise PlacementError(
+                f"the cluster cannot host the run: it needs bundles {bundles} ({strategy}) but has "
+                f"{ {k: v for k, v in have.items() if k in ('CPU', 'GPU')} } free; lower rollout.num_engines / "
+                "trainer.num_workers / their threads, or join a larger cluster (ray.address)"
+            )
+        return pg
+
+    def _strategy(self, group: int, bundle: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(
+            placement_group=self.groups[group], placement_group_bundle_index=bundle,
+            placement_group_capture_child_tasks=True,
+        )
+
+    def engine_options(self, i: int) -> dict[str, Any]:
+        res = self.res
+        if self._shared_gpu:
+            return {"num_cpus": res.engine_cpus, "num_gpus": 0.5, "scheduling_strategy": self._strategy(0, i)}
+        group, bundle = (0, i) if self.mode == "colocate" else (0, i)
+        return {"num_cpus": res.engine_cpus, "num_gpus": res.engine_gpus, "scheduling_strategy": self._strategy(group, bundle)}
+
+    def trainer_options(self, rank: int) -> dict[str, Any]:
+        res = self.res
+        if self._shared_gpu:
+            return {"num_cpus": res.trainer_cpus, "num_gpus": 0.5, "scheduling_strategy": self._strategy(0, rank)}
+        group, bundle = (0, res.num_engines + rank) if self.mode == "colocate" else (1, rank)
+        return {"num_cpus": res.trainer_cpus, "num_gpus": res.trainer_gpus, "scheduling_strategy": self._strategy(group, bundle)}
+
+    def release(self) -> None:
+        for pg in self.groups:
+            try:
+                remove_placement_group(pg)
+            except Exception:  # already gone with the cluster
+                pass
+        self.groups = []
