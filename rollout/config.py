@@ -133,3 +133,46 @@ class RolloutConfig:
     """How long the manager waits for a restarted engine before counting it lost."""
     filter_warn_after: int = field(default=32, metadata={"ge": 1})
     """Warn (once) after this many consecutive groups were all dropped by the filter."""
+    # ---- episodes: multi-turn agents, custom generation, the OpenAI endpoint (docs/agents.md) ----
+    environment: str | None = None
+    """Run every group through the multi-turn agent loop with this environment: a built-in
+    (`calculator`, `retrieval`, `python`) or `module:Class` / `file.py:Class` (see
+    `slime_rl.rollout.environments.Environment`). None = single-turn generation."""
+    environment_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the environment's constructor (e.g. `{documents: docs.jsonl}`)."""
+    max_turns: int = field(default=8, metadata={"ge": 1})
+    """Most assistant turns of one episode."""
+    max_episode_tokens: int = field(default=0, metadata={"ge": 0})
+    """Most response tokens of one episode (generated + tool results + template glue);
+    0 = the engine's context limit only. `max_new_tokens` still caps each turn."""
+    max_tool_calls_per_turn: int = field(default=8, metadata={"ge": 1})
+    """Tool calls run per turn; further ones get an error observation (`too_many_calls`)."""
+    tool_timeout_s: float = field(default=10.0, metadata={"gt": 0})
+    """Longest one tool call may run; a slower one becomes a `timeout` error observation."""
+    env_timeout_s: float = field(default=60.0, metadata={"gt": 0})
+    """Longest an environment's reset / step / final_reward may take before the episode fails."""
+    generate_fn: str | None = None
+    """`module:function` / `file.py:function` replacing per-sample generation:
+    `fn(client, tokenizer, prompt, sampling) -> Sample` (sync or async), see docs/agents.md."""
+    agent_endpoint: bool = False
+    """Serve an OpenAI-compatible API (`/v1/chat/completions`, `/v1/completions`) on 127.0.0.1
+    from the rollout side, backed by the engines."""
+    agent_endpoint_port: int = field(default=0, metadata={"ge": 0, "le": 65535})
+    """Port of the endpoint; 0 = any free port (logged at start-up)."""
+    agent_fn: str | None = None
+    """`module:function` / `file.py:function` of an agent written against the `openai` SDK, run
+    as each sample's rollout: `fn(base_url, episode_id[, task]) -> reward`; needs
+    `agent_endpoint: true`. Every call it makes is recorded into one trajectory."""
+    agent_fn_timeout_s: float = field(default=600.0, metadata={"gt": 0})
+    """Longest one agent_fn episode may run before its sample fails."""
+
+    def validate(self) -> None:
+        """Rules between the episode keys (the rest are checked per field)."""
+        chosen = [k for k in ("environment", "generate_fn", "agent_fn") if getattr(self, k)]
+        if len(chosen) > 1:
+            raise ValueError(f"{chosen[0]} and rollout.{chosen[1]} exclude each other (each replaces how a sample is generated); set one")
+        if self.agent_fn and not self.agent_endpoint:
+            raise ValueError("agent_fn needs rollout.agent_endpoint=true: the agent reaches the engines through the endpoint")
+        for mode in self.max_new_tokens_by_mode:
+            if mode not in ("think", "non_think"):
+                raise ValueError(f"max_new_tokens_by_mode has key {mode!r}; allowed: 'think', 'non_think'")

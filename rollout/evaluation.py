@@ -4,7 +4,10 @@
         ─► generate_group (greedy; + `pass_k` samples each at `pass_k_temperature`)
         ─► build_sample ─► the eval RewardRunner ─► eval/accuracy, eval/accuracy/<mode>,
            eval/accuracy/source/<data_source>, eval/pass@k, eval/format_rate, eval/reward_mean,
-           eval/response_len_mean, eval/truncated_frac, eval/version, eval/seconds
+           eval/response_len_mean, eval/truncated_frac, eval/version, eval/seconds,
+           eval/format_violation_frac; reward, length, truncation and format per mode
+           (eval/<metric>/<mode>)
+    with an agent loop / generate_fn / agent_fn (`episodes`): each prompt is one greedy episode
 
 The caller pins the weight version for the duration (no weight commit runs meanwhile), so every
 token of an evaluation comes from `eval/version`.
@@ -23,6 +26,7 @@ from slime_rl.rollout.config import EvalConfig
 from slime_rl.rollout.data import PromptDataset
 from slime_rl.rollout.engine_pool import EngineLostError, EnginePool
 from slime_rl.rollout.engines.base import GenerateRequest, SamplingParams
+from slime_rl.rollout.modes import format_violation
 from slime_rl.rollout.samples import build_sample
 
 
@@ -61,8 +65,10 @@ async def evaluate_prompts(
     runner: Any,
     *,
     seed: int = 0,
+    episodes: Any = None,
 ) -> dict[str, float]:
-    """Generate, score and reduce one evaluation; see the module docstring for the metrics."""
+    """Generate, score and reduce one evaluation; see the module docstring for the metrics.
+    `episodes` (rollout/episodes.py) makes each reply an episode instead of one request."""
     t0 = time.monotonic()
     version = pool.version
     prompts = [data[i] for i in range(min(cfg.max_prompts, len(data)))]
@@ -71,14 +77,20 @@ async def evaluate_prompts(
     for k in range(cfg.pass_k):
         sampled = dataclasses.replace(greedy, temperature=cfg.pass_k_temperature, seed=seed * 1000 + k)
         requests += [GenerateRequest(f"eval-v{version}-{i}-k{k}", p.prompt_ids, sampled) for i, p in enumerate(prompts)]
-    results = await _generate_on_pool(pool, requests)
     samples: list[Sample] = []
-    for req, res in zip(requests, results):
-        i = int(req.request_id.split("-")[2])
-        samples.append(
-            build_sample(prompts[i], res, group_id=f"eval-{i}", index=len(samples), tokenizer=tokenizer,
-                         temperature=req.sampling.temperature, gen_seconds=0.0)
-        )
+    if episodes is not None:
+        from slime_rl.rollout.episodes import episodes_for_eval
+
+        for k, req in enumerate(requests[:: len(prompts)] if prompts else []):
+            samples += await episodes_for_eval(episodes, pool, prompts, req.sampling, f"eval-v{version}-k{k}")
+    else:
+        results = await _generate_on_pool(pool, requests)
+        for req, res in zip(requests, results):
+            i = int(req.request_id.split("-")[2])
+            samples.append(
+                build_sample(prompts[i], res, group_id=f"eval-{i}", index=len(samples), tokenizer=tokenizer,
+                             temperature=req.sampling.temperature, gen_seconds=0.0)
+            )
     await runner.score(samples)
     runner.end_step(check=False)
     n = len(prompts)
@@ -91,7 +103,14 @@ async def evaluate_prompts(
         "eval/reward_mean": _mean([s.reward for s in head]),
         "eval/response_len_mean": _mean([float(len(s.response_ids)) for s in head]),
         "eval/truncated_frac": _mean([float(s.status == "truncated") for s in head]),
+        "eval/format_violation_frac": _mean([float(format_violation(s)) for s in head]),
     }
+    for mode in sorted({s.mode for s in head}):
+        of_mode = [s for s in head if s.mode == mode]
+        out[f"eval/reward_mean/{mode}"] = _mean([s.reward for s in of_mode])
+        out[f"eval/response_len_mean/{mode}"] = _mean([float(len(s.response_ids)) for s in of_mode])
+        out[f"eval/truncated_frac/{mode}"] = _mean([float(s.status == "truncated") for s in of_mode])
+        out[f"eval/format_violation_frac/{mode}"] = _mean([float(format_violation(s)) for s in of_mode])
     groups: dict[str, list[bool]] = collections.defaultdict(list)
     for s, hit in zip(head, ok[:n]):
         groups[f"eval/accuracy/{s.mode}"].append(hit)

@@ -140,6 +140,8 @@ class RolloutManager:
         self._warned_filter = False
         self._last_update: dict[str, float] = {}
         self.max_prompt_tokens = 0
+        self.episodes: Any = None
+        """Agent loop / `rollout.generate_fn` / `rollout.agent_fn` runner (rollout/episodes.py), if configured."""
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def setup(self) -> dict[str, Any]:
@@ -165,6 +167,12 @@ class RolloutManager:
         self.cursor = DatasetCursor(len(self.train_data), seed=spec.seed, shuffle=spec.data.shuffle)
         self.runner = RewardRunner.from_config(spec.reward, base_dir=spec.base_dir)
         self.eval_runner = RewardRunner.from_config(spec.reward, base_dir=spec.base_dir)
+        from slime_rl.rollout.episodes import build_episodes
+
+        self.episodes = await build_episodes(
+            r, self.tokenizer, self.pool, self.sampling, seed_fn=lambda key: request_seed(spec.seed, key),
+            max_model_len=limit, base_dir=spec.base_dir, model_name=Path(spec.model_path).name,
+        )
         return {
             "train_prompts": len(self.train_data),
             "eval_prompts": len(self.eval_data) if self.eval_data else 0,
@@ -208,6 +216,8 @@ class RolloutManager:
         for t in [*self._loops, *self._tasks]:
             t.cancel()
         await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        if self.episodes is not None:
+            await self.episodes.close()
         for runner in (self.runner, self.eval_runner):
             if runner is not None:
                 await runner.aclose()
@@ -289,8 +299,13 @@ class RolloutManager:
         n = self.spec.rollout.n_samples_per_prompt
         sampling = self._sampling_for(work.prompt)
         t0 = time.monotonic()
+        episodes = self.episodes if self.episodes is not None and self.episodes.replaces_generation else None
         try:
-            merged = await self._generate(slot, work, n, sampling)
+            if episodes is not None:  # the one hook: rollout/episodes.py makes the group's samples
+                samples = await episodes.run_group(slot.client, work.prompt, work.group_id, n, sampling,
+                                                   {"engine": slot.name, "epoch": work.epoch})
+            else:
+                merged = await self._generate(slot, work, n, sampling)
         except EngineLostError:
             self.pool.release(slot, n)
             self.pool.mark_down(slot)
@@ -303,7 +318,7 @@ class RolloutManager:
             raise RolloutError(f"group {work.group_id} on {slot.name}: {type(e).__name__}: {e}") from e
         self.pool.release(slot, n)
         gen_s = time.monotonic() - t0
-        samples = [
+        samples = samples if episodes is not None else [
             build_sample(
                 work.prompt, m, group_id=work.group_id, index=i, tokenizer=self.tokenizer,
                 temperature=sampling.temperature, gen_seconds=gen_s,
@@ -394,7 +409,8 @@ class RolloutManager:
         await self.check()
         async with self._version_lock:
             return await evaluate_prompts(
-                self.pool, self.eval_data, self.spec.eval, self.tokenizer, self.eval_runner, seed=self.spec.seed
+                self.pool, self.eval_data, self.spec.eval, self.tokenizer, self.eval_runner, seed=self.spec.seed,
+                episodes=self.episodes if self.episodes is not None and self.episodes.replaces_generation else None,
             )
 
     async def metrics(self) -> dict[str, float]:

@@ -13,6 +13,11 @@ Every value is slash-namespaced with its reduction in the name or the doc:
     rollout/in_flight                               groups in flight at the end of the window
     rollout/engine_idle_frac                        mean over engines of the idle time share
     rollout/weight_update_s                         last update, seconds (and /max over engines)
+    rollout/truncated_frac/<mode>                   over that mode's samples
+    rollout/format_violation_frac[/<mode>]          replies malformed for their mode (rollout/modes.py)
+    agent/episodes, agent/turns_mean, agent/tool_calls_mean      over agent samples (rollout/agent.py)
+    agent/tool_errors/<kind>                        error observations in the window, by kind
+    agent/env_errors, agent/agent_errors, agent/endpoint_rebases counts in the window
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import time
 from collections.abc import Sequence
 
 from slime_rl.buffers.schema import Sample
+from slime_rl.rollout.environments import TOOL_ERROR_KINDS
+from slime_rl.rollout.modes import format_violation
 
 
 class RolloutStats:
@@ -48,6 +55,9 @@ class RolloutStats:
         self.reward_s: list[float] = []
         self.continuations = 0
         self.requeued = 0
+        self.by_mode: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        self.agent: collections.Counter[str] = collections.Counter()
+        self.tool_errors: collections.Counter[str] = collections.Counter()
 
     def add_group(
         self,
@@ -76,6 +86,16 @@ class RolloutStats:
             self.aborted += s.status == "aborted"
             self.failed += s.status == "failed"
             self.continuations += max(0, int(s.metadata.get("pieces", 1)) - 1)
+            for key in ("all", s.mode):
+                self.by_mode[key]["samples"] += 1
+                self.by_mode[key]["truncated"] += s.status == "truncated"
+                self.by_mode[key]["format_violation"] += format_violation(s)
+            agent = s.metadata.get("agent")
+            if isinstance(agent, dict):
+                self.agent["episodes"] += 1
+                for k in ("turns", "tool_calls", "env_errors", "agent_errors", "endpoint_rebases"):
+                    self.agent[k] += int(agent.get(k, 0))
+                self.tool_errors.update({k: int(v) for k, v in agent.get("tool_errors", {}).items()})
 
     def reduce(self, in_flight: int, engine_busy_s: Sequence[float], busy_at_start: Sequence[float]) -> dict[str, float]:
         now = time.monotonic()
@@ -103,6 +123,20 @@ class RolloutStats:
                 out[f"rollout/reward_std{suffix}"] = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))
                 lengths = self.lengths[key]
                 out[f"rollout/response_len_mean{suffix}"] = sum(lengths) / len(lengths)
+            for key, c in self.by_mode.items():
+                suffix = "" if key == "all" else f"/{key}"
+                out[f"rollout/format_violation_frac{suffix}"] = c["format_violation"] / c["samples"]
+                if suffix:
+                    out[f"rollout/truncated_frac{suffix}"] = c["truncated"] / c["samples"]
+        if self.agent["episodes"]:
+            n = self.agent["episodes"]
+            out["agent/episodes"] = float(n)
+            out["agent/turns_mean"] = self.agent["turns"] / n
+            out["agent/tool_calls_mean"] = self.agent["tool_calls"] / n
+            for k in ("env_errors", "agent_errors", "endpoint_rebases"):
+                out[f"agent/{k}"] = float(self.agent[k])
+            for kind in dict.fromkeys([*TOOL_ERROR_KINDS, *self.tool_errors]):
+                out[f"agent/tool_errors/{kind}"] = float(self.tool_errors[kind])
         if self.groups:
             out["rollout/zero_std_group_frac"] = self.zero_std / self.groups
             out["rollout/filter_pass_rate"] = self.kept / self.groups
