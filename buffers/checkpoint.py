@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 from slime_rl.buffers.groups import Group, group_spans, normalize_batch
-from slime_rl.buffers.schema import SAMPLE_SCHEMA, SCHEMA_VERSION
+from slime_rl.buffers.schema import READABLE_SCHEMA_VERSIONS, SAMPLE_SCHEMA, SCHEMA_VERSION
 from slime_rl.buffers.stats import BufferStats
 from slime_rl.buffers.wal import SpillLog, group_record, read_group_record
 
@@ -92,8 +92,10 @@ class BufferCheckpoint:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Replace the held groups and counters by a ``state_dict``; with a spill_dir the log is rewritten."""
-        if state.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"buffer state has schema_version {state.get('schema_version')}, this code reads v{SCHEMA_VERSION}")
+        if state.get("schema_version") not in READABLE_SCHEMA_VERSIONS:  # older ones: normalize_batch conforms
+            raise ValueError(
+                f"buffer state has schema_version {state.get('schema_version')}, this code reads {list(READABLE_SCHEMA_VERSIONS)}"
+            )
         batch = normalize_batch(state["groups"])
         spans = group_spans(batch)
         parts = [read_group_record(group_record(batch.slice(s, n))) for _, s, n in spans]

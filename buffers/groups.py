@@ -17,7 +17,7 @@ import dataclasses
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from slime_rl.buffers.schema import SAMPLE_SCHEMA, validate_batch
+from slime_rl.buffers.schema import SAMPLE_SCHEMA, conform_batch, validate_batch
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -54,6 +54,7 @@ def normalize_batch(data: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
             "build one with slime_rl.buffers.samples_to_batch(samples)"
         )
     validate_batch(data)
+    data = conform_batch(data)  # data of an older schema gets the optional columns, empty
     if isinstance(data, pa.Table):
         if data.num_rows == 0:
             return pa.RecordBatch.from_pylist([], schema=SAMPLE_SCHEMA)

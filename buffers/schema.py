@@ -15,6 +15,11 @@ One row is one sample; a *group* is the rows sharing ``group_id`` (one prompt x
 >>> validate_batch(batch)
 >>> batch_to_samples(batch)[0].response_ids
 [3, 4]
+
+Schema v2 added ``routed_experts`` (MoE routing recorded by the engine, for rollout routing
+replay). It is *optional*: data of schema v1 (without it) still validates, and
+``conform_batch`` adds it as empty lists, the value that means "not recorded" (dense models,
+engines that do not record).
 """
 
 from __future__ import annotations
@@ -29,8 +34,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SCHEMA_VERSION = 1
-"""Bumped whenever a column is added, removed or changes type."""
+SCHEMA_VERSION = 2
+"""Bumped whenever a column is added, removed or changes type (v2: ``routed_experts``)."""
+
+READABLE_SCHEMA_VERSIONS = (1, 2)
+"""Versions whose data this code still loads (through ``conform_batch``)."""
 
 
 class Status(str, enum.Enum):
@@ -51,6 +59,7 @@ class Mode(str, enum.Enum):
 
 _TOKENS = pa.list_(pa.int32())
 _FLOATS = pa.list_(pa.float32())
+_ROUTING = pa.list_(pa.list_(pa.int16()))
 
 SAMPLE_SCHEMA = pa.schema(
     [
@@ -71,6 +80,7 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("created_at", pa.float64(), nullable=False),
         pa.field("gen_seconds", pa.float32(), nullable=False),
         pa.field("reward_seconds", pa.float32(), nullable=False),
+        pa.field("routed_experts", _ROUTING, nullable=False),
     ],
     metadata={"slime_rl.schema_version": str(SCHEMA_VERSION)},
 )
@@ -78,6 +88,13 @@ SAMPLE_SCHEMA = pa.schema(
 
 PER_TOKEN_COLUMNS = ("response_logprobs", "loss_mask", "token_versions")
 """Columns that carry one entry per response token."""
+
+OPTIONAL_COLUMNS = ("routed_experts",)
+"""Columns a batch may lack (data written before they existed); ``conform_batch`` adds them
+as empty lists."""
+
+MAX_EXPERT_ID = 32767
+"""Largest expert index ``routed_experts`` can hold (int16)."""
 
 _ENUM_COLUMNS = {"status": {s.value for s in Status}, "mode": {m.value for m in Mode}}
 
@@ -109,6 +126,11 @@ class Sample:
     created_at: float = 0.0
     gen_seconds: float = 0.0
     reward_seconds: float = 0.0
+    routed_experts: list[list[int]] | None = None
+    """MoE routing the engine used, one entry per position the trainer scores (the prompt and
+    response tokens except the last: ``len(prompt_ids) + len(response_ids) - 1`` entries),
+    each the experts chosen at every MoE layer, layer-major (``[l0k0, l0k1, l1k0, ...]``).
+    Empty (the default) = not recorded."""
     # Decoded views, not stored as columns.
     prompt: str = ""
     response: str = ""
@@ -125,6 +147,8 @@ class Sample:
             self.token_versions = [self.policy_version] * n
         if self.policy_version_end is None:
             self.policy_version_end = self.policy_version
+        if self.routed_experts is None:
+            self.routed_experts = []
         if isinstance(self.status, Status):
             self.status = self.status.value
         if isinstance(self.mode, Mode):
@@ -155,6 +179,28 @@ def batch_to_samples(data: pa.RecordBatch | pa.Table) -> list[Sample]:
     return [Sample.from_row(r) for r in data.to_pylist()]
 
 
+def conform_batch(data: pa.RecordBatch | pa.Table) -> pa.RecordBatch | pa.Table:
+    """``data`` with the columns in ``SAMPLE_SCHEMA`` order and every missing optional column
+    (``OPTIONAL_COLUMNS``, e.g. ``routed_experts`` in data of schema v1) added as empty lists.
+    Returns the same kind (RecordBatch or Table). Does not validate: call ``validate_batch``
+    first; a missing required column is left missing for it to name."""
+    columns, fields = [], []
+    for field in SAMPLE_SCHEMA:
+        if field.name in data.schema.names:
+            columns.append(data.column(field.name))
+        elif field.name in OPTIONAL_COLUMNS:
+            columns.append(pa.array([[]] * data.num_rows, type=field.type))
+        else:
+            continue
+        fields.append(field)
+    schema = pa.schema(fields, metadata=SAMPLE_SCHEMA.metadata)
+    if isinstance(data, pa.RecordBatch):
+        return pa.RecordBatch.from_arrays(
+            [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in columns], schema=schema
+        )
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
 def empty_table() -> pa.Table:
     """A zero-row table with the sample schema."""
     return SAMPLE_SCHEMA.empty_table()
@@ -163,11 +209,15 @@ def empty_table() -> pa.Table:
 def validate_batch(data: pa.RecordBatch | pa.Table) -> None:
     """Refuse data that does not match the sample schema, naming the column and row.
 
-    Checks: the exact set of columns and their types, no nulls in non-nullable columns,
+    Checks: the exact set of columns (optional ones, ``OPTIONAL_COLUMNS``, may be absent)
+    and their types, no nulls in non-nullable columns,
     per-token columns as long as ``response_ids`` in every row, finite rewards, known
     ``status``/``mode`` values, ``loss_mask`` entries of 0 or 1, ``policy_version <=
     policy_version_end``, every ``token_versions`` entry within ``[policy_version,
-    policy_version_end]`` of its row, and ``metadata`` a JSON object (``""`` counts as ``{}``).
+    policy_version_end]`` of its row, ``metadata`` a JSON object (``""`` counts as ``{}``), and
+    ``routed_experts`` empty or one entry per scored position (``len(prompt_ids) +
+    len(response_ids) - 1``), every entry of one width across the batch (one model), with
+    expert ids in ``[0, MAX_EXPERT_ID]``.
     Column-wide checks are vectorised (numpy / Arrow compute, the JSON via Arrow's reader);
     Python walks rows only to name the first bad one.
 
@@ -177,13 +227,15 @@ def validate_batch(data: pa.RecordBatch | pa.Table) -> None:
     """
     names = set(data.schema.names)
     expected = set(SAMPLE_SCHEMA.names)
-    missing = [n for n in SAMPLE_SCHEMA.names if n not in names]
+    missing = [n for n in SAMPLE_SCHEMA.names if n not in names and n not in OPTIONAL_COLUMNS]
     extra = sorted(names - expected)
     if missing:
         raise ValueError(f"sample batch is missing column(s) {missing}; expected schema v{SCHEMA_VERSION}: {SAMPLE_SCHEMA.names}")
     if extra:
         raise ValueError(f"sample batch has unknown column(s) {extra}; expected schema v{SCHEMA_VERSION}: {SAMPLE_SCHEMA.names}")
     for field in SAMPLE_SCHEMA:
+        if field.name not in names:  # an optional column (checked above)
+            continue
         got = data.schema.field(field.name).type
         if got != field.type:
             raise ValueError(f"column '{field.name}' has type {got}, expected {field.type}")
@@ -220,6 +272,8 @@ def validate_batch(data: pa.RecordBatch | pa.Table) -> None:
     _check_loss_mask(data.column("loss_mask"), resp_len)
     _check_versions(data, resp_len)
     _check_metadata(data.column("metadata"))
+    if "routed_experts" in names:
+        _check_routed_experts(data, resp_len)
 
 
 def _list_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
@@ -289,6 +343,43 @@ def _check_versions(data: pa.RecordBatch | pa.Table, lengths: np.ndarray) -> Non
             f"column 'token_versions' row {row} holds version {int(outside[0])}, outside the row's "
             f"[policy_version, policy_version_end] = [{int(start[row])}, {int(end[row])}]; each "
             "token's version must lie between the versions the sample started and ended with"
+        )
+
+
+def _check_routed_experts(data: pa.RecordBatch | pa.Table, resp_len: np.ndarray) -> None:
+    """``routed_experts``: per row empty or ``prompt + response - 1`` entries (the positions
+    whose output the trainer scores), all entries of one width, no nulls, ids in range."""
+    col = data.column("routed_experts")
+    outer = _list_lengths(col)
+    scored = _list_lengths(data.column("prompt_ids")) + resp_len - 1
+    bad = np.flatnonzero((outer != 0) & (outer != scored))
+    if bad.size:
+        row = int(bad[0])
+        raise ValueError(
+            f"column 'routed_experts' row {row} has {outer[row]} entries, expected 0 (not recorded) or "
+            f"len(prompt_ids) + len(response_ids) - 1 = {scored[row]}: one per position whose next-token "
+            "prediction the trainer scores"
+        )
+    if not outer.any():
+        return
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    inner = pa.chunked_array([c.flatten() for c in chunks], type=col.type.value_type)
+    if inner.null_count or pc.list_flatten(inner).null_count:
+        row = next(i for i, v in enumerate(col.to_pylist()) if any(e is None or None in e for e in v))
+        raise ValueError(f"column 'routed_experts' row {row} holds a null entry; routing lists must be fully filled")
+    widths = _list_lengths(inner)
+    if widths.min() != widths.max() or widths.min() == 0:
+        i = int(np.flatnonzero(widths != widths[0])[0]) if widths.min() != widths.max() else 0
+        row = _row_of(i, outer)
+        raise ValueError(
+            f"column 'routed_experts' row {row} holds an entry of {widths[i]} expert ids where the batch's first "
+            f"has {widths[0]}; every entry lists (MoE layers x experts per token) ids of one model, layer-major"
+        )
+    flat = _flat_values(inner)
+    if flat.size and flat.min() < 0:
+        i = int(np.flatnonzero(flat < 0)[0]) // int(widths[0])
+        raise ValueError(
+            f"column 'routed_experts' row {_row_of(i, outer)} holds expert id {int(flat.min())}; expert ids are >= 0"
         )
 
 

@@ -104,6 +104,8 @@ class RolloutConfig:
     slowdowns when engines share a busy CPU (vLLM's core binding is then switched off)."""
     enable_prefix_caching: bool = True
     """Reuse KV blocks of shared prompt prefixes (vllm; reset after every weight update)."""
+    record_routed_experts: bool = False
+    """MoE models (hf, vllm): record the experts every token was routed to into the sample's `routed_experts` column; needed by `trainer.routing_replay`, and gives the trainer's `moe/routing_mismatch` metric. vllm turns prefix caching off meanwhile (a cached prefix is not routed)."""
     weight_update_mode: str = field(default="keep", metadata={"choices": ("keep", "wait", "abort")})
     """What a weight commit does with requests in flight: `keep` (pause them, load, continue
     with the new weights; per-token versions record the switch), `wait` (let them finish

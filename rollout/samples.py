@@ -11,6 +11,11 @@ resumed as a continuation): `merge_results` joins them so that tokens, log-probs
 per-token versions stay aligned, and the sample's `policy_version` is the version the first
 token was generated with (the conservative staleness; the buffer bounds it).
 
+MoE routing (`GenerateResult.routed_experts`, engines that record it) goes into the sample's
+`routed_experts` column, one entry per position the trainer scores: a continuation's positions
+already covered by an earlier piece keep the earlier piece's routing (the one that produced
+those tokens' log-probs); a piece without routing leaves the column empty.
+
 Text is decoded with special tokens KEPT (`</think>` is a special token of the tiny model and of
 Qwen3/GLM; dropping it makes every think-mode answer unreadable to the reward); only the final
 EOS token is cut from `Sample.response`.
@@ -19,6 +24,7 @@ EOS token is cut from `Sample.response`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +32,8 @@ from typing import Any
 from slime_rl.buffers.schema import Sample, Status
 from slime_rl.rollout.data import Prompt
 from slime_rl.rollout.engines.base import FinishReason, GenerateResult
+
+logger = logging.getLogger(__name__)
 
 _STATUS = {
     FinishReason.STOP: Status.COMPLETED,
@@ -51,6 +59,8 @@ class MergedResult:
     version_end: int
     pieces: int
     error: str | None = None
+    routed_experts: Any = None
+    """int16 (positions, L, K) MoE routing, or None (not recorded by every piece)."""
 
 
 def merge_results(pieces: Sequence[GenerateResult]) -> MergedResult:
@@ -77,8 +87,38 @@ def merge_results(pieces: Sequence[GenerateResult]) -> MergedResult:
     start = versions[0] if versions else first.version_start
     end = max([last.version_end, start, *versions])
     return MergedResult(
-        tokens, logprobs, versions, last.finish_reason, start, end, len(pieces), getattr(last, "error", None)
+        tokens, logprobs, versions, last.finish_reason, start, end, len(pieces), getattr(last, "error", None),
+        _merge_routing(pieces),
     )
+
+
+def _merge_routing(pieces: Sequence[GenerateResult]) -> Any:
+    """Routing of the whole sequence: each piece adds the positions past those of the pieces
+    before it (every piece's prompt is the sequence so far, so its routing starts at position 0)."""
+    parts = [getattr(p, "routed_experts", None) for p in pieces]
+    if any(r is None for r in parts):
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    import numpy as np
+
+    merged, covered = [parts[0]], len(parts[0])
+    for r in parts[1:]:
+        merged.append(r[covered:])
+        covered = max(covered, len(r))
+    return np.concatenate(merged)
+
+
+def routing_column(routed_experts: Any, num_prompt: int, num_response: int) -> list[list[int]]:
+    """The `routed_experts` column entry of a sample: one flat (L x K) list per scored position
+    (`num_prompt + num_response - 1` of them), or [] when none (or not all) was recorded."""
+    if routed_experts is None or num_response == 0:
+        return []
+    n = num_prompt + num_response - 1
+    if len(routed_experts) < n:
+        logger.warning("routed experts cover %d of %d positions; the sample is stored without routing", len(routed_experts), n)
+        return []
+    return routed_experts[:n].reshape(n, -1).tolist()
 
 
 def decode(tokenizer: Any, ids: Sequence[int], eos_token: str | None) -> str:
@@ -139,6 +179,7 @@ def build_sample(
         metadata=metadata,
         created_at=time.time(),
         gen_seconds=float(gen_seconds),
+        routed_experts=routing_column(merged.routed_experts, len(prompt.prompt_ids), len(merged.token_ids)),
         prompt=prompt.text,
         response=decode(tokenizer, merged.token_ids, eos),
         messages=[dict(m) for m in prompt.messages],

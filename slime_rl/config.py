@@ -158,6 +158,16 @@ class Config:
             )
         if self.run.rollout_only and self.run.train_only:
             raise ValueError("run.rollout_only and run.train_only exclude each other; set one")
+        if self.rollout.record_routed_experts and self.rollout.engine not in ("hf", "vllm"):
+            raise ValueError(
+                f"rollout.record_routed_experts=true is implemented for rollout.engine=hf and vllm, not "
+                f"{self.rollout.engine!r}; use one of them or set rollout.record_routed_experts=false"
+            )
+        if self.trainer.routing_replay and not self.rollout.record_routed_experts:
+            raise ValueError(
+                "trainer.routing_replay=true replays the experts the engine routed each token to, which the engines "
+                "record only with rollout.record_routed_experts=true; set it (or trainer.routing_replay=false)"
+            )
         sampling_t = self.sampling_temperature()
         if self.trainer.batching.temperature != sampling_t:
             raise ValueError(

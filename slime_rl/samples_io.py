@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from slime_rl.buffers.schema import SAMPLE_SCHEMA, validate_batch
+from slime_rl.buffers.schema import OPTIONAL_COLUMNS, SAMPLE_SCHEMA, conform_batch, validate_batch
 
 
 def readable_samples(table: pa.Table, tokenizer: Any) -> pa.Table:
@@ -34,9 +34,10 @@ def read_batch(path: str | Path) -> pa.Table:
         ValueError: the file lacks sample columns (names the file and the column).
     """
     table = pq.read_table(path)
-    missing = [n for n in SAMPLE_SCHEMA.names if n not in table.schema.names]
+    missing = [n for n in SAMPLE_SCHEMA.names if n not in table.schema.names and n not in OPTIONAL_COLUMNS]
     if missing:
         raise ValueError(f"{path}: not a slime-rl sample file, missing column(s) {missing}")
-    table = table.select(SAMPLE_SCHEMA.names).cast(SAMPLE_SCHEMA)
+    # files of an older schema lack the optional columns: conform_batch adds them, empty
+    table = conform_batch(table.select([n for n in SAMPLE_SCHEMA.names if n in table.schema.names])).cast(SAMPLE_SCHEMA)
     validate_batch(table)
     return table

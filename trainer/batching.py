@@ -14,6 +14,9 @@
 
 Per-token data stays response-aligned: column r of row i is response token r. A micro-batch
 carries ``resp_pos_BR``, the position in its padded input whose logits predict that token.
+MoE routing recorded by the engine (the ``routed_experts`` column: one (L x K) entry per
+scored position) stays input-aligned: ``routed_experts_BTX[b, t]`` is the routing of input
+position t (-1 where none was recorded: padding, the last token, rows without routing).
 """
 
 from __future__ import annotations
@@ -139,6 +142,9 @@ class RankBatch:
     group_index_N: torch.Tensor  # (N,) long, 0..G-1 in order of first appearance
     policy_version_N: torch.Tensor  # (N,) long
     keep_N: torch.Tensor | None = None  # (N,) bool: status not excluded (None = all kept)
+    routed_experts: list[np.ndarray | None] | None = None
+    """Per row: int16 (P + R - 1, X) engine routing (X = MoE layers x top-k), None where not
+    recorded; None for the whole batch when no row has any (dense models)."""
 
     @property
     def kept_N(self) -> torch.Tensor:
@@ -177,6 +183,7 @@ class RankBatch:
             excluded = set(exclude_status)
             keep_N = torch.tensor([s not in excluded for s in table.column("status").to_pylist()], dtype=torch.bool)
         return cls(
+            routed_experts=_routing_rows(table),
             prompt_ids=cols["prompt_ids"],
             response_ids=cols["response_ids"],
             mask_NR=mask_NR,
@@ -187,6 +194,37 @@ class RankBatch:
             policy_version_N=torch.tensor(cols["policy_version"], dtype=torch.long),
             keep_N=keep_N,
         )
+
+
+def _routing_rows(table: pa.Table) -> list[np.ndarray | None] | None:
+    """The ``routed_experts`` column as one (positions, X) array per row (None where empty), read
+    from the flat Arrow buffers; None when the column is absent or empty in every row."""
+    if "routed_experts" not in table.schema.names:
+        return None
+    col = table.column("routed_experts")
+    outer = np.asarray(pc.list_value_length(col).to_numpy(zero_copy_only=False))
+    if not outer.any():
+        return None
+    inner = pc.list_flatten(col)
+    width = int(pc.list_value_length(inner)[0].as_py())
+    flat = np.asarray(pc.list_flatten(inner).to_numpy(zero_copy_only=False)).reshape(-1, width)
+    offsets = np.concatenate([[0], np.cumsum(outer)])
+    return [flat[offsets[i] : offsets[i + 1]] if outer[i] else None for i in range(len(outer))]
+
+
+def _routing_tensor(rb: RankBatch, rows: list[int], B: int, T: int, starts: list[int]) -> torch.Tensor | None:
+    """(B, T, X) long: row ``rows[k]``'s routing at input positions ``starts[k]..`` of batch row
+    ``k`` (padded; B = len(rows)) or ``0`` (packed; B = 1), -1 elsewhere; None when none of
+    ``rows`` has routing."""
+    if rb.routed_experts is None or all(rb.routed_experts[i] is None for i in rows):
+        return None
+    width = next(r.shape[1] for r in rb.routed_experts if r is not None)
+    out_BTX = torch.full((B, T, width), -1, dtype=torch.long)
+    for k, i in enumerate(rows):
+        r = rb.routed_experts[i]
+        if r is not None:
+            out_BTX[0 if B == 1 else k, starts[k] : starts[k] + len(r)] = torch.from_numpy(r.astype(np.int64))
+    return out_BTX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +240,9 @@ class MicroBatch:
     """A stand-in that only keeps collectives in step on a rank with fewer micro-batches: its loss weight is 0."""
     position_ids_BT: torch.Tensor | None = None
     """Packed layout only: positions restart at 0 for each sample (attention_mask_BT is then None)."""
+    routed_experts_BTX: torch.Tensor | None = None
+    """(B, T, X) long, engine routing of each input position (X = MoE layers x top-k), -1 where
+    none was recorded; None when no row of the micro-batch has routing."""
 
     @property
     def packed(self) -> bool:
@@ -227,6 +268,7 @@ class MicroBatch:
             resp_pos_BR=self.resp_pos_BR.to(device),
             response_ids_BR=self.response_ids_BR.to(device),
             position_ids_BT=move(self.position_ids_BT),
+            routed_experts_BTX=move(self.routed_experts_BTX),
         )
 
 
@@ -249,13 +291,17 @@ def _build(rb: RankBatch, rows: list[int], pad_id: int, dummy: bool = False) -> 
         if r:
             resp_pos_BR[b, : len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r))
             response_ids_BR[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return MicroBatch(torch.tensor(rows, dtype=torch.long), input_ids_BT, attention_mask_BT, resp_pos_BR, response_ids_BR, dummy)
+    return MicroBatch(
+        torch.tensor(rows, dtype=torch.long), input_ids_BT, attention_mask_BT, resp_pos_BR, response_ids_BR, dummy,
+        routed_experts_BTX=_routing_tensor(rb, rows, B, T, [0] * B),
+    )
 
 
 def _build_packed(rb: RankBatch, rows: list[int]) -> MicroBatch:
     """All ``rows`` concatenated into one sequence; positions restart per sample (no padding)."""
     ids: list[int] = []
     positions: list[int] = []
+    starts: list[int] = []
     R = max(max(len(rb.response_ids[i]) for i in rows), 1)
     resp_pos_BR = torch.zeros(len(rows), R, dtype=torch.long)
     response_ids_BR = torch.zeros(len(rows), R, dtype=torch.long)
@@ -264,6 +310,7 @@ def _build_packed(rb: RankBatch, rows: list[int]) -> MicroBatch:
         if not p:
             raise ValueError(f"sample row {i} has an empty prompt_ids; the first response token needs a context")
         offset = len(ids)
+        starts.append(offset)
         ids += p + r
         positions += list(range(len(p) + len(r)))
         if r:
@@ -276,6 +323,7 @@ def _build_packed(rb: RankBatch, rows: list[int]) -> MicroBatch:
         resp_pos_BR=resp_pos_BR,
         response_ids_BR=response_ids_BR,
         position_ids_BT=torch.tensor([positions], dtype=torch.long),
+        routed_experts_BTX=_routing_tensor(rb, rows, 1, len(ids), starts),
     )
 
 

@@ -151,6 +151,8 @@ class TrainerConfig:
     """Refuse a batch whose behaviour log-probs (`response_logprobs`) are implausible: a mean |trainer - engine| log-prob gap above this many nats on the loss tokens of staleness 0 (measured before the update), or exactly 0.0 on every loss token (never filled). A matching engine is within ~0.1 nat. 0 disables both checks."""
     checkpoint_hf: bool = True
     """Also write an HF export of the policy (transformers / vLLM loadable) to `<checkpoint>/hf`."""
+    routing_replay: bool = False
+    """MoE models: every policy forward pass routes each token to the experts the engine used (the sample's `routed_experts` column, recorded with `rollout.record_routed_experts`), so the policy ratio compares the same experts (rollout routing replay); gating weights stay the trainer's. Off: the trainer routes by itself and `moe/routing_mismatch` reports how often it disagrees with the engine."""
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     """Advantage estimator."""
     loss: LossConfig = field(default_factory=LossConfig)

@@ -5,6 +5,8 @@
          rank's share, mini-batch by mini-batch ─► RankBatch
            ├─ pre-pass (no grad): reference log-probs, critic values, proximal log-probs
            │    when they cannot come from the update pass itself
+           │    (MoE policies: every policy pass runs through moe.MoERouting: routing
+           │    replay with trainer.routing_replay, router / expert-load metrics)
            ├─ fresh-token log-prob gap check (pre-update log-probs vs engine)
            ├─ token rewards (reward on the last loss token, minus KL penalty) ─► advantages
            └─ for each mini-batch: micro-batches ─► forward ─► loss share ─► backward
@@ -28,7 +30,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -53,6 +55,7 @@ from slime_rl.trainer.config import TrainerConfig
 from slime_rl.trainer.kl import kl_estimate
 from slime_rl.trainer.losses import LossNorm, aggregate, value_loss
 from slime_rl.trainer.metrics import StepMetrics
+from slime_rl.trainer.moe import MoERouting, routing_pass
 from slime_rl.trainer.objective import ObjectiveInputs, micro_batch_loss
 from slime_rl.trainer.off_policy import record_mismatch, record_ratios
 from slime_rl.trainer.optim import build_optimizer, build_scheduler, clip_grad_norm
@@ -85,7 +88,17 @@ class TrainerCore:
         self.timeout = datetime.timedelta(seconds=cfg.timeout_s)
         torch.manual_seed(cfg.seed)
         b = cfg.batching
-        self.policy = model_lib.shard(model_lib.load_policy(model_path, self.device, b.gradient_checkpointing))
+        policy = model_lib.load_policy(model_path, self.device, b.gradient_checkpointing)
+        self.moe = MoERouting.attach(policy)
+        """Router hooks (replay, MoE metrics); None for a dense policy."""
+        if cfg.routing_replay:
+            if self.moe is None:
+                raise ValueError(
+                    f"trainer.routing_replay=true but the policy in {model_path} ({type(policy).__name__}) has no MoE "
+                    "router; set trainer.routing_replay=false"
+                )
+            self.moe.check_replay_supported()
+        self.policy = model_lib.shard(policy)
         self.optimizer = build_optimizer(self.policy.parameters(), cfg.lr, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
         self.reference = None
@@ -193,6 +206,8 @@ class TrainerCore:
         cfg = self.cfg
         try:
             check_batch(table, cfg.global_batch_groups, cfg.exclude_status, cfg.max_logprob_mismatch)
+            if self.moe is not None:
+                self.moe.check_table(table, cfg.routing_replay, cfg.exclude_status)
             share = split_batch(table, self.world_size, cfg.batching.updates_per_batch)[self.rank]
         except ValueError as e:
             raise ValueError(f"{self._tag()}: {e}") from e
@@ -277,6 +292,8 @@ class TrainerCore:
         self.step += 1
         self.version += 1
         out = metrics.reduce(self.all_reduce_sum, self.all_reduce_max)
+        if self.moe is not None:
+            out.update(self.moe.load_metrics(self.all_reduce_sum))
         seconds = time.perf_counter() - start
         out.update(
             {
@@ -324,7 +341,8 @@ class TrainerCore:
                 if "values" in out:
                     parts["values"] = model_lib.response_values(self.critic, mb)
                 if "proximal" in out:
-                    parts["proximal"] = model_lib.response_logprobs(self.policy, mb, cfg.batching.temperature)[0]
+                    with routing_pass(self.moe, mb, replay=cfg.routing_replay):
+                        parts["proximal"] = model_lib.response_logprobs(self.policy, mb, cfg.batching.temperature)[0]
                 if mb.dummy:
                     continue
                 for k, v_BR in parts.items():
@@ -346,10 +364,31 @@ class TrainerCore:
     ) -> float:
         """Forward + backward of one micro-batch; returns its share of the loss. ``fresh_gap``
         (float64 CPU [sum, count]) accumulates |anchor - behaviour| over fresh loss tokens."""
-        cfg, lc = self.cfg, self.cfg.loss
+        cfg = self.cfg
         rows = mb.rows.to(self.device)
         take = lambda x_NR: x_NR[rows, : mb.width]  # noqa: E731
         mask_BR = take(mask_NR) * (0.0 if mb.dummy else 1.0)
+        # MoE: replay / metrics on through backward (gradient checkpointing re-runs the routers there).
+        with routing_pass(self.moe, mb, mask_BR, cfg.routing_replay, metrics):
+            return self._forward_backward(mb, pre, adv, mask_BR, take, behaviour_NR, staleness_NR, sft_ok_N, norm, metrics, fresh_gap)
+
+    def _forward_backward(
+        self,
+        mb: MicroBatch,
+        pre: dict[str, torch.Tensor],
+        adv: AdvantageOutputs,
+        mask_BR: torch.Tensor,
+        take: Callable[[torch.Tensor], torch.Tensor],
+        behaviour_NR: torch.Tensor,
+        staleness_NR: torch.Tensor,
+        sft_ok_N: torch.Tensor,
+        norm: LossNorm,
+        metrics: StepMetrics,
+        fresh_gap: torch.Tensor | None,
+    ) -> float:
+        """The body of ``_micro_step``: forward, objective, metrics, backward (policy, then critic)."""
+        cfg, lc = self.cfg, self.cfg.loss
+        rows = mb.rows.to(self.device)
         with model_lib.autocast(self.device, cfg.batching.precision):
             logprobs_BR, entropy_BR = model_lib.response_logprobs(
                 self.policy, mb, cfg.batching.temperature, with_entropy=True, entropy_grad=lc.entropy_coef > 0

@@ -134,6 +134,14 @@ class GenerateResult:
     error: str | None = None
     """Why the request failed (`finish_reason=error` only), e.g. `RequestRejected: request
     'g3-1': prompt of 1200 tokens does not fit the model's 1024 positions`."""
+    routed_experts: Any = None
+    """MoE routing the engine used (engines built with `record_routed_experts=True`; None
+    otherwise or for dense models): an int16 `numpy.ndarray` of shape (P + R - 1, L, K) for
+    a prompt of P and a response of R tokens: for every position whose output was computed
+    (the prompt and every generated token but the last), the K experts chosen at each of the
+    model's L MoE layers (in layer order). A position recomputed later (a `keep` weight
+    update re-prefills) keeps the routing of its first computation, the one that produced
+    its next-token log-prob."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -122,6 +122,9 @@ class StepDelta:
     logprobs: list[float]
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
+    routing: tuple[tuple[int, Any], ...] = ()
+    """MoE routing of positions this step computed for the request (engines that record it):
+    `(first position, int16 array (n, L, K))` chunks."""
 
 
 class WeightStaging:
@@ -169,6 +172,28 @@ class _Live:
     logprobs: list[float] = dataclasses.field(default_factory=list)
     versions: list[int] = dataclasses.field(default_factory=list)
     admitted: bool = False
+    routing: list[Any] = dataclasses.field(default_factory=list)
+    """Chunks (n, L, K) of recorded MoE routing, positions 0.. in order."""
+    routed: int = 0
+    routing_gap: bool = False
+    """A position's routing was never delivered (e.g. served from a prefix cache): none is kept."""
+
+    def add_routing(self, start: int, rows: Any) -> None:
+        """Keep the routing of positions not recorded yet (a recomputed position keeps its
+        first routing, the one that produced its log-prob); a gap drops the routing."""
+        if start > self.routed:
+            self.routing_gap = True
+        new = rows[self.routed - start :] if start <= self.routed else rows[:0]
+        if len(new):
+            self.routing.append(new)
+            self.routed += len(new)
+
+    def routed_experts(self) -> Any:
+        if self.routing_gap or not self.routing:
+            return None
+        import numpy as np
+
+        return np.concatenate(self.routing) if len(self.routing) > 1 else self.routing[0]
 
     def finish(
         self, version: int, reason: FinishReason, stop_reason: str | int | None = None
@@ -182,6 +207,7 @@ class _Live:
             version_start=self.version_start,
             version_end=version,
             stop_reason=stop_reason,
+            routed_experts=self.routed_experts(),
         )
         if not self.future.done():
             self.future.set_result(result)
@@ -520,6 +546,8 @@ class SteppedEngine(WeightStaging, abc.ABC):
                 lv.token_ids.extend(d.token_ids)
                 lv.logprobs.extend(d.logprobs)
                 lv.versions.extend([version] * len(d.token_ids))
+                for first, rows in d.routing:
+                    lv.add_routing(first, rows)
                 if d.finish_reason is not None:
                     del self._live[d.request_id]
                     lv.finish(version, d.finish_reason, d.stop_reason)

@@ -7,6 +7,11 @@
 
 A wave admits no newcomers (static batching), which keeps the code small and the numerics
 simple; the vllm backend is the one with continuous batching. Works wherever torch works.
+
+The cache is the model's own `DynamicCache(config=...)`, so each architecture gets the one it
+needs (GQA keys/values; GLM-5's compressed MLA latents plus the DSA indexer's key cache).
+With `record_routed_experts=True` an MoE model's routers are hooked (`moe.RoutingRecorder`)
+and each result carries the experts every computed position was routed to.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 import torch
 from slime_rl.rollout.engines.base import FinishReason, GenerateRequest
 from slime_rl.rollout.engines.core import StepDelta, SteppedEngine
+from slime_rl.rollout.engines.moe import RoutingRecorder, fuse_per_expert
 from slime_rl.rollout.engines.sampling import StopChecker, sample_next
 
 logger = logging.getLogger(__name__)
@@ -62,6 +68,7 @@ class HFEngine(SteppedEngine):
         seed: int = 0,
         attn_implementation: str = "eager",
         num_threads: int | None = None,
+        record_routed_experts: bool = False,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -104,6 +111,14 @@ class HFEngine(SteppedEngine):
         )
         self._mask_BT: torch.Tensor | None = None
         self._cache = None
+        self._recorder: RoutingRecorder | None = None
+        if record_routed_experts:
+            self._recorder = RoutingRecorder(self.model)
+            if not self._recorder.num_layers:
+                logger.warning("hf engine: record_routed_experts=True but %s has no MoE router; nothing is recorded",
+                               type(self.model).__name__)
+                self._recorder.remove()
+                self._recorder = None
 
     def tokenizer_info(self) -> dict[str, Any]:
         """`{"max_model_len": max_position_embeddings, "eos_token_id": [ids]}` (EOS ids from
@@ -129,12 +144,17 @@ class HFEngine(SteppedEngine):
 
     @torch.no_grad()
     def backend_step(self) -> list[StepDelta]:
-        if not self._rows:
-            if not self._waiting:
-                return []
-            logits_BV = self._start_wave()
-        else:
-            logits_BV = self._forward_last()
+        prefill = not self._rows
+        if prefill and not self._waiting:
+            return []
+        if self._recorder is not None:  # only these passes: a re-prefill after an update is not recorded
+            self._recorder.active = True
+        try:
+            logits_BV = self._start_wave() if prefill else self._forward_last()
+            routing = self._routing(prefill)
+        finally:
+            if self._recorder is not None:
+                self._recorder.active = False
         tokens_B, logprobs_B = sample_next(
             logits_BV, [r.request.sampling for r in self._rows], [r.generator for r in self._rows]
         )
@@ -153,9 +173,10 @@ class HFEngine(SteppedEngine):
                 or total >= self.max_model_len
             ):
                 reason = FinishReason.LENGTH
-            deltas.append(
-                StepDelta(row.request.request_id, [tok], [logprobs[i]], reason, stop_reason)
-            )
+            delta = StepDelta(row.request.request_id, [tok], [logprobs[i]], reason, stop_reason)
+            if routing is not None:
+                delta.routing = (routing[i],)
+            deltas.append(delta)
             if reason is None:
                 keep.append(i)
         if len(keep) != len(self._rows):
@@ -164,6 +185,8 @@ class HFEngine(SteppedEngine):
 
     def backend_load(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         targets = self.model.state_dict(keep_vars=True)
+        # per-expert names (HF checkpoints, Megatron-style trainers) -> this model's fused experts
+        named_tensors = fuse_per_expert(named_tensors, targets)
         unknown = [n for n, _ in named_tensors if n not in targets]
         if unknown:
             raise ValueError(f"hf engine: weights {unknown[:5]} are not parameters of the model")
@@ -194,6 +217,23 @@ class HFEngine(SteppedEngine):
             torch.cuda.empty_cache()
 
     # ---- internals ----------------------------------------------------------------------------
+    def _routing(self, prefill: bool) -> list[tuple[int, object]] | None:
+        """Per row: (first position, int16 (n, L, K) routing of the positions this pass computed).
+        Prefill: the prompt's positions (left padding cut off); decode: the position of the
+        token fed, i.e. prompt + tokens generated before this step - 1."""
+        if self._recorder is None:
+            return None
+        B, T = (self._seq_BT.shape if prefill else (self._seq_BT.shape[0], 1))
+        rec_BTLK = self._recorder.take(B, T)
+        out = []
+        for i, row in enumerate(self._rows):
+            n = len(row.request.prompt_token_ids)
+            if prefill:
+                out.append((0, rec_BTLK[i, T - n :]))
+            else:
+                out.append((n + len(row.generated) - 1, rec_BTLK[i]))
+        return out
+
     def _prefill(self, seq_BT: torch.Tensor, mask_BT: torch.Tensor):
         from transformers import DynamicCache
 

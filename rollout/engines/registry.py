@@ -32,6 +32,7 @@ def _hf_params(cfg: RolloutConfig) -> dict[str, Any]:
         seed=cfg.seed,
         max_batch_size=cfg.max_batch_size,
         num_threads=cfg.cpu_threads or None,
+        record_routed_experts=cfg.record_routed_experts,
         **cfg.engine_kwargs,
     )
 
@@ -48,6 +49,7 @@ def _vllm_params(cfg: RolloutConfig) -> dict[str, Any]:
         enable_prefix_caching=cfg.enable_prefix_caching,
         num_threads=cfg.cpu_threads or None,
         engine_kwargs=extra,
+        record_routed_experts=cfg.record_routed_experts,
     )
 
 

@@ -12,6 +12,14 @@ with nothing to load (rotary embeddings, a tied `lm_head`) is filtered, and the 
 count is set on the engine thread. Requests go in as token inputs (`tokens_input`) with
 detokenization off unless they have stop strings (only token ids and log-probs are used).
 
+MoE: the update may hold fused transformers expert tensors (`experts.gate_up_proj`, what the
+trainer publishes) or per-expert ones (`experts.<e>.gate_proj.weight`, HF checkpoints): vLLM's
+fused-MoE loader takes both, and the names an update must hold are derived per layout
+(`vllm_ext.module_expert_mapping`). With `record_routed_experts=True` the worker's routers
+report the experts each computed position was routed to (`vllm_ext.RoutingCapture`); prefix
+caching is then off (a cached prefix is never routed, so its routing would be missing) and the
+engine must run eagerly (a captured graph would not call the capture function).
+
 Why not `AsyncLLM`: in vLLM 0.32 it always runs the engine core in a child process
 (`VLLM_ENABLE_V1_MULTIPROCESSING` only affects `LLMEngine`), which costs ~13 s and ~1 GiB
 more per start on CPU and turns tensors into lists on the RPC. `LLMEngine` with
@@ -121,6 +129,8 @@ class VLLMEngine(SteppedEngine):
     """
 
     backend = "vllm"
+    _record_routing = False
+    """Routed experts are recorded (`record_routed_experts` on an MoE model)."""
 
     def __init__(
         self,
@@ -135,6 +145,7 @@ class VLLMEngine(SteppedEngine):
         enable_prefix_caching: bool = True,
         num_threads: int | None = None,
         engine_kwargs: dict[str, Any] | None = None,
+        record_routed_experts: bool = False,
     ) -> None:
         super().__init__()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read by vLLM when the engine starts
@@ -164,6 +175,15 @@ class VLLMEngine(SteppedEngine):
             # prefills never discard a token (measured cost of seeding then: ~5 %).
             args["enable_chunked_prefill"] = False
         args.update(engine_kwargs or {})
+        if record_routed_experts:
+            if not args["enforce_eager"]:
+                raise ValueError(
+                    "vllm engine: record_routed_experts needs enforce_eager=True (a captured CUDA graph does not "
+                    "call the routers' capture function); drop enforce_eager=False from rollout.engine_kwargs"
+                )
+            if args["enable_prefix_caching"]:
+                logger.info("vllm engine: prefix caching off while recording routed experts (cached prefixes are not routed)")
+            args["enable_prefix_caching"] = False
         # Tensors survive collective_rpc only inside one process (uni-process executor).
         self._tensors_by_reference = tensor_parallel_size == 1
         # Built on the engine thread: every later vLLM call runs there too.
@@ -175,6 +195,11 @@ class VLLMEngine(SteppedEngine):
         self._expected: dict[str, Any] = expected["params"]
         self._optional: set[str] = set(expected["optional"])
         self._rpc("slime_quiet_reload_warnings")
+        self._routing_pending: dict[str, list[tuple[int, Any]]] = {}
+        self._external_ids: dict[str, str] = {}
+        self._record_routing = bool(record_routed_experts) and self._rpc("slime_capture_routing")[0] > 0
+        if record_routed_experts and not self._record_routing:
+            logger.warning("vllm engine: record_routed_experts=True but the model has no MoE layer; nothing is recorded")
         if num_threads is not None:
             self._set_engine_threads(num_threads)
         self.max_model_len = self._engine.model_config.max_model_len
@@ -236,11 +261,19 @@ class VLLMEngine(SteppedEngine):
             if 0 < room < params.max_tokens:
                 params.max_tokens = room
             # A token input, not a raw prompt dict (which vLLM 0.32 warns about as deprecated).
-            self._engine.add_request(r.request_id, tokens_input(list(r.prompt_token_ids)), params)
+            internal = self._engine.add_request(r.request_id, tokens_input(list(r.prompt_token_ids)), params)
+            if self._record_routing:  # the worker sees vLLM's id (ours + a random suffix)
+                self._external_ids[internal] = r.request_id
 
     def backend_step(self) -> list[StepDelta]:
         deltas = []
-        for out in self._engine.step():
+        outputs = self._engine.step()
+        if self._record_routing:
+            for internal, chunks in self._engine.collective_rpc("slime_take_routing")[0].items():
+                rid = self._external_ids.get(internal)
+                if rid is not None:
+                    self._routing_pending.setdefault(rid, []).extend(chunks)
+        for out in outputs:
             comp = out.outputs[0]
             toks = list(comp.token_ids)
             lps = [float(pos[t].logprob) for t, pos in zip(toks, comp.logprobs or [])]
@@ -250,11 +283,24 @@ class VLLMEngine(SteppedEngine):
                 )
             reason = finish_reason_from_vllm(comp.finish_reason) if out.finished else None
             stop_reason = comp.stop_reason if reason is FinishReason.STOP else None
-            deltas.append(StepDelta(out.request_id, toks, lps, reason, stop_reason))
+            routing: tuple = ()
+            if self._record_routing:
+                routing = tuple(self._routing_pending.pop(out.request_id, ()))
+                if out.finished:
+                    self._forget(out.request_id)
+            deltas.append(StepDelta(out.request_id, toks, lps, reason, stop_reason, routing))
         return deltas
 
     def backend_abort(self, request_ids: list[str]) -> None:
         self._engine.abort_request(list(request_ids))
+        if self._record_routing:
+            for rid in request_ids:
+                self._forget(rid)
+
+    def _forget(self, request_id: str) -> None:
+        self._routing_pending.pop(request_id, None)
+        for internal in [i for i, e in self._external_ids.items() if e == request_id]:
+            del self._external_ids[internal]
 
     def backend_load(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         check_full_state_dict(self._expected, self._optional, [n for n, _ in named_tensors])

@@ -14,13 +14,22 @@ Called once after start:
 - `slime_quiet_reload_warnings` filters vLLM's "<Layer>: Failed to load weights" warning
   for layers a reload has nothing to load into (rotary embeddings, a tied `lm_head`).
 
+With routed-experts recording (`slime_capture_routing`, MoE models): every MoE layer's router
+gets a capture function (vLLM's `BaseRouter.set_capture_fn`, the hook its own capturer uses);
+a wrapper around the model runner's `execute_model` notes which request each row of the step's
+token batch belongs to and at which position, so after each step `slime_take_routing` hands
+the engine `{request_id: [(first position, int16 (n, L, K)), ...]}`.
+
 Loaded by vLLM by dotted path (`worker_extension_cls`); imports vllm only inside methods so
 the module itself imports without vllm installed.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import logging
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -72,6 +81,15 @@ def weight_ways(
                 return orig + name[len(new) :]
         return name
 
+    param_names = list(param_names)
+    # Entries in full names are looked up by the parameter's module; relative ones (an older
+    # model-level mapping) are tried on every name.
+    modules = {n.rsplit(".", 1)[0] for n in param_names}
+    by_module: dict[str, list[tuple[str, str, Any]]] = {}
+    loose: list[tuple[str, str, Any]] = []
+    for entry in experts:
+        module = entry[0].rsplit(".", 1)[0]
+        (by_module.setdefault(module, []) if module in modules else loose).append(entry)
     out: dict[str, Ways] = {}
     for name in param_names:
         ways: Ways = [[[name]]]
@@ -80,16 +98,51 @@ def weight_ways(
             if part in packed:
                 ways.append([[".".join([*parts[:i], sub, *parts[i + 1 :]])] for sub in packed[part]])
                 break
-        slots: dict[Any, list[str]] = {}
-        for param_prefix, weight_prefix, key in experts:
-            if param_prefix in name:
-                alternative = name.replace(param_prefix, weight_prefix, 1)
-                slot = slots.setdefault((param_prefix, key), [])
-                if alternative not in slot:
-                    slot.append(alternative)
-        if slots:
-            ways.append(list(slots.values()))
+        candidates = by_module.get(name.rsplit(".", 1)[0], []) + loose
+        matched = [(pp, wp, key) for pp, wp, key in candidates if pp in name]
+        shared = collections.Counter(wp for _, wp, _ in matched)
+        layouts: dict[tuple[bool, bool], dict[Any, list[str]]] = {}
+        for param_prefix, weight_prefix, key in matched:
+            # One way per checkpoint layout: stacked over experts or per expert, gate and up
+            # in one tensor or two (vLLM loads each; an update must be complete in one).
+            per_expert = _EXPERT_INDEX.search(weight_prefix) is not None
+            gate_up_together = shared[weight_prefix] > 1
+            slots = layouts.setdefault((per_expert, gate_up_together), {})
+            alternative = name.replace(param_prefix, weight_prefix, 1)
+            slot = slots.setdefault((param_prefix, key), [])
+            if alternative not in slot:
+                slot.append(alternative)
+        ways.extend(list(slots.values()) for slots in layouts.values())
         out[name] = [[[to_checkpoint(n) for n in slot] for slot in way] for way in ways]
+    return out
+
+
+_EXPERT_INDEX = re.compile(r"(^|\.)experts\.\d+\.")
+
+
+def module_expert_mapping(model: torch.nn.Module) -> list[tuple[str, str, Any]]:
+    """`(vllm_param_prefix, checkpoint_prefix, key)` entries for `weight_ways`, in full names,
+    from every fused-MoE layer of a vLLM model (vLLM >= 0.3x: each layer's routed-experts
+    module has `get_expert_mapping(include_fused=True)` and `layer_name`; older models have
+    one model-level `get_expert_mapping()`, relative names that `weight_ways` substitutes).
+    Covers the stacked transformers layout (`experts.gate_up_proj` (E, 2I, H),
+    `experts.down_proj`) and the per-expert ones (`experts.<e>.gate_proj.weight`, ...)."""
+    out: list[tuple[str, str, Any]] = []
+    for mod_name, module in model.named_modules():
+        mapping = getattr(module, "get_expert_mapping", None)
+        layer_name = getattr(module, "layer_name", None)
+        if not (callable(mapping) and isinstance(layer_name, str) and layer_name.endswith("experts")):
+            continue
+        ckpt_base = layer_name[: -len("experts")]  # "model.layers.1.mlp."
+        for param_prefix, weight_prefix, expert_id, shard_id in mapping(include_fused=True):
+            if not param_prefix.startswith("experts."):
+                continue
+            out.append(
+                (f"{mod_name}.{param_prefix[len('experts.'):]}", ckpt_base + weight_prefix, (expert_id, shard_id))
+            )
+    if not out and callable(getattr(model, "get_expert_mapping", None)):
+        for param_prefix, weight_prefix, expert_id, shard_id in model.get_expert_mapping():
+            out.append((param_prefix, weight_prefix, (expert_id, shard_id)))
     return out
 
 
@@ -205,6 +258,82 @@ def _temperature_logprob_sampler_cls():
     return Sampler, TemperatureLogprobSampler
 
 
+def repack_cpu_experts(model: torch.nn.Module) -> int:
+    """Re-pack the fused-MoE expert weights of vLLM's CPU kernel after an in-place reload;
+    returns the number of layers re-packed.
+
+    vLLM 0.32's CPU experts (`CPUUnquantizedExperts`) pre-pack `w13_weight` / `w2_weight` into
+    their grouped-GEMM layout once, when the kernel is first set up; a reload
+    (`process_weights_after_loading` on a weight update) copies the new weights in their plain
+    layout and skips that step, so the kernel reads unpacked data (log-probs off by ~0.4 nats
+    on the tiny GLM-4.5 even when the same weights are reloaded). Packing them again here
+    restores it."""
+    count = 0
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if type(experts).__name__ == "CPUUnquantizedExperts" and hasattr(module, "w13_weight"):
+            experts.process_weights_after_loading(module)
+            count += 1
+    return count
+
+
+class RoutingCapture:
+    """Per-step capture of the experts every MoE layer routed each token to (worker side).
+
+    `capture(layer, topk_ids)` is the routers' capture function (called inside the forward);
+    the first call of a step notes the batch layout (the model runner's request order, each
+    request's scheduled tokens and the position of its first one); `end_step` files the step's
+    rows under their requests; `take` hands them over.
+    """
+
+    def __init__(self, runner: Any, num_layers: int) -> None:
+        self.runner = runner
+        self.num_layers = num_layers
+        self._in_step = False
+        self._scheduled: Mapping[str, int] = {}
+        self._layout: list[tuple[str, int, int]] | None = None
+        self._ids: list[torch.Tensor | None] = [None] * num_layers
+        self._pending: dict[str, list[tuple[int, Any]]] = {}
+
+    def begin_step(self, scheduler_output: Any) -> None:
+        self._in_step = True
+        self._scheduled = scheduler_output.num_scheduled_tokens
+        self._layout = None
+        self._ids = [None] * self.num_layers
+
+    def capture(self, layer: int, topk_ids: torch.Tensor) -> None:
+        if not self._in_step:  # warm-up / profiling runs
+            return
+        if self._layout is None:
+            batch = self.runner.input_batch
+            req_ids = list(batch.req_ids)
+            starts = batch.num_computed_tokens_cpu[: len(req_ids)]
+            self._layout = [(r, int(starts[i]), int(self._scheduled[r])) for i, r in enumerate(req_ids)]
+        self._ids[layer] = topk_ids.detach().to("cpu", torch.int16)
+
+    def end_step(self) -> None:
+        self._in_step = False
+        if self._layout is None:  # no forward pass this step
+            return
+        missing = [i for i, t in enumerate(self._ids) if t is None]
+        if missing:
+            raise RuntimeError(
+                f"routed-experts capture: MoE layers {missing[:5]} reported no routing this step; their kernel "
+                "bypasses vLLM's router capture (record_routed_experts cannot be used with it)"
+            )
+        total = sum(n for _, _, n in self._layout)
+        rows_NLK = torch.stack([t[:total] for t in self._ids], dim=1).numpy()
+        offset = 0
+        for rid, start, n in self._layout:
+            self._pending.setdefault(rid, []).append((start, rows_NLK[offset : offset + n]))
+            offset += n
+
+    def take(self) -> dict[str, list[tuple[int, Any]]]:
+        out, self._pending = self._pending, {}
+        return out
+
+
 class WeightSyncExtension:
     """Mixed into vLLM's worker class; `self` is the worker (has `model_runner`, `reload_weights`)."""
 
@@ -224,6 +353,7 @@ class WeightSyncExtension:
             # On CPU the logits GEMM uses a packed copy made at load time; re-pack it from the
             # freshly loaded (shared) embedding, or log-probs come from the old weights.
             method.process_weights_after_loading(lm_head)
+        repack_cpu_experts(model)
         return len(weights)
 
     def slime_install_logprob_sampler(self) -> str:
@@ -249,10 +379,7 @@ class WeightSyncExtension:
         packed: dict[str, list[str]] = {}
         for module in model.modules():  # packed_modules_mapping may sit on an inner module
             packed.update(getattr(module, "packed_modules_mapping", None) or {})
-        experts: list[tuple[str, str, Any]] = []
-        if callable(getattr(model, "get_expert_mapping", None)):
-            for param_prefix, weight_prefix, expert_id, shard_id in model.get_expert_mapping():
-                experts.append((param_prefix, weight_prefix, (expert_id, shard_id)))
+        experts = module_expert_mapping(model)
         mapper = getattr(model, "hf_to_vllm_mapper", None)
         renames = {
             new: orig
@@ -280,6 +407,52 @@ class WeightSyncExtension:
             reload_logger.addFilter(quiet)
         quiet.classes |= parameterless_layer_classes(self.model_runner.get_model())
         return sorted(quiet.classes)
+
+    def slime_capture_routing(self) -> int:
+        """Record the experts each token is routed to (see `RoutingCapture`); returns the number
+        of MoE layers hooked (0 for a dense model: nothing is recorded).
+
+        Raises:
+            RuntimeError: an MoE layer whose kernel routes outside vLLM's router (monolithic
+                kernels) or whose router cannot take a capture function.
+        """
+        model = self.model_runner.get_model()
+        layers = []
+        for name, module in model.named_modules():
+            router = getattr(module, "router", None)
+            if router is None or not hasattr(module, "layer_id") or not hasattr(module, "routed_experts"):
+                continue
+            method = getattr(module, "_quant_method", None)
+            if getattr(method, "is_monolithic", False) or not callable(getattr(router, "set_capture_fn", None)):
+                raise RuntimeError(
+                    f"vllm engine: cannot record routed experts of {name}: its MoE kernel "
+                    f"({type(method).__name__}) routes outside vLLM's router; disable rollout.record_routed_experts"
+                )
+            layers.append((int(module.layer_id), router))
+        if not layers:
+            return 0
+        layers.sort(key=lambda x: x[0])
+        runner = self.model_runner
+        capture = RoutingCapture(runner, len(layers))
+        for index, (_, router) in enumerate(layers):
+            router.set_capture_fn(functools.partial(capture.capture, index))
+        original = runner.execute_model
+
+        def execute_model(scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+            capture.begin_step(scheduler_output)
+            try:
+                return original(scheduler_output, *args, **kwargs)
+            finally:
+                capture.end_step()
+
+        runner.execute_model = execute_model
+        self._slime_routing = capture
+        return len(layers)
+
+    def slime_take_routing(self) -> dict[str, list[tuple[int, Any]]]:
+        """Routing recorded since the last call: `{request_id: [(first position, int16 (n, L, K))]}`."""
+        capture = getattr(self, "_slime_routing", None)
+        return capture.take() if capture is not None else {}
 
     def slime_param_checksum(self) -> float:
         """Sum of all parameters (float64): lets tests see that weights really changed."""
