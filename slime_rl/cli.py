@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build a tokenizer, the `arith` train/eval data and a warm-started tiny Qwen2 model into OUT_DIR (an HF model folder; data under OUT_DIR/data). Prints its eval accuracy.",
     )
     p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--task", default="arith", choices=["arith"], help="synthetic task (default: arith)")
+    p.add_argument("--task", default="arith", choices=["arith", "arith_agent"],
+                   help="synthetic task (default: arith; arith_agent: calculator/retrieval tool use and both modes, docs/agents.md)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, tokenizer and weights (default: 0)")
     p.add_argument("--steps", type=int, default=None, help="supervised warm-start steps (default: the builder's)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -114,6 +115,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    if args.task == "arith_agent":
+        return _make_agent_tiny_model(args)
     from slime_rl.tiny import build_tiny_model
 
     kwargs = {} if args.steps is None else {"steps": args.steps}
@@ -122,6 +125,17 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     print(f"tiny model: {report.model_dir} ({report.num_parameters / 1e6:.2f}M parameters, {report.train_steps} warm-start steps, loss {report.final_loss:.3f})")
     print(f"data: {report.train_path}, {report.eval_path}")
     print(f"eval accuracy (greedy): {report.eval_accuracy:.1%} ({by_mode})")
+    return 0
+
+
+def _make_agent_tiny_model(args: argparse.Namespace) -> int:
+    """`make-tiny-model --task arith_agent` (slime_rl/tiny/agent_task.py)."""
+    from slime_rl.tiny.agent_task import build_agent_tiny_model
+
+    kwargs = {} if args.steps is None else {"steps": args.steps}
+    report = build_agent_tiny_model(args.out_dir, seed=args.seed, progress=not args.no_progress, **kwargs)
+    print(f"tiny agent model: {report.model_dir} ({report.num_parameters / 1e6:.2f}M parameters, {report.train_steps} warm-start steps, loss {report.final_loss:.3f})")
+    print("data: " + ", ".join(str(p) for p in report.files.values()))
     return 0
 
 
