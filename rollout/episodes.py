@@ -26,6 +26,7 @@ it returns the reward (a number, a dict with `"reward"`, or None to leave scorin
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import logging
 import time
@@ -47,6 +48,8 @@ from slime_rl.rollout.trajectory import TokenTrajectory, TurnClient
 logger = logging.getLogger(__name__)
 
 SeedFn = Callable[[str], int]
+AGENT_THREADS = 128
+"""Threads for plain (blocking) `rollout.agent_fn` agents: episodes of one rollout side at once."""
 
 
 class Episodes:
@@ -149,12 +152,19 @@ class AgentFnEpisodes(Episodes):
         self.fn, self.ref, self.timeout_s = fn, ref, timeout_s
         params = [p for p in inspect.signature(fn).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         self.pass_task = len(params) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(fn).parameters.values())
+        # Agents mostly wait on HTTP: many threads, not asyncio's default pool (a few per core),
+        # whose queue would eat into each agent's timeout.
+        self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=AGENT_THREADS, thread_name_prefix="agent_fn")
 
     async def _call(self, base_url: str, eid: str, prompt: Prompt) -> Any:
         args = (base_url, eid, task_of(prompt)) if self.pass_task else (base_url, eid)
         if inspect.iscoroutinefunction(self.fn):
             return await self.fn(*args)
-        return await asyncio.to_thread(self.fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._threads, lambda: self.fn(*args))
+
+    async def close(self) -> None:
+        await super().close()
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def run_one(self, engine, prompt, group_id, index, sampling, extra):  # type: ignore[override]
         assert self.endpoint is not None
@@ -289,11 +299,9 @@ async def episodes_for_eval(
             results[i] = s
 
         outs = await asyncio.gather(*(one(i, slots[k % len(slots)]) for k, i in enumerate(todo)), return_exceptions=True)
-        lost = False
-        for i, o in zip(todo, outs):
-            if isinstance(o, EngineLostError):
-                lost = True
-            elif isinstance(o, BaseException):
+        lost = any(isinstance(o, EngineLostError) for o in outs)
+        for o in outs:
+            if isinstance(o, BaseException) and not isinstance(o, EngineLostError):
                 raise o
         if lost:
             for s in slots:

@@ -39,7 +39,6 @@ from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
-
 from slime_rl.rollout.data import Prompt
 from slime_rl.rollout.engine_pool import EngineLostError, EnginePool
 from slime_rl.rollout.engines.base import FinishReason, SamplingParams

@@ -14,7 +14,6 @@ import json
 from typing import Any
 
 import openai
-
 from slime_rl.rollout.environments import answer_matches, evaluate_arithmetic
 
 TOOLS = [{

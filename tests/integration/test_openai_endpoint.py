@@ -13,7 +13,12 @@ import pytest
 from slime_rl.buffers.schema import samples_to_batch, validate_batch
 from slime_rl.rollout.data import Prompt
 from slime_rl.rollout.engine_pool import EnginePool
-from slime_rl.rollout.engines.base import FinishReason, GenerateRequest, GenerateResult, SamplingParams
+from slime_rl.rollout.engines.base import (
+    FinishReason,
+    GenerateRequest,
+    GenerateResult,
+    SamplingParams,
+)
 from slime_rl.rollout.episodes import AgentFnEpisodes
 from slime_rl.rollout.openai_server import AgentEndpoint
 

@@ -294,3 +294,19 @@ def test_retrieval_environment_and_loader_errors(tmp_path: Path) -> None:
     (tmp_path / "envs.py").write_text("class NotAnEnv:\n    def reset(self, p):\n        pass\n")
     with pytest.raises(PluginLoadError, match="async method"):
         load_environment("envs.py:NotAnEnv", base_dir=tmp_path)
+
+
+def test_python_tool_runs_in_the_rewards_sandbox(tok: Any) -> None:
+    from slime_rl.rollout.environments import PythonEnvironment
+
+    try:
+        make = load_environment("python", {"wall_s": 5.0})
+    except PluginLoadError as e:  # no namespaces on this host: the sandbox refuses to start
+        pytest.skip(f"sandbox unavailable: {e}")
+    env = make()
+    assert isinstance(env, PythonEnvironment)
+    code = json.dumps({"name": "python", "arguments": {"code": "print(6 * 7)"}})
+    loop = AgentLoop(tok, make, AgentSettings(max_turns=2))
+    s = run(loop, ScriptedEngine(tok, [f"<tool_call>{code}</tool_call>" + EOS, "The answer is 42." + EOS]), make_prompt(tok, "6*7?", label="42"))
+    assert [m["content"] for m in s.messages if m["role"] == "tool"] == ["42"]
+    assert s.metadata["episode_reward"] == 1.0

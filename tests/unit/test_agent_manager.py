@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 from slime_rl.buffers import BufferConfig, ReplayBuffer, batch_to_samples, validate_batch
 from slime_rl.buffers.schema import Sample
-from slime_rl.config import ConfigError, load_config
 from slime_rl.rewards.config import RewardConfig
-from slime_rl.rollout.agent_rewards import check_overlong_penalty_by_mode, episode_reward, overlong_penalty_by_mode
+from slime_rl.rollout.agent_rewards import (
+    check_overlong_penalty_by_mode,
+    episode_reward,
+    overlong_penalty_by_mode,
+)
 from slime_rl.rollout.clients import LocalBufferClient, LocalEngineClient
 from slime_rl.rollout.config import DataConfig, EvalConfig, RolloutConfig
 from slime_rl.rollout.data import PromptDataset
@@ -21,6 +24,8 @@ from slime_rl.rollout.manager import ManagerSpec, RolloutManager
 from slime_rl.rollout.modes import format_violation
 from slime_rl.rollout.plugins import PluginLoadError
 from slime_rl.rollout.stats import RolloutStats
+
+from slime_rl.config import ConfigError, load_config
 
 pytestmark = pytest.mark.timeout(300)
 
