@@ -369,11 +369,12 @@ def _check_routed_experts(data: pa.RecordBatch | pa.Table, resp_len: np.ndarray)
         raise ValueError(f"column 'routed_experts' row {row} holds a null entry; routing lists must be fully filled")
     widths = _list_lengths(inner)
     if widths.min() != widths.max() or widths.min() == 0:
-        i = int(np.flatnonzero(widths != widths[0])[0]) if widths.min() != widths.max() else 0
-        row = _row_of(i, outer)
+        usual = int(np.bincount(widths).argmax())
+        i = int(np.flatnonzero(widths != usual)[0]) if widths.min() != widths.max() else 0
         raise ValueError(
-            f"column 'routed_experts' row {row} holds an entry of {widths[i]} expert ids where the batch's first "
-            f"has {widths[0]}; every entry lists (MoE layers x experts per token) ids of one model, layer-major"
+            f"column 'routed_experts' row {_row_of(i, outer)} holds an entry of {widths[i]} expert ids where the "
+            f"batch's entries have {usual}; every entry lists (MoE layers x experts per token) ids of one model, "
+            "layer-major"
         )
     flat = _flat_values(inner)
     if flat.size and flat.min() < 0:

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="arith", choices=["arith", "arith_agent"],
                    help="synthetic task (default: arith; arith_agent: calculator/retrieval tool use and both modes, docs/agents.md)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, tokenizer and weights (default: 0)")
+    p.add_argument("--arch", default="qwen2", choices=["qwen2", "glm5", "glm4_moe"],
+                   help="model architecture (default: qwen2; glm5 = GlmMoeDsaForCausalLM, glm4_moe = Glm4MoeForCausalLM "
+                        "stand-ins, docs/glm.md)")
     p.add_argument("--steps", type=int, default=None, help="supervised warm-start steps (default: the builder's)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_cmd_make_tiny_model)
@@ -120,7 +123,12 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from slime_rl.tiny import build_tiny_model
 
     kwargs = {} if args.steps is None else {"steps": args.steps}
-    report = build_tiny_model(args.out_dir, task=args.task, seed=args.seed, progress=not args.no_progress, **kwargs)
+    if args.steps is None and args.arch != "qwen2":
+        from slime_rl.tiny.glm import GLM_WARM_START_STEPS
+
+        kwargs["steps"] = GLM_WARM_START_STEPS
+    report = build_tiny_model(args.out_dir, task=args.task, seed=args.seed, progress=not args.no_progress,
+                              arch=args.arch, **kwargs)
     by_mode = ", ".join(f"{m} {a:.1%}" for m, a in report.eval_accuracy_by_mode.items())
     print(f"tiny model: {report.model_dir} ({report.num_parameters / 1e6:.2f}M parameters, {report.train_steps} warm-start steps, loss {report.final_loss:.3f})")
     print(f"data: {report.train_path}, {report.eval_path}")

@@ -36,6 +36,10 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerF
 GLM_ARCHS = ("glm5", "glm4_moe")
 """Architectures this module builds (`make-tiny-model --arch`)."""
 
+GLM_WARM_START_STEPS = 400
+"""`make-tiny-model --arch glm5|glm4_moe` warm-start steps unless `--steps` says otherwise
+(the MoE forward loops over experts in python: ~2x the tiny Qwen2's time per step)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class TinyGlmSpec:
@@ -64,7 +68,10 @@ class TinyGlmSpec:
     v_head_dim: int = 32
     index_topk: int = 32
     """DSA: keys each query attends to (GLM-5: 2048); sequences longer than this are sparse."""
-    index_n_heads: int = 4
+    index_n_heads: int = 16
+    """DSA indexer heads (GLM-5: 32). A key scores exactly 0 when its ReLU'd dot product is 0
+    in every head (probability 2^-heads at random init): with 4 heads such exact ties were
+    common and broke differently under the engine's left padding than in the trainer."""
     index_head_dim: int = 32
     max_position_embeddings: int = 1024
     tie_word_embeddings: bool = False

@@ -79,6 +79,20 @@ def _new_model(tokenizer: PreTrainedTokenizerFast, spec: TinyModelSpec, seed: in
     return model
 
 
+# --- architecture hook: the model class the builder makes (the GLM stand-ins: tiny/glm.py) ---
+ARCHS = ("qwen2", "glm5", "glm4_moe")
+"""Architectures `build_tiny_model(arch=...)` / `make-tiny-model --arch` make (qwen2 is the default)."""
+
+
+def _new_model_for(arch: str, tokenizer: PreTrainedTokenizerFast, spec: TinyModelSpec, seed: int):
+    """An untrained model of ``arch``: the tiny Qwen2 of ``spec``, or a tiny GLM of its own sizes."""
+    if arch == "qwen2":
+        return _new_model(tokenizer, spec, seed)
+    from slime_rl.tiny.glm import new_glm_model
+
+    return new_glm_model(arch, tokenizer, seed)
+
+
 def _save(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -208,21 +222,26 @@ def build_tiny_model(
     progress: bool = True,
     n_train: int = 5000,
     n_eval: int = 200,
+    arch: str = "qwen2",
 ) -> TinyModelReport:
     """Build tokenizer, data and a warm-started tiny model into ``out_dir``.
 
     Writes an HF model folder (config, safetensors, tokenizer with chat template) and
     ``out_dir/data/{train,eval}.jsonl``; returns what it made, with the eval accuracy.
+    ``arch`` (``ARCHS``) picks the model: the tiny Qwen2 (``spec``) or a GLM-5 / GLM-4.5
+    stand-in (``tiny.glm``), warm-started the same way on the same data.
     """
     if task != "arith":
         raise ValueError(f"task={task!r} is not known; available: ['arith']")
+    if arch not in ARCHS:
+        raise ValueError(f"arch={arch!r} is not known; available: {list(ARCHS)}")
     out = Path(out_dir)
     torch.manual_seed(seed)
     data = make_dataset(seed=seed, n_train=n_train, n_eval=n_eval)
     train_path = write_jsonl(data["train"], out / "data" / "train.jsonl")
     eval_path = write_jsonl(data["eval"], out / "data" / "eval.jsonl")
     tokenizer = build_tokenizer(seed=seed)
-    model = _new_model(tokenizer, spec, seed)
+    model = _new_model_for(arch, tokenizer, spec, seed)
     loss = warm_start(model, tokenizer, data["train"], steps=steps, seed=seed, progress=progress) if steps else float("nan")
     metrics = evaluate(model, tokenizer, data["eval"])
     _save(model, tokenizer, out)
