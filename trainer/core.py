@@ -369,7 +369,7 @@ class TrainerCore:
         take = lambda x_NR: x_NR[rows, : mb.width]  # noqa: E731
         mask_BR = take(mask_NR) * (0.0 if mb.dummy else 1.0)
         # MoE: replay / metrics on through backward (gradient checkpointing re-runs the routers there).
-        with routing_pass(self.moe, mb, mask_BR, cfg.routing_replay, metrics):
+        with routing_pass(self.moe, mb, mask_BR, cfg.routing_replay, metrics, take(staleness_NR) == 0):
             return self._forward_backward(mb, pre, adv, mask_BR, take, behaviour_NR, staleness_NR, sft_ok_N, norm, metrics, fresh_gap)
 
     def _forward_backward(

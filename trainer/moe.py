@@ -28,6 +28,9 @@ Metrics (means over (loss token, MoE layer) pairs unless said otherwise):
   moe/routing_mismatch_tokens   ... in at least one layer, per token
   moe/router_disagreement       the trainer's own router choice differs from the engine's
   moe/router_disagreement_tokens  ... in at least one layer, per token
+  moe/router_disagreement_fresh   moe/router_disagreement on tokens of staleness 0 (generated
+                                with the trainer's current weights): the train/inference
+                                mismatch alone, without the policy change of stale tokens
   moe/routed_frac               loss tokens that carry the engine's routing
   moe/tokens_per_expert_mean|max  (token, slot) assignments per expert and layer, whole step
   moe/load_max_over_mean        max / mean expert load, averaged over layers (1 = balanced)
@@ -112,6 +115,7 @@ class MoERouting:
         self._replay_LNK: torch.Tensor | None = None
         self._engine_LNK: torch.Tensor | None = None
         self._positions_M: torch.Tensor | None = None
+        self._fresh_M: torch.Tensor | None = None
         self._metrics: StepMetrics | None = None
         self._done: set[int] = set()
         self._token_any: dict[str, torch.Tensor] = {}
@@ -184,10 +188,16 @@ class MoERouting:
 
     # -- one forward (+ backward) ----------------------------------------------------------------
     def begin(
-        self, mb: MicroBatch, mask_BR: torch.Tensor | None, replay: bool, metrics: StepMetrics | None = None
+        self,
+        mb: MicroBatch,
+        mask_BR: torch.Tensor | None,
+        replay: bool,
+        metrics: StepMetrics | None = None,
+        fresh_BR: torch.Tensor | None = None,
     ) -> None:
         """Arm the hooks for the policy pass on ``mb``: replay the engine's routing (``replay``)
-        and add metrics to ``metrics`` at the positions of ``mask_BR > 0`` (None: no metrics)."""
+        and add metrics to ``metrics`` at the positions of ``mask_BR > 0`` (None: no metrics);
+        ``fresh_BR`` (bool) marks the tokens of staleness 0."""
         self.end()
         B, T = mb.input_ids_BT.shape
         engine_LNK = None
@@ -200,6 +210,8 @@ class MoERouting:
         if metrics is not None and mask_BR is not None:
             flat_BR = mb.resp_pos_BR if mb.packed else mb.resp_pos_BR + torch.arange(B, device=mb.resp_pos_BR.device)[:, None] * T
             self._positions_M = flat_BR[mask_BR > 0]
+            fresh_BR = torch.ones_like(mask_BR, dtype=torch.bool) if fresh_BR is None else fresh_BR
+            self._fresh_M = fresh_BR[mask_BR > 0].cpu()
             self._metrics = metrics
             self._token_any = {}
 
@@ -212,7 +224,7 @@ class MoERouting:
                 hit = self._token_any.get(key, torch.zeros(M, dtype=torch.bool))
                 self._metrics.add_mean(f"moe/{key}_tokens", (hit & has).sum(), has.sum())
             self._metrics.add_mean("moe/routed_frac", has.sum(), M)
-        self._replay_LNK = self._engine_LNK = self._positions_M = None
+        self._replay_LNK = self._engine_LNK = self._positions_M = self._fresh_M = None
         self._metrics = None
         self._done = set()
         self._token_any = {}
@@ -253,10 +265,15 @@ class MoERouting:
             eng_MK = self._engine_LNK[layer].to(used_MK.device)[pos_M]
         has_M = (eng_MK >= 0).all(dim=-1).cpu()
         eng_sorted = eng_MK.sort(dim=-1).values
-        for key, ids_NK in (("routing_mismatch", used_NK), ("router_disagreement", own_NK)):
-            differs_M = (ids_NK[pos_M].sort(dim=-1).values != eng_sorted).any(dim=-1).cpu() & has_M
+        differs = {
+            key: (ids_NK[pos_M].sort(dim=-1).values != eng_sorted).any(dim=-1).cpu() & has_M
+            for key, ids_NK in (("routing_mismatch", used_NK), ("router_disagreement", own_NK))
+        }
+        for key, differs_M in differs.items():
             m.add_mean(f"moe/{key}", differs_M.sum(), has_M.sum())
             self._token_any[key] = self._token_any.get(key, torch.zeros(M, dtype=torch.bool)) | differs_M
+        fresh_M = has_M & self._fresh_M
+        m.add_mean("moe/router_disagreement_fresh", (differs["router_disagreement"] & fresh_M).sum(), fresh_M.sum())
         self._token_any["has"] = self._token_any.get("has", torch.zeros(M, dtype=torch.bool)) | has_M
 
     # -- once per step -------------------------------------------------------------------------------
@@ -289,13 +306,14 @@ def routing_pass(
     mask_BR: torch.Tensor | None = None,
     replay: bool = False,
     metrics: StepMetrics | None = None,
+    fresh_BR: torch.Tensor | None = None,
 ) -> Iterator[None]:
     """``moe.begin(...)`` for the block (a policy forward, and its backward when inside), then
     ``moe.end()``; nothing for a dense policy (``moe`` None)."""
     if moe is None:
         yield
         return
-    moe.begin(mb, mask_BR, replay, metrics)
+    moe.begin(mb, mask_BR, replay, metrics, fresh_BR)
     try:
         yield
     finally:

@@ -147,12 +147,15 @@ def test_train_step_moe_metrics_and_engine_matches_trainer_after_sync(glm_dirs, 
     assert m["train/logprob_mismatch_fresh"] < 1e-2 and m["train/logprob_mismatch"] < 1e-2
     assert m["moe/routed_frac"] == 1.0 and 0 <= m["moe/routing_mismatch"] < 0.05
     assert m["moe/routing_mismatch"] == m["moe/router_disagreement"]  # no replay: the trainer uses its own choice
+    assert m["moe/router_disagreement_fresh"] == m["moe/router_disagreement"]  # every token is fresh here
     assert 0 < m["moe/router_entropy"] <= math.log(8) + 1e-6
     # expert load: every (loss token, slot) pair lands on one expert of each MoE layer
     assert m["moe/tokens_per_expert_mean"] == pytest.approx(m["train/loss_tokens"] * 2 / 8)
     assert 1.0 <= m["moe/load_max_over_mean"] <= m["moe/load_max_over_mean_max"] <= 8.0
     assert m["moe/tokens_per_expert_max"] >= m["moe/tokens_per_expert_mean"]
     moved = {n for n, p in core.policy.named_parameters() if not torch.equal(p.detach(), before[n])}
+    stale = core.train_step(table)  # the same samples one version later: no fresh token left
+    assert stale["moe/router_disagreement_fresh"] == 0.0 and stale["train/staleness_mean"] == 1.0
     assert {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.2.mlp.experts.down_proj", "model.layers.1.mlp.gate.weight"} <= moved
     # sync: the engine takes the trainer's buckets (fused expert names) and then scores like it
     prompts = prompts_for(400, 3, seed=5, min_len=20, max_len=40)
@@ -160,7 +163,7 @@ def test_train_step_moe_metrics_and_engine_matches_trainer_after_sync(glm_dirs, 
         for bucket in [list(core.iter_weight_buckets(1 << 18))]:
             runner.update_weights(core.version, [nt for b in bucket for nt in b.named_tensors()])
         synced, results = generate_table(runner, prompts, 1, max_new_tokens=12, tag="s")
-    assert all(r.weight_versions == [1] * len(r.token_ids) for r in results)
+    assert all(r.weight_versions == [core.version] * len(r.token_ids) for r in results)
     core.policy.eval()
     trainer = load_reference(glm_dirs[arch])
     trainer.load_state_dict(core.policy.state_dict())
