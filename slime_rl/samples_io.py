@@ -27,6 +27,16 @@ def readable_samples(table: pa.Table, tokenizer: Any) -> pa.Table:
     )
 
 
+def saved_steps(folder: str | Path) -> dict[int, Path]:
+    """The `step_NNNNNN.parquet` files of a samples folder by step, in step order ({} if none)."""
+    out = {}
+    for path in Path(folder).glob("step_*.parquet"):
+        digits = path.stem.removeprefix("step_")
+        if digits.isdigit():
+            out[int(digits)] = path
+    return dict(sorted(out.items()))
+
+
 def read_batch(path: str | Path) -> pa.Table:
     """The SAMPLE_SCHEMA columns of a saved batch, validated.
 
