@@ -198,13 +198,15 @@ def check_data(cfg: Config) -> dict[str, int]:
 
 def check_plugins(cfg: Config) -> None:
     """`rollout.filter` (and other plug-in references) import and have the right signature."""
-    from slime_rl.rollout.filters import GroupFilter
+    from slime_rl.rollout.filters import BUILTIN_FILTERS, GroupFilter
     from slime_rl.rollout.plugins import PluginLoadError
 
+    ref = cfg.rollout.filter
     try:
-        GroupFilter(cfg.rollout.filter)
+        GroupFilter(ref)
     except PluginLoadError as e:
-        raise PreflightError(_one_line(str(e))) from None
+        hint = f"; built-in filters: {', '.join(BUILTIN_FILTERS)}" if ":" not in ref else ""
+        raise PreflightError(_one_line(str(e)) + hint) from None
     except (ValueError, TypeError, ImportError) as e:
         raise PreflightError(f"rollout.filter={cfg.rollout.filter!r}: {_one_line(str(e))}") from None
 

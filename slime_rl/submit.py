@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shlex
 import sys
 import time
@@ -71,10 +72,7 @@ def entrypoint(config_path: str, overrides: list[str], cfg: Config, python: str 
 def _client(address: str) -> Any:
     from ray.job_submission import JobSubmissionClient
 
-    token = Path.home() / ".ray" / "auth_token"
-    if "RAY_AUTH_MODE" not in os.environ and token.exists():
-        # `ray start --head` turns token auth on and writes this file; the SDK needs the mode set.
-        os.environ["RAY_AUTH_MODE"] = "token"
+    _use_token_if_available()
     try:
         return JobSubmissionClient(address)
     except Exception as e:
@@ -82,12 +80,32 @@ def _client(address: str) -> Any:
         raise SubmitError(f"cannot reach the Ray job server at {address}: {e}{hint}") from None
 
 
+def _use_token_if_available() -> None:
+    """Send the cluster's token when one is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token) and RAY_AUTH_MODE is unset: `ray start --head` turns token auth on by
+    default, and the job SDK sends the token only in token mode. Ray caches the mode when it is
+    imported, so setting the variable is not enough; Ray's own helper also refreshes that."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not (os.environ.get("RAY_AUTH_TOKEN") or Path(path or Path.home() / ".ray" / "auth_token").exists()):
+        return
+    try:  # Ray >= 2.5x; older Ray has no token auth and reads the variable at connect time
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 def submit(config_path: str, overrides: list[str], cfg: Config, *, address: str | None = None,
            follow: bool = False, python: str | None = None, out=sys.stdout) -> int:
     """Submit the run; returns the process exit code (0, or the job's outcome with `follow`)."""
     url = dashboard_address(address, cfg)
     client = _client(url)
-    job_id = f"slime-rl-{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    job_id = f"slime-rl-{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     runtime_env = {"working_dir": str(Path.cwd()), "excludes": EXCLUDES, **{k: v for k, v in cfg.ray.runtime_env.items() if k != "working_dir"}}
     try:
         client.submit_job(entrypoint=entrypoint(config_path, overrides, cfg, python), runtime_env=runtime_env,
