@@ -165,12 +165,18 @@ def check_full_state_dict(expected: Mapping[str, Ways], optional: set[str], name
             "the engine's model; send the model's own (HF-named) state dict"
         )
     missing: list[str] = []
+    per_expert_update = any(_EXPERT_INDEX.search(n) for n in got)
+
+    def other_layout(way: list[list[str]]) -> bool:  # per-expert names vs the update's stacked ones, or back
+        return any(_EXPERT_INDEX.search(slot[0]) for slot in way) != per_expert_update
+
     for ways in expected.values():
         gaps = [[slot[0] for slot in way if got.isdisjoint(slot)] for way in ways]
         if any(not gap for gap in gaps):
             continue
-        # Report the way closest to complete; on a tie the most split one (checkpoint naming).
-        best = min(range(len(ways)), key=lambda i: (len(gaps[i]) / len(ways[i]), -i))
+        # Report the way closest to complete; on a tie one in the update's expert layout, then
+        # the most split one (checkpoint naming).
+        best = min(range(len(ways)), key=lambda i: (len(gaps[i]) / len(ways[i]), other_layout(ways[i]), -i))
         missing += gaps[best]
     if missing:
         raise ValueError(
