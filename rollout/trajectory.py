@@ -128,7 +128,7 @@ class TokenTrajectory:
         self.logprobs += [float(x) for x in result.logprobs]
         self.loss_mask += [1] * len(result.token_ids)
         self.versions += list(result.versions)
-        self.version_end = max(self.version_end, result.version_end, *result.versions) if result.versions else max(self.version_end, result.version_end)
+        self.version_end = max([self.version_end, result.version_end, *result.versions])
         self.pieces += result.pieces
         self.last_finish = result.finish_reason
         if result.error:
