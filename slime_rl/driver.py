@@ -7,15 +7,15 @@
         for step in 1..N:                           │
             buffer.get_batch(B, v, S) ─(polls; checks the rollout side is alive)─► table
             trainer.train_step(table) ─► v += 1
+            metrics (trainer + rollout window + buffer + sync) ─► MetricsLogger (JSONL, PNG, wandb)
+            every checkpoint.interval steps: trainer + rollout snapshot (buffer, cursor, in-flight
+                                              groups) + run state, written to a temporary folder
+                                              and renamed into place (before v is published)
             every weight_sync.interval steps: WeightSync.start(v)  (runs while the next step trains;
                                               the next sync first waits for this one)
             every eval.interval steps: manager.evaluate()  (sent once the engines hold v, results
                                               logged when they arrive, tagged with the version they
                                               ran on; the trainer waits for neither)
-            metrics (trainer + rollout window + buffer + sync) ─► MetricsLogger (JSONL, PNG, wandb)
-            every checkpoint.interval steps: trainer + rollout snapshot (buffer, cursor, in-flight
-                                              groups) + run state, written to a temporary folder
-                                              and renamed into place
         end: wait for the last sync ─► eval of the final weights ─► final checkpoint
 
 `run.mode: sync` is the same loop with `max_staleness = 0`: no group starts before the weights it
@@ -206,11 +206,9 @@ class Driver:
             waited = time.monotonic() - t0
             metrics = a.trainer.train_step(table)
             self.step, self.version = step, a.trainer.version
-            if step % cfg.weight_sync.interval == 0 or step == cfg.run.num_steps:
-                self._publish()
-            if cfg.eval.interval and step % cfg.eval.interval == 0 and step != cfg.run.num_steps:
-                self._queue_eval()
-            self._submit_due_evals()
+            publish = step % cfg.weight_sync.interval == 0 or step == cfg.run.num_steps
+            if publish:
+                self._wait_sync()  # the previous sync (the next one waits for it anyway); its metrics go in this line
             metrics.update(self._get(a.manager.metrics.remote(), self._rollout_name, "metrics"))
             metrics.update(self._get(a.buffer.stats.remote(), self._buffer_name, "stats"))
             now = time.monotonic()
@@ -220,7 +218,14 @@ class Driver:
             if cfg.logging.save_samples:
                 self._save_samples(step, table)
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+                # Before version `step` is published: no group of that version exists yet, so on
+                # resume every one of them comes from the restored weights (pushed by _restore).
                 self._checkpoint()
+            if publish:
+                self._publish()
+            if cfg.eval.interval and step % cfg.eval.interval == 0 and step != cfg.run.num_steps:
+                self._queue_eval()
+            self._submit_due_evals()
         if self._stop_requested:
             logger.warning("stopped after step %d as asked (Ctrl-C); resume with checkpoint.resume=auto", self.step)
         self._finish()

@@ -89,9 +89,11 @@ class RunActors:
 
         cfg = self.cfg
         group_size = cfg.rollout.n_samples_per_prompt
+        names = [f"{name}-engine-{i}" for i in range(cfg.rollout.num_engines)]
+        if not self.connection.owns_cluster:
+            _claim_names(name, [f"{name}-buffer", f"{name}-rollout", *names])
         self.buffer = create_buffer_actor(cfg.buffer, group_size=group_size, name=f"{name}-buffer")
         ray.get(self.buffer.ready.remote())
-        names = [f"{name}-engine-{i}" for i in range(cfg.rollout.num_engines)]
         env = {"env_vars": {**ENGINE_ENV, **cfg.ray.runtime_env.get("env_vars", {})}}
         for i, engine_name in enumerate(names):
             opts = self.placement.engine_options(i)
@@ -150,7 +152,7 @@ class RunActors:
             self._stop(self.manager, "stop", wait, "rollout manager")
             self.manager = None
         for handle in self.engines:
-            self._stop(handle, "shutdown", wait, "engine", no_restart=True)
+            self._stop(handle, "shutdown", wait, "engine")
         self.engines = []
         if self.trainer is not None:
             if graceful:
@@ -170,28 +172,45 @@ class RunActors:
         disconnect(self.connection)
 
     @staticmethod
-    def _stop(handle: Any, method: str, wait: float, what: str, no_restart: bool = False) -> None:
+    def _stop(handle: Any, method: str, wait: float, what: str) -> None:
         if wait > 0:
             try:
                 ray.get(getattr(handle, method).remote(), timeout=wait)
             except Exception as e:
                 logger.warning("%s did not %s cleanly: %s", what, method, describe_error(e))
         try:
-            ray.kill(handle, no_restart=no_restart)
+            ray.kill(handle, no_restart=True)  # (no_restart=False keeps a dead actor's name reserved)
         except Exception:  # already gone with its node
             pass
 
 
-def _wait_names_free(names: list[str], timeout_s: float = 10.0) -> None:
-    """Wait until killed actors have released their names (`ray.kill` returns before that)."""
+def _wait_names_free(names: list[str], timeout_s: float = 30.0) -> list[str]:
+    """Wait until actors of these names are gone (`ray.kill` returns before the name is released);
+    returns the names still taken after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
+    taken = []
     for name in names:
-        while time.monotonic() < deadline:
+        while True:
             try:
                 ray.get_actor(name)
             except ValueError:
                 break
+            if time.monotonic() > deadline:
+                taken.append(name)
+                break
             time.sleep(0.1)
+    return taken
+
+
+def _claim_names(run: str, names: list[str]) -> None:
+    """Actor names of this run must be free: a previous run of the same name on this cluster may
+    still be going away (waited for), or still running (refused, naming it)."""
+    taken = _wait_names_free(names)
+    if taken:
+        raise RuntimeError(
+            f"actor name(s) {', '.join(taken)} are taken on this Ray cluster: another run named {run!r} is active; "
+            "stop it or set another run.name"
+        )
 
 
 CALL_TIMEOUT_S = 30.0
