@@ -59,6 +59,12 @@ class AgentTaskSpec:
     """Fraction of rows in think mode."""
     people: int = 60
     """People in the retrieval collection (two documents each)."""
+    calc_pool: int = 64
+    """Distinct calculator problems (train rows repeat them; eval = the pool). The tiny model does
+    not learn to copy numbers within its warm-start budget (0% of tool episodes right after
+    1,000 steps with unseen problems), so it cannot use the tool on new problems; on a small pool
+    it memorises what follows each tool result, and whether it succeeds depends on choosing the
+    tool, which is what RL then reinforces. 0 = every row a new problem (held-out eval)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,15 +110,20 @@ def make_collection(seed: int, spec: AgentTaskSpec) -> tuple[list[str], list[dic
 
 def make_agent_dataset(seed: int = 0, n_calc: int = 3000, n_eval: int = 200, n_hybrid: int = 2000,
                        spec: AgentTaskSpec = AgentTaskSpec()) -> dict[str, Any]:
-    """Every split of the task (see the module docstring); eval prompts never appear in train."""
+    """Every split of the task (see the module docstring); eval prompts never appear in train,
+    except with `spec.calc_pool`, where calculator eval is the pool of train problems."""
     rng = random.Random(seed * 1000 + 11)
     calc: list[dict[str, Any]] = []
     seen: set[str] = set()
-    while len(calc) < n_calc + n_eval:
+    while len(calc) < (spec.calc_pool or n_calc + n_eval):
         row = _calc_problem(rng, spec)
         if row["prompt"] not in seen:
             seen.add(row["prompt"])
             calc.append(row)
+    if spec.calc_pool:
+        pool = calc
+        calc = [dict(rng.choice(pool), mode="think" if rng.random() < spec.think_frac else "non_think") for _ in range(n_calc)]
+        calc += [dict(r) for r in pool]
     docs, questions = make_collection(seed, spec)
     n_q_eval = max(1, len(questions) // 5)
     arith = make_dataset(seed=seed, n_train=n_hybrid, n_eval=n_eval)

@@ -31,9 +31,12 @@ def tok():
 
 
 def test_dataset_splits_and_answers() -> None:
-    data = make_agent_dataset(seed=0, n_calc=200, n_eval=50, n_hybrid=20)
+    data = make_agent_dataset(seed=0, n_calc=200, n_eval=50, n_hybrid=20, spec=AgentTaskSpec(calc_pool=0))
     train = {r["prompt"] for r in data["calc_train"]}
     assert len(data["calc_train"]) == 200 and not train & {r["prompt"] for r in data["calc_eval"]}
+    pooled = make_agent_dataset(seed=0, n_calc=200, n_eval=50, n_hybrid=20, spec=AgentTaskSpec(calc_pool=16))
+    assert len({r["prompt"] for r in pooled["calc_train"]}) <= 16 and len(pooled["calc_eval"]) == 16
+    assert {r["prompt"] for r in pooled["calc_train"]} <= {r["prompt"] for r in pooled["calc_eval"]}
     for row in data["calc_train"][:50]:
         value = None
         for step in row["steps"]:
