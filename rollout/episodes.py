@@ -78,7 +78,17 @@ class Episodes:
             EngineLostError: the engine went away (re-dispatch the group).
         """
         extra = dict(extra_metadata or {})
-        return list(await asyncio.gather(*(self.run_one(engine, prompt, group_id, i, sampling, extra) for i in range(n))))
+        tasks = [asyncio.ensure_future(self.run_one(engine, prompt, group_id, i, sampling, extra)) for i in range(n)]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                if t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+            return [t.result() for t in tasks]
+        finally:  # one episode failed (or the group was cancelled): stop its siblings
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def close(self) -> None:
         self.stopping = True

@@ -310,3 +310,34 @@ def test_python_tool_runs_in_the_rewards_sandbox(tok: Any) -> None:
     s = run(loop, ScriptedEngine(tok, [f"<tool_call>{code}</tool_call>" + EOS, "The answer is 42." + EOS]), make_prompt(tok, "6*7?", label="42"))
     assert [m["content"] for m in s.messages if m["role"] == "tool"] == ["42"]
     assert s.metadata["episode_reward"] == 1.0
+
+
+def test_a_lost_engine_fails_the_group_and_stops_its_other_episodes(tok: Any) -> None:
+    from slime_rl.rollout.engine_pool import EngineLostError
+    from slime_rl.rollout.engines.base import SamplingParams
+    from slime_rl.rollout.episodes import AgentLoopEpisodes
+
+    started: list[str] = []
+    cancelled: list[str] = []
+
+    class Lost(ScriptedEngine):
+        async def generate_group(self, requests):  # type: ignore[override]
+            (r,) = requests
+            started.append(r.request_id)
+            if r.request_id.startswith("g/1/"):
+                raise EngineLostError("engine-0 is gone")
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.append(r.request_id)
+                raise
+            return await super().generate_group(requests)
+
+    episodes = AgentLoopEpisodes(AgentLoop(tok, load_environment("calculator"), AgentSettings()), tok, lambda k: 0)
+
+    async def main() -> None:
+        with pytest.raises(EngineLostError):
+            await asyncio.wait_for(episodes.run_group(Lost(tok, ["x"]), make_prompt(tok, "Go"), "g", 3, SamplingParams()), 10)
+
+    asyncio.run(main())
+    assert len(started) == 3 and sorted(cancelled) == ["g/0/0/0", "g/2/0/0"]
