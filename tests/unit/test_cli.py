@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.timeout(180)]
+
 SUBCOMMANDS = ["train", "submit", "config", "make-tiny-model"]
 
 
@@ -124,7 +126,6 @@ def real_run_files(tmp_path: Path, tiny_model_dir: Path) -> list[str]:
     return [str(cfg)]
 
 
-@pytest.mark.timeout(120)
 @pytest.mark.parametrize(("outcome", "code", "needle"), [
     ("done", 0, None),
     ("interrupted", 130, "slime-rl: stopped by Ctrl-C after step 2 (checkpoint written)"),
@@ -145,7 +146,6 @@ def test_train_writes_the_config_then_exits_with_the_runs_outcome(
     assert "Traceback" not in err
 
 
-@pytest.mark.timeout(120)
 def test_saved_config_redacts_reward_secrets(real_run_files: list[str], tmp_path: Path, fake_driver) -> None:
     from slime_rl.cli import main
 
