@@ -59,12 +59,13 @@ class AgentTaskSpec:
     """Fraction of rows in think mode."""
     people: int = 60
     """People in the retrieval collection (two documents each)."""
-    calc_pool: int = 64
+    calc_pool: int = 16
     """Distinct calculator problems (train rows repeat them; eval = the pool). The tiny model does
     not learn to copy numbers within its warm-start budget (0% of tool episodes right after
-    1,000 steps with unseen problems), so it cannot use the tool on new problems; on a small pool
-    it memorises what follows each tool result, and whether it succeeds depends on choosing the
-    tool, which is what RL then reinforces. 0 = every row a new problem (held-out eval)."""
+    1,000 steps with unseen problems; 2-3% on a pool of 64), so it cannot use the tool on new
+    problems; on a small pool it memorises what follows each tool result (and the guessing
+    teacher's fixed wrong answer), so whether it succeeds depends on choosing the tool, which is
+    what RL then reinforces. 0 = every row a new problem (held-out eval)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,9 +158,9 @@ def _turn(think: bool, reasoning: str, content: str = "", calls: Sequence[dict[s
 def calc_episode(row: dict[str, Any], guess: bool, rng: random.Random) -> list[dict[str, Any]]:
     """The messages of one calculator episode after the user prompt."""
     think = row["mode"] == "think"
-    if guess:
-        wrong = int(row["label"]) + rng.choice((-1, 1)) * rng.randint(1, 60)
-        return [_turn(think, "I can do this in my head.", f"The answer is {wrong}.")]
+    if guess:  # the same wrong answer every time for a problem (a consistent teacher)
+        slip = random.Random(row["prompt"]).randint(1, 60) * random.Random(row["prompt"] + "-").choice((-1, 1))
+        return [_turn(think, "I can do this in my head.", f"The answer is {int(row['label']) + slip}.")]
     out: list[dict[str, Any]] = []
     value = None
     for i, expr in enumerate(row["steps"]):
