@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "stand-ins, docs/glm.md)")
     p.add_argument("--steps", type=int, default=None, help="supervised warm-start steps (default: the builder's)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep OUT_DIR if it already holds a model built with the same arguments by this version")
     p.set_defaults(func=_cmd_make_tiny_model)
     return parser
 
@@ -149,11 +151,13 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
         kwargs["steps"] = GLM_WARM_START_STEPS
     report = build_tiny_model(args.out_dir, task=args.task, seed=args.seed, progress=not args.no_progress,
-                              arch=args.arch, **kwargs)
+                              arch=args.arch, reuse=args.reuse, **kwargs)
     by_mode = ", ".join(f"{m} {a:.1%}" for m, a in report.eval_accuracy_by_mode.items())
-    print(f"tiny model: {report.model_dir} ({report.num_parameters / 1e6:.2f}M parameters, {report.train_steps} warm-start steps, loss {report.final_loss:.3f})")
+    kept = " (kept: built earlier with the same arguments)" if report.reused else ""
+    print(f"tiny model: {report.model_dir}{kept} ({report.num_parameters / 1e6:.2f}M parameters, {report.train_steps} warm-start steps, loss {report.final_loss:.3f})")
     print(f"data: {report.train_path}, {report.eval_path}")
-    print(f"eval accuracy (greedy): {report.eval_accuracy:.1%} ({by_mode})")
+    print(f"eval accuracy (greedy): {report.eval_accuracy:.1%} ({by_mode}); replies with a readable answer "
+          f"{report.format_rate:.1%}, guessed in the hasty solver's style {report.hasty_rate:.1%}")
     return 0
 
 

@@ -11,6 +11,7 @@ nothing is downloaded.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import random
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from slime_rl.tiny.task import make_dataset, render_response, write_jsonl
+from slime_rl.tiny.task import TaskSpec, is_hasty_reply, make_dataset, render_response, write_jsonl
 from slime_rl.tiny.tokenizer import build_tokenizer, save_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,12 @@ class TinyModelReport:
     final_loss: float
     eval_accuracy: float
     eval_accuracy_by_mode: dict[str, float]
+    format_rate: float = float("nan")
+    """Share of greedy eval replies with an answer the reward can read (format compliance)."""
+    hasty_rate: float = float("nan")
+    """Share of greedy eval replies in the hasty solver's style."""
+    reused: bool = False
+    """True when an identical earlier build was found and kept (`reuse=True`)."""
 
 
 def _new_model(tokenizer: PreTrainedTokenizerFast, spec: TinyModelSpec, seed: int) -> Qwen2ForCausalLM:
@@ -113,10 +120,11 @@ def prompt_text(tokenizer: PreTrainedTokenizerFast, prompt: str, think: bool) ->
     )
 
 
-def _sft_example(tokenizer: PreTrainedTokenizerFast, row: dict[str, Any]) -> tuple[list[int], list[int]]:
+def _sft_example(tokenizer: PreTrainedTokenizerFast, row: dict[str, Any], task_spec: TaskSpec = TaskSpec()) -> tuple[list[int], list[int]]:
     think = row["mode"] == "think"
     prompt_ids = tokenizer(prompt_text(tokenizer, row["prompt"], think), add_special_tokens=False)["input_ids"]
-    resp_ids = tokenizer(render_response(row, think) + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    reply = render_response(row, think, task_spec)
+    resp_ids = tokenizer(reply + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
     return prompt_ids + resp_ids, [-100] * len(prompt_ids) + resp_ids
 
 
@@ -141,11 +149,12 @@ def warm_start(
     lr: float = 3e-3,
     seed: int = 0,
     progress: bool = True,
+    task_spec: TaskSpec = TaskSpec(),
 ) -> float:
     """Supervised warm start on reference replies; returns the mean loss of the last 10 steps."""
     from tqdm.auto import tqdm
 
-    examples = [_sft_example(tokenizer, r) for r in rows]
+    examples = [_sft_example(tokenizer, r, task_spec) for r in rows]
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 10)
@@ -187,10 +196,14 @@ def evaluate(
     max_new_tokens: int = 48,
     batch_size: int = 64,
 ) -> dict[str, float]:
-    """Greedy accuracy overall and per mode (`accuracy`, `accuracy/think`, `accuracy/non_think`)."""
+    """Greedy accuracy overall and per mode (`accuracy`, `accuracy/think`, `accuracy/non_think`),
+    the share of replies with an answer at all (`format`: the format-compliance rate) and of
+    replies in the hasty solver's style (`hasty`)."""
     model.eval()
     tokenizer.padding_side = "left"
     hits: dict[str, list[bool]] = {"think": [], "non_think": []}
+    formatted: list[bool] = []
+    hasty: list[bool] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         texts = [prompt_text(tokenizer, r["prompt"], r["mode"] == "think") for r in chunk]
@@ -204,13 +217,55 @@ def evaluate(
         )
         replies = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=False)
         for row, reply in zip(chunk, replies):
-            hits[row["mode"]].append(extract_answer(reply.split(tokenizer.eos_token)[0]) == row["label"])
+            reply = reply.split(tokenizer.eos_token)[0]
+            answer = extract_answer(reply)
+            hits[row["mode"]].append(answer == row["label"])
+            formatted.append(answer is not None)
+            hasty.append(is_hasty_reply(reply))
     tokenizer.padding_side = "right"
     every = hits["think"] + hits["non_think"]
     result = {"accuracy": sum(every) / max(1, len(every))}
     for mode, h in hits.items():
         result[f"accuracy/{mode}"] = sum(h) / max(1, len(h))
+    result["format"] = sum(formatted) / max(1, len(formatted))
+    result["hasty"] = sum(hasty) / max(1, len(hasty))
     return result
+
+
+BUILD_FILE = "build.json"
+"""What `build_tiny_model` made, with the arguments it was made from (`reuse` compares them)."""
+BUILDER_VERSION = 2
+"""Bumped when the same arguments would build a different model (task, warm start, template)."""
+BUILD_THREADS = 2
+"""Torch threads of the warm start: fixed, so the same seed gives the same model on any machine
+of the same CPU family (reductions are split per thread)."""
+
+
+def _build_args(task: str, seed: int, steps: int, spec: TinyModelSpec, n_train: int, n_eval: int,
+                arch: str, task_spec: TaskSpec) -> dict[str, Any]:
+    return {
+        "builder_version": BUILDER_VERSION, "task": task, "seed": seed, "steps": steps, "arch": arch,
+        "n_train": n_train, "n_eval": n_eval, "spec": dataclasses.asdict(spec), "task_spec": dataclasses.asdict(task_spec),
+    }
+
+
+def _reusable(out: Path, args: dict[str, Any]) -> TinyModelReport | None:
+    record = out / BUILD_FILE
+    if not record.exists():
+        return None
+    try:
+        saved = json.loads(record.read_text())
+    except ValueError:
+        return None
+    if saved.get("args") != args or not (out / "config.json").exists():
+        return None
+    r = saved["report"]
+    return TinyModelReport(
+        model_dir=out, train_path=out / "data" / "train.jsonl", eval_path=out / "data" / "eval.jsonl",
+        num_parameters=r["num_parameters"], train_steps=r["train_steps"], final_loss=r["final_loss"],
+        eval_accuracy=r["eval_accuracy"], eval_accuracy_by_mode=r["eval_accuracy_by_mode"],
+        format_rate=r.get("format_rate", float("nan")), hasty_rate=r.get("hasty_rate", float("nan")), reused=True,
+    )
 
 
 def build_tiny_model(
@@ -223,6 +278,8 @@ def build_tiny_model(
     n_train: int = 5000,
     n_eval: int = 200,
     arch: str = "qwen2",
+    task_spec: TaskSpec = TaskSpec(),
+    reuse: bool = False,
 ) -> TinyModelReport:
     """Build tokenizer, data and a warm-started tiny model into ``out_dir``.
 
@@ -236,13 +293,30 @@ def build_tiny_model(
     if arch not in ARCHS:
         raise ValueError(f"arch={arch!r} is not known; available: {list(ARCHS)}")
     out = Path(out_dir)
+    args = _build_args(task, seed, steps, spec, n_train, n_eval, arch, task_spec)
+    if reuse and (found := _reusable(out, args)) is not None:
+        return found
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        report = _build(out, seed, steps, spec, progress, n_train, n_eval, arch, task_spec)
+    finally:
+        torch.set_num_threads(threads)
+    (out / BUILD_FILE).write_text(json.dumps({"args": args, "report": {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(report).items()}}, indent=1))
+    return report
+
+
+def _build(out: Path, seed: int, steps: int, spec: TinyModelSpec, progress: bool, n_train: int, n_eval: int,
+           arch: str, task_spec: TaskSpec) -> TinyModelReport:
     torch.manual_seed(seed)
-    data = make_dataset(seed=seed, n_train=n_train, n_eval=n_eval)
+    data = make_dataset(seed=seed, n_train=n_train, n_eval=n_eval, spec=task_spec)
     train_path = write_jsonl(data["train"], out / "data" / "train.jsonl")
     eval_path = write_jsonl(data["eval"], out / "data" / "eval.jsonl")
     tokenizer = build_tokenizer(seed=seed)
     model = _new_model_for(arch, tokenizer, spec, seed)
-    loss = warm_start(model, tokenizer, data["train"], steps=steps, seed=seed, progress=progress) if steps else float("nan")
+    loss = warm_start(model, tokenizer, data["train"], steps=steps, seed=seed, progress=progress,
+                      task_spec=task_spec) if steps else float("nan")
     metrics = evaluate(model, tokenizer, data["eval"])
     _save(model, tokenizer, out)
     return TinyModelReport(
@@ -254,4 +328,6 @@ def build_tiny_model(
         final_loss=loss,
         eval_accuracy=metrics["accuracy"],
         eval_accuracy_by_mode={k.split("/")[1]: v for k, v in metrics.items() if "/" in k},
+        format_rate=metrics["format"],
+        hasty_rate=metrics["hasty"],
     )
