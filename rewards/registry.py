@@ -14,5 +14,7 @@ BUILTINS: dict[str, str] = {
     "code_execution": "slime_rl.rewards.builtin.code_exec:CodeExecution",
     "remote_reward_model": "slime_rl.rewards.builtin.remote:RemoteRewardModel",
     "llm_judge": "slime_rl.rewards.builtin.judge:LLMJudge",
+    "episode_reward": "slime_rl.rollout.agent_rewards:episode_reward",
+    "overlong_penalty_by_mode": "slime_rl.rollout.agent_rewards:overlong_penalty_by_mode",
 }
 """Short name -> ``package.module:attribute`` of every built-in reward."""

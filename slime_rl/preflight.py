@@ -209,6 +209,20 @@ def check_plugins(cfg: Config) -> None:
         raise PreflightError(_one_line(str(e)) + hint) from None
     except (ValueError, TypeError, ImportError) as e:
         raise PreflightError(f"rollout.filter={cfg.rollout.filter!r}: {_one_line(str(e))}") from None
+    r = cfg.rollout
+    try:  # episode plug-ins: a bad reference fails here, not after the engines started
+        if r.environment:
+            from slime_rl.rollout.environments import load_environment
+
+            load_environment(r.environment, dict(r.environment_kwargs), base_dir=Path.cwd())
+        from slime_rl.rollout.plugins import load_object
+
+        if r.generate_fn:
+            load_object(r.generate_fn, key="rollout.generate_fn", base_dir=Path.cwd(), callable_with=4)
+        if r.agent_fn:
+            load_object(r.agent_fn, key="rollout.agent_fn", base_dir=Path.cwd(), callable_with=2)
+    except PluginLoadError as e:
+        raise PreflightError(_one_line(str(e))) from None
 
 
 def check_run_inputs(cfg: Config) -> None:

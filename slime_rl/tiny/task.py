@@ -37,7 +37,7 @@ class TaskSpec:
 
     two_step_frac: float = 0.3
     """Fraction of two-step problems (a + b - c); the rest are one-step +, - or x."""
-    hasty_frac: float = 0.0
+    hasty_frac: float = 0.6
     """Fraction of train rows whose warm-start reply comes from the hasty solver."""
     hasty_offset: int = 1
     """What the hasty solver adds to the right answer (`hasty_style="off_by_one"`)."""
@@ -45,8 +45,9 @@ class TaskSpec:
     """`guess`: the hasty solver skips the work and repeats the last number of the question
     (a shortcut small models really take); `off_by_one`: it works the problem but reports the
     answer plus `hasty_offset`."""
-    max_operand: int = 9
-    """Addends, amounts given away and the second step's operands are 1..max_operand."""
+    max_operand: int = 4
+    """Addends, amounts given away and the second step's operands are 1..max_operand (small:
+    the warm start then learns most of the facts, so what RL has to fix is the behaviour)."""
 
 
 def _one_step(rng: random.Random, spec: TaskSpec) -> tuple[str, int, list[str]]:
