@@ -11,9 +11,14 @@ $(VENV)/.slime-rl-installed: pyproject.toml setup.py scripts/install-cpu.sh
 
 install: $(VENV)/.slime-rl-installed
 
-# Until the RL loop lands, the main job builds the offline tiny model and evaluates it.
+# The main job: build the offline tiny model (reused when its build record matches), then a
+# ~10-minute asynchronous GRPO run on it that prints eval accuracy as it climbs.
+# Extra overrides: make demo DEMO_ARGS="run.num_steps=100 rollout.temperature=0.7"
+DEMO_ARGS ?=
 demo: install
-	$(VENV)/bin/slime-rl make-tiny-model $(TINY)
+	$(VENV)/bin/slime-rl make-tiny-model $(TINY) --reuse
+	$(VENV)/bin/slime-rl train configs/examples/arith_tiny.yaml \
+	    model.path=$(TINY) data.train_path=$(TINY)/data/train.jsonl data.eval_path=$(TINY)/data/eval.jsonl $(DEMO_ARGS)
 
 test: install
 	$(PY) -m pytest -q

@@ -328,14 +328,18 @@ class MetricsLogger:
     def close(self, exit_code: int = 0) -> Summary:
         """Draw the final plots, finish wandb (with `exit_code`), close the bar and file. Idempotent."""
         with self._lock:
-            if self._closed:
-                assert self._summary is not None
+            if self._summary is not None:
                 return self._summary
+            # A close interrupted part-way (a second Ctrl-C while the final plots draw) is finished
+            # by the next call without waiting for plots again: the JSONL file is what must survive.
+            interrupted = self._closed
             self._closed = True
-            self._maybe_draw(wait=True)
-            self._plot_pool.shutdown()
+            if not interrupted:
+                self._maybe_draw(wait=True)
+            self._plot_pool.shutdown(wait=not interrupted, cancel_futures=interrupted)
             if self._bar is not None:
                 self._bar.close()
+                self._bar = None
             if self._run is not None:
                 try:
                     self._run.finish(exit_code=exit_code)

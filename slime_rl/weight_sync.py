@@ -203,7 +203,9 @@ class PendingSync:
         if self.cleanup is not None:
             self.cleanup()
         self._result = out
-        logger.info(
+        # Every step syncs in async mode: the first one at INFO, the rest at DEBUG (they are in the metrics).
+        logger.log(
+            logging.INFO if self.version <= 1 else logging.DEBUG,
             "weight sync v%d over %s: %.2f s, %.1f MB, %.2f GB/s",
             self.version, self.transport, seconds, self.nbytes / 1e6, out["weight_sync/gb_per_s"],
         )

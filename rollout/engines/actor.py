@@ -63,8 +63,9 @@ class EngineActor:
         if ray.is_initialized():  # (get_runtime_context() would start a local Ray cluster)
             try:
                 ctx = ray.get_runtime_context()
-                self._name = f"EngineActor[{kind}:{ctx.get_actor_name() or ctx.get_actor_id()}]"
-            except Exception:  # a driver, not an actor (direct use in tests)
+                if ctx.worker.mode == ray.WORKER_MODE:  # a driver (direct use in tests) has no actor name
+                    self._name = f"EngineActor[{kind}:{ctx.get_actor_name() or ctx.get_actor_id()}]"
+            except Exception:
                 pass
         self._timeout = weight_update_timeout_s
         self._mode = PauseMode(weight_update_mode)

@@ -234,7 +234,7 @@ def evaluate(
 
 BUILD_FILE = "build.json"
 """What `build_tiny_model` made, with the arguments it was made from (`reuse` compares them)."""
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3  # 3: the tokenizer corpus no longer follows the TaskSpec defaults
 """Bumped when the same arguments would build a different model (task, warm start, template)."""
 BUILD_THREADS = 2
 """Torch threads of the warm start: fixed, so the same seed gives the same model on any machine

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slime_rl.tiny import build_tiny_model, extract_answer, make_dataset
-from slime_rl.tiny.task import render_response
+from slime_rl.tiny.task import corpus, is_hasty_reply, render_response
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sam has 2 pens and gets 3 more."}]
 
@@ -27,6 +28,16 @@ def test_dataset_is_deterministic_and_splits_are_disjoint() -> None:
         # the worked solution ends in the label
         assert row["steps"][-1].endswith(f"= {row['label']}")
     assert extract_answer(render_response(a["train"][0], think=True)) == a["train"][0]["label"]
+
+
+def test_tokenizer_corpus_does_not_follow_the_task_spec() -> None:
+    """The BPE is trained on careful solutions over operands 1-9 whatever TaskSpec's defaults are:
+    training it on the shipped spec's rows (operands 1-4, hasty replies) cut the warm-started
+    model's careful accuracy from ~48 % to ~27 %."""
+    text = corpus(0)
+    assert text == corpus(0)
+    assert not any(is_hasty_reply(t) for t in text)
+    assert {str(i) for i in range(5, 10)} <= set(re.findall(r"\d+", " ".join(text)))
 
 
 def test_chat_template_think_switch_and_tools(tiny_model_dir: Path) -> None:
