@@ -158,6 +158,8 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     print(f"data: {report.train_path}, {report.eval_path}")
     print(f"eval accuracy (greedy): {report.eval_accuracy:.1%} ({by_mode}); replies with a readable answer "
           f"{report.format_rate:.1%}, guessed in the hasty solver's style {report.hasty_rate:.1%}")
+    if report.careful_accuracy == report.careful_accuracy:  # not NaN
+        print(f"with the careful solver's opening forced: {report.careful_accuracy:.1%} (the skill RL can bring out)")
     return 0
 
 

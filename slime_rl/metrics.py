@@ -27,10 +27,18 @@ import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, TextIO
 
 import numpy as np
+
+from slime_rl.plots import (
+    EVAL_PREFIX,
+    PLOTS,
+    REWARD_KEYS,
+    PlotData,
+    render,
+    sorted_series,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,21 +46,6 @@ METRICS_FILE = "metrics.jsonl"
 PLOTS_DIR = "plots"
 WANDB_MODES = ("offline", "online", "disabled")
 _RESERVED = frozenset({"step", "time", "kind"})
-_REWARD_KEYS = ("rollout/reward_mean", "train/reward_mean")
-_EVAL_PREFIX = "eval/accuracy"
-_IDLE_KEYS = ("perf/trainer_idle_frac", "perf/rollout_idle_frac")
-
-PLOTS: Mapping[str, tuple[str, ...]] = MappingProxyType(
-    {
-        "reward.png": _REWARD_KEYS,
-        "eval_accuracy.png": ("eval/accuracy", "eval/accuracy/<mode>"),
-        "response_length.png": ("rollout/response_len_mean",),
-        "throughput.png": ("perf/samples_per_s", "perf/tokens_per_s", *_IDLE_KEYS),
-    }
-)
-"""Plot file name (under run_dir/plots) -> the metric keys it draws, in order of preference for
-reward.png (the first key present is used). `<mode>` stands for any think/non_think mode."""
-
 # Keys the logger keeps in memory (plots, summary, progress bar); everything else goes to disk only,
 # so a 100k-step run with hundreds of keys does not hold them all.
 _KEPT = frozenset(k for keys in PLOTS.values() for k in keys if "<" not in k) | {"buffer/staleness_mean"}
@@ -60,7 +53,7 @@ _KEPT = frozenset(k for keys in PLOTS.values() for k in keys if "<" not in k) | 
 
 def _plots_of(key: str) -> Iterable[str]:
     for name, keys in PLOTS.items():
-        if key in keys or (name == "eval_accuracy.png" and key.startswith(_EVAL_PREFIX + "/")):
+        if key in keys or (name == "eval_accuracy.png" and key.startswith(EVAL_PREFIX + "/")):
             yield name
 
 
@@ -152,19 +145,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _ema(y: np.ndarray, weight: float = 0.9) -> np.ndarray:
-    """Debiased exponential moving average (TensorBoard's smoothing), skipping NaN gaps."""
-    out = np.full_like(y, np.nan)
-    acc = norm = 0.0
-    for i, v in enumerate(y):
-        if not math.isnan(v):
-            acc = weight * acc + (1 - weight) * v
-            norm = weight * norm + (1 - weight)
-        if norm:
-            out[i] = acc / norm
-    return out
 
 
 class _LineStream:
@@ -399,7 +379,7 @@ class MetricsLogger:
         for key, value in metrics.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
-            if key.startswith(_EVAL_PREFIX):
+            if key.startswith(EVAL_PREFIX):
                 self._eval.setdefault(key, {})[step] = float(value)
                 self._dirty.add("eval_accuracy.png")
             elif kind == "train" and key in _KEPT:
@@ -500,8 +480,8 @@ class MetricsLogger:
         if self._bar is None:
             return
         parts = []
-        reward = next((self._last[k] for k in _REWARD_KEYS if k in self._last), None)
-        evals = self._eval.get(_EVAL_PREFIX)
+        reward = next((self._last[k] for k in REWARD_KEYS if k in self._last), None)
+        evals = self._eval.get(EVAL_PREFIX)
         eval_acc = evals[max(evals)] if evals else None  # the latest evaluated step, not the latest to arrive
         for label, value, fmt in (
             ("reward", reward, ".3f"),
@@ -526,15 +506,15 @@ class MetricsLogger:
             self._plot_job = None
         if not self._dirty:
             return
-        data = _PlotData(
-            train={k: _sorted_series(x, y) for k, (x, y) in self._train.items()},
-            eval={k: _sorted_series(list(v), list(v.values())) for k, v in self._eval.items()},
+        data = PlotData(
+            train={k: sorted_series(x, y) for k, (x, y) in self._train.items()},
+            eval={k: sorted_series(list(v), list(v.values())) for k, v in self._eval.items()},
         )
         names, self._dirty = sorted(self._dirty), set()
         if wait:
-            self._collect(_render(names, data, self.plots_dir))
+            self._collect(render(names, data, self.plots_dir))
         else:
-            self._plot_job = self._plot_pool.submit(_render, names, data, self.plots_dir)
+            self._plot_job = self._plot_pool.submit(render, names, data, self.plots_dir)
 
     def _collect(self, result: tuple[set[str], dict[str, str]]) -> None:
         written, errors = result
@@ -545,9 +525,9 @@ class MetricsLogger:
     # ---------------------------------------------------------------- summary
 
     def _make_summary(self) -> Summary:
-        evals = sorted(self._eval.get(_EVAL_PREFIX, {}).items())
+        evals = sorted(self._eval.get(EVAL_PREFIX, {}).items())
         best = max(evals, key=lambda p: p[1], default=None)  # earliest step on ties
-        reward_key = next((k for k in _REWARD_KEYS if k in self._train), None)
+        reward_key = next((k for k in REWARD_KEYS if k in self._train), None)
         rewards = [v for _, v in sorted(zip(*self._train[reward_key]))] if reward_key else []
         sps = self._train.get("perf/samples_per_s", ([], []))[1]
         return Summary(
@@ -567,130 +547,6 @@ class MetricsLogger:
             plots_dir=self.plots_dir,
             plots=tuple(sorted(self._plots_written)),
         )
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _PlotData:
-    """A copy of the series the plots read, handed to the plot thread: key -> (steps, values)."""
-
-    train: dict[str, tuple[np.ndarray, np.ndarray]]
-    eval: dict[str, tuple[np.ndarray, np.ndarray]]
-
-
-def _sorted_series(steps: list[int], values: list[float]) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) as float arrays in step order (a step logged twice keeps both points)."""
-    x, y = np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
-    order = np.argsort(x, kind="stable")
-    return x[order], y[order]
-
-
-def _render(names: Iterable[str], data: _PlotData, plots_dir: Path) -> tuple[set[str], dict[str, str]]:
-    """Draw each named plot into plots_dir atomically; return (written names, {name: error})."""
-    written: set[str] = set()
-    errors: dict[str, str] = {}
-    for name in names:
-        try:
-            fig = _DRAW[name](data)
-            if fig is None:  # none of its series logged yet
-                continue
-            tmp = plots_dir / f".{name}.tmp"
-            fig.savefig(tmp, format="png", dpi=80)
-            os.replace(tmp, plots_dir / name)
-            written.add(name)
-        except Exception as e:  # a plot is a convenience; the run goes on
-            errors[name] = f"{type(e).__name__}: {e}"
-    return written, errors
-
-
-def _plot_reward(data: _PlotData) -> Any:
-    key = next((k for k in _REWARD_KEYS if k in data.train), None)
-    if key is None:
-        return None
-    x, y = data.train[key]
-    fig, (ax,) = _figure()
-    ax.plot(x, y, color="tab:blue", alpha=0.3, lw=1, label=key)
-    ax.plot(x, _ema(y), color="tab:blue", lw=2, label="smoothed (EMA 0.9)")
-    _decorate(ax, "reward", "mean reward")
-    return fig
-
-
-def _plot_eval(data: _PlotData) -> Any:
-    if not data.eval:
-        return None
-    fig, (ax,) = _figure()
-    for key in sorted(data.eval, key=lambda k: (k != _EVAL_PREFIX, k)):
-        main = key == _EVAL_PREFIX
-        label = key if main else key.removeprefix(_EVAL_PREFIX + "/")
-        ax.plot(*data.eval[key], marker="o", ms=4 if main else 3, lw=2 if main else 1, label=label)
-    _decorate(ax, "eval accuracy", "accuracy")
-    return fig
-
-
-def _plot_response_length(data: _PlotData) -> Any:
-    if "rollout/response_len_mean" not in data.train:
-        return None
-    fig, (ax,) = _figure()
-    ax.plot(*data.train["rollout/response_len_mean"], color="tab:green", lw=1)
-    _decorate(ax, "response length", "tokens (mean)", legend=False)
-    return fig
-
-
-def _plot_throughput(data: _PlotData) -> Any:
-    samples, tokens = data.train.get("perf/samples_per_s"), data.train.get("perf/tokens_per_s")
-    idle = [k for k in _IDLE_KEYS if k in data.train]
-    rates = samples is not None or tokens is not None
-    if not rates and not idle:
-        return None
-    fig, axes = _figure(int(rates) + int(bool(idle)))
-    if rates:
-        ax = top = axes[0]
-        lines = []
-        if samples is not None:
-            lines += ax.plot(*samples, color="tab:blue", lw=1, label="samples/s")
-            ax.set_ylabel("samples/s")
-        if tokens is not None:
-            top = ax.twinx() if samples is not None else ax  # tokens/s is ~1000x samples/s
-            lines += top.plot(*tokens, color="tab:orange", lw=1, label="tokens/s")
-            top.set_ylabel("tokens/s")
-        top.legend(lines, [ln.get_label() for ln in lines], loc="best", fontsize=8)  # on the axes drawn last
-        ax.set_title("throughput")
-        ax.grid(alpha=0.3)
-    if idle:
-        ax = axes[-1]
-        for key in idle:
-            ax.plot(*data.train[key], lw=1, label=key.removeprefix("perf/"))
-        ax.set_ylim(-0.02, 1.02)
-        _decorate(ax, "idle fraction (which side limits the run)", "fraction idle")
-    axes[-1].set_xlabel("step")
-    return fig
-
-
-_DRAW = {
-    "reward.png": _plot_reward,
-    "eval_accuracy.png": _plot_eval,
-    "response_length.png": _plot_response_length,
-    "throughput.png": _plot_throughput,
-}
-assert set(_DRAW) == set(PLOTS)
-
-
-def _figure(rows: int = 1) -> tuple[Any, list[Any]]:
-    """A pyplot-free Agg figure with `rows` stacked axes sharing x (no global figure registry)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 1.6 + 2.4 * rows))
-    axes = list(fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0])
-    fig.subplots_adjust(left=0.1, right=0.89, top=0.93, bottom=0.16 if rows == 1 else 0.09, hspace=0.35)
-    return fig, axes
-
-
-def _decorate(ax: Any, title: str, ylabel: str, *, legend: bool = True) -> None:
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if legend:
-        ax.legend(loc="best", fontsize=8)
 
 
 def _hms(seconds: float) -> str:

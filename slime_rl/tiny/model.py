@@ -23,7 +23,14 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from slime_rl.tiny.task import TaskSpec, is_hasty_reply, make_dataset, render_response, write_jsonl
+from slime_rl.tiny.task import (
+    TaskSpec,
+    careful_opening,
+    is_hasty_reply,
+    make_dataset,
+    render_response,
+    write_jsonl,
+)
 from slime_rl.tiny.tokenizer import build_tokenizer, save_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -58,6 +65,9 @@ class TinyModelReport:
     """Share of greedy eval replies with an answer the reward can read (format compliance)."""
     hasty_rate: float = float("nan")
     """Share of greedy eval replies in the hasty solver's style."""
+    careful_accuracy: float = float("nan")
+    """Greedy eval accuracy with the careful solver's opening forced (`task.careful_opening`): the
+    skill the model holds, roughly the ceiling a run reaches by learning to work problems out."""
     reused: bool = False
     """True when an identical earlier build was found and kept (`reuse=True`)."""
 
@@ -195,10 +205,12 @@ def evaluate(
     rows: Sequence[dict[str, Any]],
     max_new_tokens: int = 48,
     batch_size: int = 64,
+    force_careful: bool = False,
 ) -> dict[str, float]:
     """Greedy accuracy overall and per mode (`accuracy`, `accuracy/think`, `accuracy/non_think`),
     the share of replies with an answer at all (`format`: the format-compliance rate) and of
-    replies in the hasty solver's style (`hasty`)."""
+    replies in the hasty solver's style (`hasty`). `force_careful`: every reply starts with the
+    careful solver's opening (`task.careful_opening`, part of the reply that is scored)."""
     model.eval()
     tokenizer.padding_side = "left"
     hits: dict[str, list[bool]] = {"think": [], "non_think": []}
@@ -206,7 +218,8 @@ def evaluate(
     hasty: list[bool] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        texts = [prompt_text(tokenizer, r["prompt"], r["mode"] == "think") for r in chunk]
+        openings = [careful_opening(r, r["mode"] == "think") if force_careful else "" for r in chunk]
+        texts = [prompt_text(tokenizer, r["prompt"], r["mode"] == "think") + o for r, o in zip(chunk, openings)]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         out = model.generate(
             **enc,
@@ -216,8 +229,8 @@ def evaluate(
             pad_token_id=tokenizer.pad_token_id,
         )
         replies = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=False)
-        for row, reply in zip(chunk, replies):
-            reply = reply.split(tokenizer.eos_token)[0]
+        for row, opening, reply in zip(chunk, openings, replies):
+            reply = opening + reply.split(tokenizer.eos_token)[0]
             answer = extract_answer(reply)
             hits[row["mode"]].append(answer == row["label"])
             formatted.append(answer is not None)
@@ -264,7 +277,8 @@ def _reusable(out: Path, args: dict[str, Any]) -> TinyModelReport | None:
         model_dir=out, train_path=out / "data" / "train.jsonl", eval_path=out / "data" / "eval.jsonl",
         num_parameters=r["num_parameters"], train_steps=r["train_steps"], final_loss=r["final_loss"],
         eval_accuracy=r["eval_accuracy"], eval_accuracy_by_mode=r["eval_accuracy_by_mode"],
-        format_rate=r.get("format_rate", float("nan")), hasty_rate=r.get("hasty_rate", float("nan")), reused=True,
+        format_rate=r.get("format_rate", float("nan")), hasty_rate=r.get("hasty_rate", float("nan")),
+        careful_accuracy=r.get("careful_accuracy", float("nan")), reused=True,
     )
 
 
@@ -318,6 +332,7 @@ def _build(out: Path, seed: int, steps: int, spec: TinyModelSpec, progress: bool
     loss = warm_start(model, tokenizer, data["train"], steps=steps, seed=seed, progress=progress,
                       task_spec=task_spec) if steps else float("nan")
     metrics = evaluate(model, tokenizer, data["eval"])
+    careful = evaluate(model, tokenizer, data["eval"], force_careful=True)["accuracy"] if task_spec.hasty_frac else float("nan")
     _save(model, tokenizer, out)
     return TinyModelReport(
         model_dir=out,
@@ -330,4 +345,5 @@ def _build(out: Path, seed: int, steps: int, spec: TinyModelSpec, progress: bool
         eval_accuracy_by_mode={k.split("/")[1]: v for k, v in metrics.items() if "/" in k},
         format_rate=metrics["format"],
         hasty_rate=metrics["hasty"],
+        careful_accuracy=careful,
     )

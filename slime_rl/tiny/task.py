@@ -134,6 +134,13 @@ def is_hasty_reply(reply: str) -> bool:
     return any(p in reply for p in HASTY_OPENINGS)
 
 
+def careful_opening(row: dict[str, Any], think: bool) -> str:
+    """The first tokens the careful solver writes (its first operand in think mode, `The answer is`
+    otherwise): forcing them measures how much careful skill a model holds, the ceiling RL can
+    reach by choosing to work problems out rather than guess."""
+    return "<think>\n" + row["steps"][0].split()[0] if think else "The answer is"
+
+
 def last_number(prompt: str) -> int:
     """The last number written in a question (what the hasty solver repeats)."""
     return int(re.findall(r"\d+", prompt)[-1])

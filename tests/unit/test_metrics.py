@@ -141,11 +141,11 @@ def test_plots_written_at_close_are_valid_pngs(tmp_path: Path) -> None:
 
 
 def test_plot_points_are_drawn_in_step_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import slime_rl.metrics as metrics
+    import slime_rl.plots as plots
 
     drawn: list[np.ndarray] = []
-    real = metrics._DRAW["reward.png"]
-    monkeypatch.setitem(metrics._DRAW, "reward.png",
+    real = plots.DRAW["reward.png"]
+    monkeypatch.setitem(plots.DRAW, "reward.png",
                         lambda data: drawn.append(data.train["rollout/reward_mean"][1]) or real(data))
     log = _logger(tmp_path)
     for step in (1, 3, 2):  # e.g. a step re-logged after an out-of-order report
@@ -157,12 +157,12 @@ def test_plot_points_are_drawn_in_step_order(tmp_path: Path, monkeypatch: pytest
 def test_a_failing_plot_warns_once_and_the_run_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import slime_rl.metrics as metrics
+    import slime_rl.plots as plots
 
     def broken(data: object) -> None:
         raise ValueError("bad axis")
 
-    monkeypatch.setitem(metrics._DRAW, "reward.png", broken)
+    monkeypatch.setitem(plots.DRAW, "reward.png", broken)
     with caplog.at_level(logging.WARNING, logger="slime_rl.metrics"):
         log = _logger(tmp_path, plot_every=1)
         for step in range(1, 4):
