@@ -439,7 +439,9 @@ class Driver:
         a, step = self.actors, self.step
         root = self.run_dir / "checkpoints"
         final_dir = root / f"step_{step:06d}"
-        if (final_dir / "run_state.json").exists():
+        if (final_dir / "run_state.json").exists():  # the last step was also a periodic checkpoint
+            if final:
+                self._export_final_hf()
             return final_dir
         tmp = root / f".step_{step:06d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -462,10 +464,14 @@ class Driver:
         tmp.rename(final_dir)
         for old in _checkpoints(self.run_dir)[: -self.cfg.checkpoint.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-        if final and self.cfg.checkpoint.save_hf and a.trainer is not None:
-            a.trainer.export_hf(str(self.run_dir / "final_hf"))
+        if final:
+            self._export_final_hf()
         logger.info("checkpoint step %d written in %.1f s: %s", step, time.monotonic() - t0, final_dir)
         return final_dir
+
+    def _export_final_hf(self) -> None:
+        if self.cfg.checkpoint.save_hf and self.actors.trainer is not None:
+            self.actors.trainer.export_hf(str(self.run_dir / "final_hf"))
 
     def _restore(self, path: Path) -> int:
         """Load a run checkpoint: trainer (weights, optimizer, LR schedule, RNG, step and version),

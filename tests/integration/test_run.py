@@ -63,7 +63,7 @@ def test_run_writes_metrics_and_keeps_staleness_within_the_bound(
     ray_cluster, tmp_path: Path, tiny_model_dir: Path, data_dir: Path, mode: str
 ) -> None:
     cfg = _config(tmp_path, tiny_model_dir, data_dir, f"run.mode={mode}", "run.name=r", "buffer.max_staleness=1",
-                  "checkpoint.interval=2")
+                  "checkpoint.interval=2", f"checkpoint.save_hf={mode == 'async'}")
     result = Driver(cfg).run()
     run_dir = Path(result["run_dir"])
     steps, evals = _lines(run_dir)
@@ -83,6 +83,8 @@ def test_run_writes_metrics_and_keeps_staleness_within_the_bound(
     assert {int(e["eval/version"]) for e in evals} >= {0, 4}
     assert {p.name for p in (run_dir / "plots").glob("*.png")} >= {"eval_accuracy.png", "reward.png", "throughput.png"}
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
+    # checkpoint.save_hf: the final policy as an HF folder, also when the last step was a periodic checkpoint
+    assert (run_dir / "final_hf" / "config.json").exists() == (mode == "async")
     saved = pq.read_table(run_dir / "samples" / "step_000001.parquet")
     assert saved.num_rows == 16 and {"group_id", "response_text", "reward", "policy_version"} <= set(saved.schema.names)
     if mode == "sync":
