@@ -14,6 +14,7 @@ the JSONL file keeps going.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,13 +25,14 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
+from slime_rl.placement import CLUSTER_MARK
 from slime_rl.plots import (
     EVAL_PREFIX,
     PLOTS,
@@ -406,17 +408,21 @@ class MetricsLogger:
             if mode == "online" and not wandb.login(prompt=False, verify=False):
                 # wandb.init would prompt for a login on a terminal and block the run.
                 raise RuntimeError("no API key (set WANDB_API_KEY or run `wandb login`)")
-            run = wandb.init(
-                mode=mode,
-                dir=str(self.run_dir),
-                project=project,
-                name=name,
-                id=self._wandb_id(reuse=resume),
-                config=config,
-                resume="allow" if resume else None,
-                reinit="create_new",
-                settings=wandb.Settings(silent=True, init_timeout=60),
-            )
+            # wandb's service process is not part of the Ray cluster: without the cluster's mark in its
+            # environment the local cluster's reaper leaves it to wandb's own exit handler (swept
+            # early, that handler printed a "Connection lost" traceback at exit).
+            with _without_env(CLUSTER_MARK):
+                run = wandb.init(
+                    mode=mode,
+                    dir=str(self.run_dir),
+                    project=project,
+                    name=name,
+                    id=self._wandb_id(reuse=resume),
+                    config=config,
+                    resume="allow" if resume else None,
+                    reinit="create_new",
+                    settings=wandb.Settings(silent=True, init_timeout=60),
+                )
             run.define_metric("eval/step")
             run.define_metric("eval/*", step_metric="eval/step")
             return run
@@ -547,6 +553,17 @@ class MetricsLogger:
             plots_dir=self.plots_dir,
             plots=tuple(sorted(self._plots_written)),
         )
+
+
+@contextlib.contextmanager
+def _without_env(name: str) -> Iterator[None]:
+    """Run the body with environment variable `name` unset (restored after)."""
+    saved = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[name] = saved
 
 
 def _hms(seconds: float) -> str:
