@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import sys
 from collections.abc import Sequence
 
@@ -158,7 +159,7 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     print(f"data: {report.train_path}, {report.eval_path}")
     print(f"eval accuracy (greedy): {report.eval_accuracy:.1%} ({by_mode}); replies with a readable answer "
           f"{report.format_rate:.1%}, guessed in the hasty solver's style {report.hasty_rate:.1%}")
-    if report.careful_accuracy == report.careful_accuracy:  # not NaN
+    if not math.isnan(report.careful_accuracy):  # measured only when the task has a hasty solver
         print(f"with the careful solver's opening forced: {report.careful_accuracy:.1%} (the skill RL can bring out)")
     return 0
 
