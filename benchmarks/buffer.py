@@ -74,7 +74,7 @@ class Writer:
             self.calls += 1  # fresh group ids: the buffer skips ids it already accepted
             data = rename(self.kind, self.payload, f"{self.name}-{self.calls}")
             refs.append(self.buffer.put.remote(data))
-            if len(refs) >= 2:  # a rollout worker keeps a little work in flight
+            if len(refs) >= 2:  # a rollout manager keeps a little work in flight
                 ray.get(refs.pop(0))
         ray.get(refs)
         return calls
@@ -91,7 +91,7 @@ def rename(kind: str, payload: Any, prefix: str) -> Any:
 
 
 def make_lists(k: int, samples: int, tokens: int, prompt_tokens: int, seed: int = 0) -> list[dict[str, Any]]:
-    """k groups as dicts of lists (what a rollout worker has in hand from the engine)."""
+    """k groups as dicts of lists (what a rollout manager has in hand from the engine)."""
     rng = np.random.default_rng(seed)
     groups = []
     for g in range(k):
@@ -173,7 +173,7 @@ def _drain(buffer: Any, kind: str, total: int, batch_groups: int) -> int:
         if kind == "dicts":
             arrays_from_dicts(ray.get(buffer.get_batch.remote(n, 120)))
         else:
-            arrays_from_arrow(ray.get(buffer.get_batch.remote(n, current_version=0, timeout=120)))
+            arrays_from_arrow(ray.get(buffer.get_batch.remote(n, trainer_version=0, timeout=120)))
         got += n
     return got
 
@@ -197,7 +197,7 @@ def in_process(kind: str, put_groups: int, args: argparse.Namespace) -> dict[str
             if kind == "dicts":
                 arrays_from_dicts(hop(buffer.get_batch(args.batch_groups, 10)))
             else:
-                arrays_from_arrow(hop(buffer.get_batch(args.batch_groups, current_version=0, timeout=10)))
+                arrays_from_arrow(hop(buffer.get_batch(args.batch_groups, trainer_version=0, timeout=10)))
             held -= args.batch_groups
             got += args.batch_groups
     seconds = time.perf_counter() - t0
@@ -211,7 +211,7 @@ def hop(obj: Any) -> Any:
 
 
 def writer_side_cost(args: argparse.Namespace) -> float:
-    """Microseconds to build one group's RecordBatch from Python lists (the rollout worker pays it)."""
+    """Microseconds to build one group's RecordBatch from Python lists (the rollout manager pays it)."""
     lists = make_lists(1, args.samples, args.tokens, args.prompt_tokens)
     t0 = time.perf_counter()
     for _ in range(20):

@@ -20,9 +20,9 @@ from slime_rl.buffers.schema import (
     Status,
     batch_to_samples,
     samples_to_batch,
-    validate_batch,
 )
 from slime_rl.buffers.stats import BufferCounts
+from slime_rl.buffers.validation import validate_batch
 
 _LAZY = {"BufferActor", "RemoteBufferActor", "create_buffer_actor"}
 

@@ -1,4 +1,4 @@
-"""The replay buffer as a Ray actor shared by many rollout workers and one or more trainers.
+"""The replay buffer as a Ray actor shared by the rollout manager and one or more trainers.
 
     rollout actors ──put.remote(RecordBatch)──┐  "writers" threads (default group, max_concurrency)
     trainer        ──get_batch.remote(...)  ──┼─► "readers" threads (READER_THREADS) ─┐
@@ -17,7 +17,7 @@ Exceptions keep their type across Ray: ``except BufferTimeoutError`` works aroun
 
 >>> handle = create_buffer_actor(BufferConfig(), group_size=4)      # doctest: +SKIP
 >>> ray.get(handle.put.remote(batch))                               # doctest: +SKIP
->>> table = ray.get(handle.get_batch.remote(8, current_version=3))  # doctest: +SKIP
+>>> table = ray.get(handle.get_batch.remote(8, trainer_version=3))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -55,12 +55,12 @@ class BufferActor:
         return self._buf.put(data, timeout)
 
     @_READERS
-    def get_batch(self, num_groups: int, current_version: int, max_staleness: int | None = None, timeout: float | None = None) -> pa.Table:
-        return self._buf.get_batch(num_groups, current_version, max_staleness, timeout)
+    def get_batch(self, global_batch_groups: int, trainer_version: int, max_staleness: int | None = None, timeout: float | None = None) -> pa.Table:
+        return self._buf.get_batch(global_batch_groups, trainer_version, max_staleness, timeout)
 
     @_READERS
-    def set_version(self, current_version: int, max_staleness: int | None = None) -> None:
-        self._buf.set_version(current_version, max_staleness)
+    def set_version(self, trainer_version: int, max_staleness: int | None = None) -> None:
+        self._buf.set_version(trainer_version, max_staleness)
 
     @_CONTROL
     def counts(self) -> BufferCounts:

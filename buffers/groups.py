@@ -5,10 +5,10 @@
         -> group_spans()       [(group_id, first_row, num_rows)], refusing split groups
         -> Group               one group's rows + its min policy_version, held by the buffer
 
-Staleness of a group is ``current_version - min(policy_version)`` over its samples:
+Staleness of a group is ``trainer_version - min(policy_version)`` over its samples:
 ``policy_version`` is the weights version a sample *started* with, which is no newer than
 any of its tokens (``token_versions``), so this is the conservative (largest) staleness.
-Per-token staleness is ``current_version - token_versions`` (see ``token_staleness``).
+Per-token staleness is ``trainer_version - token_versions`` (see ``token_staleness``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import dataclasses
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from slime_rl.buffers.schema import SAMPLE_SCHEMA, conform_batch, validate_batch
+from slime_rl.buffers.schema import SAMPLE_SCHEMA, conform_batch
+from slime_rl.buffers.validation import validate_batch
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -38,8 +39,8 @@ class Group:
     def num_samples(self) -> int:
         return self.data.num_rows
 
-    def staleness(self, current_version: int) -> int:
-        return current_version - self.min_version
+    def staleness(self, trainer_version: int) -> int:
+        return trainer_version - self.min_version
 
 
 def normalize_batch(data: pa.RecordBatch | pa.Table) -> pa.RecordBatch:
@@ -116,8 +117,8 @@ def min_versions(batch: pa.RecordBatch, spans: list[tuple[str, int, int]]) -> li
     return [int(versions[start : start + n].min()) for _, start, n in spans]
 
 
-def token_staleness(data: pa.RecordBatch | pa.Table, current_version: int) -> pa.ListArray | pa.ChunkedArray:
-    """Per-token staleness ``current_version - token_versions``, same list layout as ``response_ids``."""
+def token_staleness(data: pa.RecordBatch | pa.Table, trainer_version: int) -> pa.ListArray | pa.ChunkedArray:
+    """Per-token staleness ``trainer_version - token_versions``, same list layout as ``response_ids``."""
     col = data.column("token_versions")
     chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
     out = []
@@ -125,16 +126,16 @@ def token_staleness(data: pa.RecordBatch | pa.Table, current_version: int) -> pa
         offsets = chunk.offsets
         if len(chunk):
             offsets = pc.subtract(offsets, offsets[0])  # a sliced list array's offsets do not start at 0
-        flat = pc.subtract(pa.scalar(current_version, pa.int32()), chunk.flatten())
+        flat = pc.subtract(pa.scalar(trainer_version, pa.int32()), chunk.flatten())
         out.append(pa.ListArray.from_arrays(offsets, flat))
     return pa.chunked_array(out, type=pa.list_(pa.int32())) if isinstance(col, pa.ChunkedArray) else out[0]
 
 
-def group_staleness(data: pa.RecordBatch | pa.Table, current_version: int) -> dict[str, int]:
-    """Staleness per group id (``current_version - min policy_version``), in first-seen order."""
+def group_staleness(data: pa.RecordBatch | pa.Table, trainer_version: int) -> dict[str, int]:
+    """Staleness per group id (``trainer_version - min policy_version``), in first-seen order."""
     out: dict[str, int] = {}
     for gid, v in zip(data.column("group_id").to_pylist(), data.column("policy_version").to_pylist()):
-        s = current_version - v
+        s = trainer_version - v
         if gid not in out or s > out[gid]:
             out[gid] = s
     return out

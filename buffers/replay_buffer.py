@@ -1,6 +1,6 @@
-"""The replay buffer between rollout workers (writers) and trainer workers (readers).
+"""The replay buffer between the rollout manager (writer) and trainer workers (readers).
 
-    rollout worker ──put(RecordBatch of whole groups)──► validate ─► [full? block/reject]
+    rollout manager ──put(RecordBatch of whole groups)──► validate ─► [full? block/reject]
                                                          ─► write-ahead log (spill_dir) ─► held groups
     trainer ──get_batch(n, version, max_staleness)──► drop stale (counted) ─► pick n (fifo|freshest)
                                                          ─► consumption record ─► pa.Table
@@ -9,7 +9,7 @@ Thread-safe: one lock, two conditions (room for writers, groups for readers). Da
 Arrow end to end; a group is a compact RecordBatch that is never split. ``close()`` wakes
 every blocked caller with ``BufferClosedError``.
 
-Staleness of a group is ``current_version - min(policy_version of its samples)``: the
+Staleness of a group is ``trainer_version - min(policy_version of its samples)``: the
 version a sample started with is no newer than any of its tokens, so this is the
 conservative bound. The exact per-token versions stay in the ``token_versions`` column
 (``groups.token_staleness``) for off-policy correction.
@@ -22,7 +22,7 @@ compaction live in ``checkpoint.BufferCheckpoint``, which ``ReplayBuffer`` inher
 >>> group = [Sample(sample_id=f"g0-{i}", group_id="g0", prompt_ids=[1], response_ids=[2, 3]) for i in range(2)]
 >>> buf.put(samples_to_batch(group))
 1
->>> buf.get_batch(1, current_version=0, timeout=1.0).num_rows
+>>> buf.get_batch(1, trainer_version=0, timeout=1.0).num_rows
 2
 """
 
@@ -195,8 +195,8 @@ class ReplayBuffer(BufferCheckpoint):
         self._floor = min(self._floor, min_version)
 
     # ---- readers -----------------------------------------------------------------------
-    def get_batch(self, num_groups: int, current_version: int, max_staleness: int | None = None, timeout: float | None = None) -> pa.Table:
-        """Take ``num_groups`` whole groups within ``max_staleness`` of ``current_version``.
+    def get_batch(self, global_batch_groups: int, trainer_version: int, max_staleness: int | None = None, timeout: float | None = None) -> pa.Table:
+        """Take ``global_batch_groups`` whole groups within ``max_staleness`` of ``trainer_version``.
 
         Waits up to ``timeout`` (default ``get_timeout_s``) for enough eligible groups.
         ``stale_policy=drop`` removes groups beyond the bound (counted as ``dropped_stale``);
@@ -209,10 +209,10 @@ class ReplayBuffer(BufferCheckpoint):
         Raises:
             BufferTimeoutError: not enough eligible groups within the timeout (never polls forever).
             BufferClosedError: the buffer was closed.
-            ValueError: ``num_groups`` outside 1..capacity_groups.
+            ValueError: ``global_batch_groups`` outside 1..capacity_groups.
         """
-        if not 1 <= num_groups <= self.config.capacity_groups:
-            raise ValueError(f"num_groups={num_groups} must be in 1..buffer.capacity_groups ({self.config.capacity_groups}); the buffer could never hold that many")
+        if not 1 <= global_batch_groups <= self.config.capacity_groups:
+            raise ValueError(f"global_batch_groups={global_batch_groups} must be in 1..buffer.capacity_groups ({self.config.capacity_groups}); the buffer could never hold that many")
         bound = self.config.max_staleness if max_staleness is None else max_staleness
         if bound < 0:
             raise ValueError(f"max_staleness={bound} must be >= 0 (0 = only groups of the current version)")
@@ -220,29 +220,29 @@ class ReplayBuffer(BufferCheckpoint):
         deadline = time.monotonic() + timeout
         with self._lock:
             t0 = time.monotonic()
-            self._version = max(self._version, current_version)
+            self._version = max(self._version, trainer_version)
             while True:
                 if self._closed:
                     raise BufferClosedError("buffer closed; get_batch gave up")
                 if self.config.stale_policy == "drop":
-                    self._drop_stale(current_version, bound)
-                if len(self._groups) >= num_groups:
+                    self._drop_stale(trainer_version, bound)
+                if len(self._groups) >= global_batch_groups:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._stats.get_timeouts += 1
                     self._stats.get_wait_s += time.monotonic() - t0
                     raise BufferTimeoutError(
-                        f"get_batch waited {timeout:.1f}s for {num_groups} groups within staleness {bound} of version "
-                        f"{current_version}: {len(self._groups)} eligible, {self._stats.dropped_stale} dropped as stale so far; "
-                        "check that rollout workers are alive and producing"
+                        f"get_batch waited {timeout:.1f}s for {global_batch_groups} groups within staleness {bound} of version "
+                        f"{trainer_version}: {len(self._groups)} eligible, {self._stats.dropped_stale} dropped as stale so far; "
+                        "check that the rollout manager is alive and producing"
                     )
                 self._ready.wait(left)
             self._stats.get_wait_s += time.monotonic() - t0
-            chosen = self._select(num_groups)
-            self._leave(chosen, "consumed", current_version, bound)
+            chosen = self._select(global_batch_groups)
+            self._leave(chosen, "consumed", trainer_version, bound)
             table = one_chunk([g.data for g in chosen])
-            self._batch_stats(chosen, table, current_version)
+            self._batch_stats(chosen, table, trainer_version)
             self._maybe_compact()
             self._room.notify_all()
         return table
@@ -253,16 +253,16 @@ class ReplayBuffer(BufferCheckpoint):
             groups.sort(key=lambda g: (-g.min_version, g.seq))
         return groups[:n]
 
-    def _drop_stale(self, current_version: int, bound: int) -> None:
-        if current_version - self._floor <= bound:
+    def _drop_stale(self, trainer_version: int, bound: int) -> None:
+        if trainer_version - self._floor <= bound:
             return  # nothing held can be too stale: skip the scan
-        stale = [g for g in self._groups.values() if g.staleness(current_version) > bound]
-        self._floor = min((g.min_version for g in self._groups.values() if g.staleness(current_version) <= bound), default=2**62)
+        stale = [g for g in self._groups.values() if g.staleness(trainer_version) > bound]
+        self._floor = min((g.min_version for g in self._groups.values() if g.staleness(trainer_version) <= bound), default=2**62)
         if stale:
-            self._leave(stale, "dropped_stale", current_version, bound)
+            self._leave(stale, "dropped_stale", trainer_version, bound)
             self._maybe_compact()
             self._room.notify_all()
-            logger.debug("buffer dropped %d groups staler than %d at version %d", len(stale), bound, current_version)
+            logger.debug("buffer dropped %d groups staler than %d at version %d", len(stale), bound, trainer_version)
 
     def _leave(self, groups: list[Group], outcome: str, version: int, bound: int) -> None:
         rows = [
@@ -301,12 +301,12 @@ class ReplayBuffer(BufferCheckpoint):
             self._stats.batch_token_staleness_mean = version - pc.mean(flat).as_py()
             self._stats.batch_token_staleness_max = float(version - pc.min(flat).as_py())
 
-    def set_version(self, current_version: int, max_staleness: int | None = None) -> None:
+    def set_version(self, trainer_version: int, max_staleness: int | None = None) -> None:
         """Tell the buffer the trainer's version; with ``stale_policy=drop`` it frees stale groups now."""
         with self._lock:
-            self._version = max(self._version, current_version)
+            self._version = max(self._version, trainer_version)
             if self.config.stale_policy == "drop":
-                self._drop_stale(current_version, self.config.max_staleness if max_staleness is None else max_staleness)
+                self._drop_stale(trainer_version, self.config.max_staleness if max_staleness is None else max_staleness)
 
     # ---- export ------------------------------------------------------------------------
     def export(self, path: str | Path) -> int:

@@ -2,7 +2,7 @@
 
     from slime_rl.rewards import RewardRunner
     runner = RewardRunner.from_config(cfg.reward)     # loads + checks every term at start-up
-    outcomes = await runner.score(group)              # per group, in the rollout worker
+    outcomes = await runner.score(group)              # per group, in the rollout manager
     metrics = runner.end_step().metrics()             # per step; raises if a term always failed
 
 Nothing here imports Ray, rollout or trainer code.

@@ -266,7 +266,7 @@ def components_from_config(cfg: Any, base_dir: str | Path | None = None) -> list
 def resolve_config(cfg: Any, base_dir: str | Path | None = None) -> Any:
     """Check a ``RewardConfig`` at start-up and return a copy with absolute file references.
 
-    The driver calls this before any generation, then ships the result to rollout workers
+    The driver calls this before any generation, then ships the result to rollout managers
     (whose working directory may differ). Raises ``RewardLoadError`` on the first bad term.
     """
     components_from_config(cfg, base_dir)

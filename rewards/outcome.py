@@ -1,6 +1,6 @@
 """Typed results of scoring: one :class:`RewardOutcome` per sample, and per-step counts.
 
-:class:`RewardStepStats` is plain data (picklable), so rollout workers can send theirs to the
+:class:`RewardStepStats` is plain data (picklable), so rollout managers can send theirs to the
 driver, which merges them and applies the all-failed guard for the whole step.
 """
 
@@ -83,7 +83,7 @@ class RewardStepStats:
             self.metric_counts[key] = self.metric_counts.get(key, 0) + 1
 
     def merge(self, other: RewardStepStats) -> RewardStepStats:
-        """Sum of two steps' counts (e.g. from several rollout workers)."""
+        """Sum of two steps' counts (e.g. from several rollout managers)."""
         out = RewardStepStats(
             samples=self.samples + other.samples,
             samples_failed=self.samples_failed + other.samples_failed,

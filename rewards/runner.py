@@ -1,6 +1,6 @@
 """Score groups of samples with one or several weighted reward terms, concurrently and safely.
 
-    rollout worker ── await runner.score(group) ──► for each term × sample (or × group if batched):
+    rollout manager ── await runner.score(group) ──► for each term × sample (or × group if batched):
                                                       async fn   -> the runner's reward event loop
                                                                     (own thread; wait_for timeout,
                                                                     @queued: from work_started();
@@ -11,7 +11,7 @@
                                                                     (executor=process; killed past
                                                                     the timeout)
                        ◄── list[RewardOutcome] ────── normalise, weighted sum, failures -> default
-    rollout worker ── runner.end_step() ──► RewardStepStats (metrics; all-failed guard)
+    rollout manager ── runner.end_step() ──► RewardStepStats (metrics; all-failed guard)
 
 A term that raises, times out or returns NaN fails only its own sample: that sample gets
 ``default_score``, ``status="failed"`` and the error in ``metadata["reward_error"]``. Nothing a
@@ -61,7 +61,7 @@ class _NoFreeWorker(Exception):
 
 
 class RewardRunner:
-    """Runs reward terms on samples; the async API the rollout worker calls once per group."""
+    """Runs reward terms on samples; the async API the rollout manager calls once per group."""
 
     def __init__(
         self,

@@ -1,59 +1,108 @@
-"""Staleness by admission, not by discard (AReaL, arXiv:2505.24298 §5).
+"""Admission: which prompt groups may be in flight, and the state of each (AReaL, arXiv:2505.24298 §5).
 
-The trainer takes `B` groups per step and its version goes up by one per step, so the k-th group
-that will be trained (0-based, counted over the whole run) is trained at trainer version
-`floor(k / B)`. A group started while the engines hold version `w` therefore has staleness
-`floor(k / B) - w`, which is at most `S` exactly when `k < (S + w + 1) * B`. The manager starts
-a group only while
+Staleness by admission, not by discard. The trainer takes `B = trainer.global_batch_groups`
+groups per step and its version goes up by one per step, so the k-th group that will be trained
+(0-based, counted over the whole run) is trained at trainer version `floor(k / B)`. A group
+started while the engines hold version `w` therefore has staleness `floor(k / B) - w`, which is
+at most `S = max_staleness` exactly when `k < (S + w + 1) * B`. A new group is admitted only while
 
     committed = accepted - dropped + in_flight  <  (S + w + 1) * B
 
 where `accepted` counts groups put into the buffer (over the whole run, restored on resume),
 `dropped` those the buffer later dropped as stale (the safety net: normally 0), and `in_flight`
-the groups started and not yet put or filtered out. A group the dynamic-sampling filter drops is
-never accepted, so its slot is free again. `w` advances only once every engine holds the new
+the groups admitted and not yet accepted or released. A group the dynamic-sampling filter drops
+is released, so its slot is free again. `w` advances only once every engine holds the new
 weights. With `S = 0` no group can start before the weights it will be trained against are
 loaded: exactly on-policy.
 
->>> a = AdmissionControl(batch_groups=2, max_staleness=0)
->>> [a.try_admit() for _ in range(3)]
+`Admission` is the one owner of the in-flight groups: each holds one slot from `admit` until
+`accept` or `release`, and moves through explicit states
+
+    admit ─► QUEUED ─start─► RUNNING ─finish─► FINISHED ─accept─► (in the buffer; slot counted in `accepted`)
+               ▲                │                 (release from RUNNING: filtered out, slot freed)
+               └────requeue─────┘ (its engine was lost; keeps its slot, goes first)
+
+>>> a = Admission(global_batch_groups=2, max_staleness=0)
+>>> [a.admit(f"g{i}", i, 0, None) is not None for i in range(3)]
 [True, True, False]
->>> a.on_accepted(2); a.set_engine_version(1); a.try_admit()
-True
+>>> for w in a.queued(): a.start(w, "engine-0"); a.finish(w)
+>>> a.accept(a.take_finished()); a.set_engine_version(1); a.admit("g2", 2, 0, None).state
+<GroupState.QUEUED: 'queued'>
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import enum
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 
-@dataclasses.dataclass
-class AdmissionControl:
-    """Counts of the admission rule (not thread-safe; the manager's event loop owns it)."""
+class GroupState(str, enum.Enum):
+    """Where an admitted group is; it leaves the ledger when accepted or released."""
 
-    batch_groups: int
-    """B: groups per trainer step."""
-    max_staleness: int
-    """S: largest `trainer_version - policy_version` allowed when trained."""
-    engine_version: int = 0
-    """w: the weight version every engine holds."""
-    accepted: int = 0
-    """Groups put into the buffer (whole run)."""
-    dropped: int = 0
-    """Accepted groups the buffer dropped as stale (they will not be trained)."""
-    in_flight: int = 0
-    """Groups admitted and not yet accepted or filtered out."""
+    QUEUED = "queued"
+    """Holds a slot, waits for an engine (new, requeued after an engine loss, or re-dispatched
+    after a resume)."""
+    RUNNING = "running"
+    """Generating, being scored and filtered on an engine."""
+    FINISHED = "finished"
+    """Scored and kept; waits for the next buffer put."""
 
-    def __post_init__(self) -> None:
-        if self.batch_groups < 1:
-            raise ValueError(f"batch_groups={self.batch_groups} must be >= 1")
-        if self.max_staleness < 0:
-            raise ValueError(f"max_staleness={self.max_staleness} must be >= 0")
+
+@dataclasses.dataclass(slots=True)
+class GroupWork:
+    """One admitted prompt group: stable id (dataset uid + epoch), where it came from, its state."""
+
+    group_id: str
+    ds_index: int
+    epoch: int
+    prompt: Any
+    state: GroupState = GroupState.QUEUED
+    engine: str | None = None
+    """Engine it runs (or last ran) on."""
+    started: float = 0.0
+    """`time.monotonic()` of its latest start on an engine."""
+    attempts: int = 0
+    """Times it was started (more than one after an engine loss)."""
+    samples: list[Any] = dataclasses.field(default_factory=list)
+    """Its scored samples once FINISHED."""
+
+
+class Admission:
+    """Slot counts of the admission rule and the groups holding them (not thread-safe: the
+    manager's event loop owns it)."""
+
+    def __init__(self, global_batch_groups: int, max_staleness: int) -> None:
+        if global_batch_groups < 1:
+            raise ValueError(f"global_batch_groups={global_batch_groups} must be >= 1")
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness={max_staleness} must be >= 0")
+        self.global_batch_groups = global_batch_groups
+        """B: groups per trainer step."""
+        self.max_staleness = max_staleness
+        """S: largest `trainer_version - policy_version` allowed when trained."""
+        self.engine_version = 0
+        """w: the weight version every engine holds."""
+        self.accepted = 0
+        """Groups put into the buffer (whole run)."""
+        self.dropped = 0
+        """Accepted groups the buffer dropped as stale (they will not be trained)."""
+        self._groups: dict[str, GroupWork] = {}
+        self._queue: collections.deque[GroupWork] = collections.deque()
+
+    # ---- counts --------------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """Groups admitted and not yet accepted or released (every state)."""
+        return len(self._groups)
 
     @property
     def limit(self) -> int:
         """Most groups that may be committed at the current engine version."""
-        return (self.max_staleness + self.engine_version + 1) * self.batch_groups
+        return (self.max_staleness + self.engine_version + 1) * self.global_batch_groups
 
     @property
     def committed(self) -> int:
@@ -63,22 +112,72 @@ class AdmissionControl:
     def free_slots(self) -> int:
         return max(0, self.limit - self.committed)
 
-    def try_admit(self) -> bool:
-        """Take a slot for a new group if the rule allows it."""
+    def count(self, state: GroupState) -> int:
+        return sum(w.state is state for w in self._groups.values())
+
+    def __iter__(self) -> Iterator[GroupWork]:
+        return iter(list(self._groups.values()))
+
+    # ---- transitions ---------------------------------------------------------------------------
+    def admit(self, group_id: str, ds_index: int, epoch: int, prompt: Any) -> GroupWork | None:
+        """Take a slot for a new group (QUEUED) if the rule allows it, else None."""
         if self.committed >= self.limit:
-            return False
-        self.in_flight += 1
-        return True
+            return None
+        if group_id in self._groups:
+            raise AssertionError(f"group {group_id} is admitted twice")
+        work = GroupWork(group_id, ds_index, epoch, prompt)
+        self._groups[group_id] = work
+        self._queue.append(work)
+        return work
 
-    def on_accepted(self, n: int = 1) -> None:
-        """`n` in-flight groups were put into the buffer."""
-        self.in_flight -= n
-        self.accepted += n
+    def queued(self) -> list[GroupWork]:
+        """QUEUED groups in dispatch order (requeued ones first)."""
+        return list(self._queue)
 
-    def on_released(self, n: int = 1) -> None:
-        """`n` in-flight groups left without being accepted (filtered out, or given up)."""
-        self.in_flight -= n
+    def next_queued(self) -> GroupWork | None:
+        return self._queue[0] if self._queue else None
 
+    def start(self, work: GroupWork, engine: str) -> None:
+        """QUEUED -> RUNNING on `engine`."""
+        self._expect(work, GroupState.QUEUED)
+        self._queue.remove(work)
+        work.state, work.engine, work.started = GroupState.RUNNING, engine, time.monotonic()
+        work.attempts += 1
+
+    def requeue(self, work: GroupWork) -> None:
+        """RUNNING -> QUEUED at the front (its engine was lost); it keeps its slot."""
+        self._expect(work, GroupState.RUNNING)
+        work.state = GroupState.QUEUED
+        self._queue.appendleft(work)
+
+    def finish(self, work: GroupWork, samples: list[Any] | None = None) -> None:
+        """RUNNING -> FINISHED (kept by the filter; waits for the next put)."""
+        self._expect(work, GroupState.RUNNING)
+        work.state, work.samples = GroupState.FINISHED, list(samples or [])
+
+    def release(self, work: GroupWork) -> None:
+        """RUNNING -> gone without being accepted (filtered out): its slot is free again."""
+        self._expect(work, GroupState.RUNNING)
+        del self._groups[work.group_id]
+
+    def take_finished(self) -> list[GroupWork]:
+        """Every FINISHED group, in finishing order (they stay in flight until `accept`)."""
+        return [w for w in self._groups.values() if w.state is GroupState.FINISHED]
+
+    def accept(self, works: list[GroupWork]) -> None:
+        """FINISHED -> in the buffer: they leave the ledger and count as accepted."""
+        for w in works:
+            self._expect(w, GroupState.FINISHED)
+        for w in works:
+            del self._groups[w.group_id]
+        self.accepted += len(works)
+
+    def _expect(self, work: GroupWork, state: GroupState) -> None:
+        current = self._groups.get(work.group_id)
+        now = current.state.value if current is work else "not admitted"
+        assert current is work and work.state is state, f"group {work.group_id} is {now}, expected {state.value}"
+
+    # ---- versions and the buffer ---------------------------------------------------------------
     def set_engine_version(self, version: int) -> None:
         self.engine_version = max(self.engine_version, int(version))
 
@@ -86,12 +185,25 @@ class AdmissionControl:
         """The buffer's cumulative count of stale-dropped groups."""
         self.dropped = max(self.dropped, int(dropped))
 
-    def state_dict(self) -> dict[str, int]:
-        return {"accepted": self.accepted, "dropped": self.dropped, "engine_version": self.engine_version}
+    # ---- checkpoint ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Counts and the groups in flight (every state: none of them is in the buffer yet)."""
+        return {
+            "accepted": self.accepted,
+            "dropped": self.dropped,
+            "engine_version": self.engine_version,
+            "in_flight": [(w.group_id, w.ds_index, w.epoch) for w in self._groups.values()],
+        }
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Restore the counts of a checkpoint; in-flight groups are re-dispatched and recounted."""
+    def load_state_dict(self, state: dict[str, Any], prompt_of: Callable[[int], Any]) -> None:
+        """Restore a checkpoint: the counts, and every group that was in flight back in the
+        queue (same group id, same slot) to be generated again first."""
         self.accepted = int(state["accepted"])
         self.dropped = int(state["dropped"])
         self.engine_version = int(state["engine_version"])
-        self.in_flight = 0
+        self._groups.clear()
+        self._queue.clear()
+        for gid, idx, epoch in state.get("in_flight", []):
+            work = GroupWork(gid, int(idx), int(epoch), prompt_of(int(idx)))
+            self._groups[gid] = work
+            self._queue.append(work)

@@ -2,7 +2,7 @@
 
     RolloutManager ──put(batch) / counts() / save(folder)──► RayBufferClient ──► BufferActor
                                                          └─► LocalBufferClient ──► ReplayBuffer (thread)
-                   ──generate_group / load_weights──────► RayEngineClient (engine_pool.py)
+                   ──generate_group / update_weights────► RayEngineClient (engine_pool.py)
                                                          └─► LocalEngineClient ──► RolloutEngine
 
 The local clients let the manager run in one process (tests, notebooks) with the same code path
@@ -19,11 +19,11 @@ import pyarrow as pa
 from slime_rl.buffers.replay_buffer import ReplayBuffer
 from slime_rl.buffers.stats import BufferCounts
 from slime_rl.rollout.engines.base import (
-    FinishReason,
     GenerateRequest,
     GenerateResult,
     PauseMode,
     RolloutEngine,
+    generate_each,
 )
 
 
@@ -66,15 +66,6 @@ class LocalBufferClient:
         return str(await asyncio.to_thread(self.buffer.save, folder))
 
 
-def error_result(request: GenerateRequest, error: BaseException, version: int) -> GenerateResult:
-    """A result standing for a request the engine refused (the sample becomes `failed`)."""
-    reason = getattr(FinishReason, "ERROR", FinishReason.ABORT)
-    kwargs: dict[str, Any] = {}
-    if "error" in GenerateResult.__dataclass_fields__:
-        kwargs["error"] = f"{type(error).__name__}: {error}"
-    return GenerateResult(request.request_id, [], [], reason, [], version, version, None, **kwargs)
-
-
 class LocalEngineClient:
     """An in-process `RolloutEngine` as an `EngineClient` (created and used on one event loop)."""
 
@@ -83,19 +74,10 @@ class LocalEngineClient:
         self.name = name
 
     async def generate_group(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
-        async def one(r: GenerateRequest) -> GenerateResult:
-            try:
-                return await self.engine.generate(r)
-            except ValueError as e:  # refused alone (e.g. prompt too long); others still run
-                return error_result(r, e, self.engine.version)
+        return await generate_each(self.engine, requests)
 
-        return list(await asyncio.gather(*(one(r) for r in requests)))
-
-    async def load_weights(self, version: int, buckets: Sequence[Any], mode: str | None) -> int:
-        await self.engine.begin_weight_update(version)
-        for b in buckets:
-            await self.engine.load_weight_bucket(b)
-        return await self.engine.commit_weight_update(PauseMode(mode or "keep"))
+    async def update_weights(self, version: int, buckets: Sequence[Any], mode: str | None) -> int:
+        return await self.engine.update_weights(version, list(buckets), PauseMode(mode or "keep"))
 
     async def version(self) -> int:
         return self.engine.version

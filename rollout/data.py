@@ -2,7 +2,8 @@
 
     file (.jsonl / .parquet) --pyarrow--> rows --check fields--> messages, label, mode, tools
         --chat template (mode, system prompt, tools)--> text --batch tokenise--> Prompt
-    DatasetCursor: (seed, epoch) permutation --> next index; its state goes into the checkpoint
+
+The seeded walk over the prompts (``DatasetCursor``) is in ``rollout/cursor.py``.
 
 Bad rows never crash a load: with ``data.on_error=skip`` they are counted per reason and
 reported in one warning; with ``raise`` the load stops with a :class:`DataError` naming the
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from slime_rl.rollout.config import DataConfig
+from slime_rl.rollout.cursor import seed64
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -315,7 +317,7 @@ class PromptDataset(Sequence[Prompt]):
 
         ds = PromptDataset.load("train.jsonl", cfg.data, tokenizer, max_prompt_tokens=512,
                                 seed=cfg.run.seed, name="train")
-        cursor = DatasetCursor(len(ds), seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+        cursor = DatasetCursor(len(ds), seed=cfg.run.seed, shuffle=cfg.data.shuffle)  # rollout.cursor
         i, epoch = cursor.next()
         ds[i].prompt_ids, ds[i].label, ds[i].mode
     """
@@ -443,7 +445,7 @@ def _build(
     if cfg.mode_mix is not None and any(p[2] is None for p in parsed):
         # Value r of one stream seeded by (seed, _MODE_STREAM) decides row r: stable across
         # epochs, restarts and edits elsewhere in the file, and drawn in one call.
-        rng = np.random.default_rng((_seed64(seed), _MODE_STREAM))
+        rng = np.random.default_rng((seed64(seed), _MODE_STREAM))
         draws = rng.random(max(p[0] for p in parsed) + 1)
     texts: list[str] = []
     rendered = []
@@ -552,89 +554,3 @@ def _finish(
     return PromptDataset(
         prompts, name=name, path=path, num_rows=num_rows, skipped=skipped, skipped_rows=skipped_rows
     )
-
-
-def _seed64(seed: int) -> int:
-    """numpy seeds must be non-negative; a negative run seed maps to its 64-bit pattern."""
-    return seed & 0xFFFF_FFFF_FFFF_FFFF
-
-
-# ---------------------------------------------------------------------------------------------
-# The cursor
-
-
-class DatasetCursor:
-    """Walks indices ``0..size-1`` epoch after epoch, each epoch in the order
-    ``numpy.random.default_rng((seed, epoch)).permutation(size)`` (or in file order when
-    ``shuffle`` is off). Its state is part of the run's checkpoint, so a resumed run continues
-    the same order; a state saved at the end of an epoch resumes at the next one.
-
-    Example::
-
-        cur = DatasetCursor(3, seed=0, shuffle=True)
-        [cur.next() for _ in range(4)]   # [(i0, 0), (i1, 0), (i2, 0), (j0, 1)]
-        state = cur.state_dict()         # {"epoch": 1, "position": 1, "seed": 0, ...}
-    """
-
-    def __init__(self, size: int, *, seed: int, shuffle: bool = True) -> None:
-        if size < 1:
-            raise ValueError(
-                f"DatasetCursor needs a dataset with at least one prompt, got size={size}"
-            )
-        self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.epoch = 0
-        """Epoch of the next index (before a pending roll-over)."""
-        self.position = 0
-        """Indices already taken in ``epoch`` (``size`` = epoch done, next() rolls over)."""
-        self._order: np.ndarray | None = None
-
-    def _epoch_order(self) -> np.ndarray:
-        if self._order is None:
-            if self.shuffle:
-                self._order = np.random.default_rng((_seed64(self.seed), self.epoch)).permutation(
-                    self.size
-                )
-            else:
-                self._order = np.arange(self.size)
-        return self._order
-
-    def next(self) -> tuple[int, int]:
-        """The next dataset index and the epoch it belongs to."""
-        if self.position >= self.size:
-            self.epoch, self.position, self._order = self.epoch + 1, 0, None
-        index = int(self._epoch_order()[self.position])
-        self.position += 1
-        return index, self.epoch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            "seed": self.seed,
-            "shuffle": self.shuffle,
-            "size": self.size,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a saved position. Raises ValueError if the state is incomplete or was saved
-        for another dataset size, seed or shuffle setting (naming which)."""
-        missing = [k for k in ("epoch", "position", "seed", "shuffle", "size") if k not in state]
-        if missing:
-            raise ValueError(f"dataset cursor state lacks {', '.join(missing)}: {state}")
-        mismatched = [
-            f"{key} (saved {state[key]!r}, now {getattr(self, key)!r})"
-            for key in ("size", "seed", "shuffle")
-            if state[key] != getattr(self, key)
-        ]
-        if mismatched:
-            raise ValueError(
-                "dataset cursor state does not match this run: "
-                + "; ".join(mismatched)
-                + " — the data order would change; resume with the same dataset, run.seed and data.shuffle"
-            )
-        epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position <= self.size:
-            raise ValueError(
-                f"dataset cursor state out of range: epoch={epoch}, position={position}, size={self.size}"
-            )
-        self.epoch, self.position, self._order = epoch, position, None

@@ -1,7 +1,7 @@
 """The manager's view of its engines: load tracking, least-loaded choice, weight loads, recovery.
 
     RolloutManager ──pick(n)──► EnginePool ──► EngineSlot[i] (client, in-flight count, up/down)
-                   ──load_weights(v, buckets)──► every slot at once (timed, named on failure)
+                   ──update_weights(v, buckets)──► every slot at once (timed, named on failure)
                    ──on engine death──► slot down ─► recover(): wait for Ray's restart,
                                                      reload the current weights, slot up
 
@@ -34,7 +34,7 @@ class EngineClient(Protocol):
 
     async def generate_group(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]: ...
 
-    async def load_weights(self, version: int, buckets: Sequence[Any], mode: str | None) -> int: ...
+    async def update_weights(self, version: int, buckets: Sequence[Any], mode: str | None) -> int: ...
 
     async def version(self) -> int: ...
 
@@ -70,9 +70,9 @@ class RayEngineClient:
     async def generate_group(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
         return await self._await(self.handle.generate_group.remote(list(requests)), "generate")
 
-    async def load_weights(self, version: int, buckets: Sequence[Any], mode: str | None) -> int:
+    async def update_weights(self, version: int, buckets: Sequence[Any], mode: str | None) -> int:
         return await self._await(
-            self.handle.load_weights_from_refs.remote(version, list(buckets), mode), f"weight load v{version}"
+            self.handle.update_weights.remote(version, list(buckets), mode), f"update_weights v{version}"
         )
 
     async def version(self) -> int:
@@ -157,7 +157,7 @@ class EnginePool:
         slot.remove(n)
         self.changed.set()
 
-    async def load_weights(
+    async def update_weights(
         self,
         version: int,
         buckets: Sequence[Any],
@@ -180,7 +180,7 @@ class EnginePool:
             t0 = time.monotonic()
             mine = per_engine[slot.index] if per_engine is not None else buckets
             try:
-                got = await asyncio.wait_for(slot.client.load_weights(version, mine, mode), self.weight_timeout_s)
+                got = await asyncio.wait_for(slot.client.update_weights(version, mine, mode), self.weight_timeout_s)
             except asyncio.TimeoutError as e:
                 raise TimeoutError(
                     f"{slot.name}: weight update to version {version} took longer than "
@@ -219,7 +219,7 @@ class EnginePool:
                 await asyncio.sleep(1.0)
         if self._weights is not None and version != self._weights[0]:
             v, buckets = self._weights
-            await slot.client.load_weights(v, buckets, None)
+            await slot.client.update_weights(v, buckets, None)
         slot.restarts += 1
         slot.in_flight = 0
         slot._busy_since = None

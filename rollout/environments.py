@@ -1,4 +1,4 @@
-"""Environments of the multi-turn agent loop: the protocol, a tool-running base, the loader, built-ins.
+"""Environments of the multi-turn agent loop: the protocol, a tool-running base, the loader.
 
     AgentLoop ──reset(prompt)────────────► Environment ──► optional first observation (a user message)
               ──step([ToolCall...])──────►             ──► StepResult(observations, done, reward)
@@ -10,32 +10,23 @@ An environment is any class with these coroutines (`Environment`); it is loaded 
 `ToolEnvironment` is the convenient base: declare tools as methods, and `step` runs a turn's
 calls concurrently, each under `tool_timeout_s`, turning an unknown tool, bad arguments, a tool
 that raises or one that times out into an error observation of that kind (never an exception).
-
-Built-ins (all local, no network):
-- `calculator`: one `calculator(expression)` tool (integer/float arithmetic, no names, no calls);
-  reward 1 when the final answer equals the label.
-- `retrieval`: `search(query)` over a local JSONL document collection (BM25); reward 1 when the
-  final answer matches the label (normalised text).
-- `python`: `python(code)` runs code in the rewards sandbox (`slime_rl.rewards.sandbox`), returns
-  stdout/stderr; reward like `calculator`.
+The built-ins live in `rollout/envs_builtin/`, one module each, named in its registry.
 """
 
 from __future__ import annotations
 
-import ast
 import asyncio
-import collections
 import dataclasses
 import inspect
 import json
 import logging
 import math
-import operator
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from slime_rl.rollout.envs_builtin import BUILTIN_ENVIRONMENTS
 from slime_rl.rollout.plugins import PluginLoadError, load_object
 from slime_rl.rollout.tool_calls import ToolCall
 
@@ -138,6 +129,9 @@ class ToolEnvironment:
     tool_methods: dict[str, str] = {}
     tool_timeout_s: float = 10.0
     max_observation_chars: int = 2000
+    path_kwargs: tuple[str, ...] = ()
+    """Constructor kwargs that name files; `load_environment` resolves a relative one against the
+    config's folder, as it does for every other path in the config."""
 
     def __init__(self, tool_timeout_s: float | None = None, max_observation_chars: int | None = None) -> None:
         if tool_timeout_s is not None:
@@ -182,7 +176,7 @@ class ToolEnvironment:
 
 
 # ---------------------------------------------------------------------------------------------
-# Answer checks shared by the built-ins
+# Answer checks: the built-ins' rewards, and a helper for user environments (docs/agents.md)
 
 _ANSWER = re.compile(r"answer is\s*[:\-]?\s*(.+?)\s*(?:\.\s*)?$", re.IGNORECASE | re.DOTALL)
 
@@ -213,197 +207,7 @@ def answer_matches(text: str, label: str | None) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Built-in: calculator
-
-_BINOPS: dict[type, Callable[[Any, Any], Any]] = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
-}
-_UNARY: dict[type, Callable[[Any], Any]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-
-
-def evaluate_arithmetic(expression: str, max_chars: int = 200, max_exponent: int = 64) -> int | float:
-    """Evaluate `+ - * / // % **` and parentheses over number literals (no names, no calls).
-
-    Raises:
-        ValueError: anything else, a too-long expression or a too-large exponent.
-        ZeroDivisionError: division by zero.
-    """
-    if len(expression) > max_chars:
-        raise ValueError(f"expression longer than {max_chars} characters")
-    try:
-        tree = ast.parse(expression.replace("^", "**").replace("×", "*").replace("÷", "/"), mode="eval")
-    except SyntaxError as e:
-        raise ValueError(f"not an arithmetic expression: {e.msg}") from None
-
-    def ev(node: ast.AST) -> int | float:
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-            return node.value
-        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            left, right = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > max_exponent:
-                raise ValueError(f"exponent {right} is larger than {max_exponent}")
-            return _BINOPS[type(node.op)](left, right)
-        if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-            return _UNARY[type(node.op)](ev(node.operand))
-        raise ValueError(f"unsupported element {type(node).__name__} (only numbers and + - * / // % ** ( ))")
-
-    value = ev(tree)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return value
-
-
-class CalculatorEnvironment(ToolEnvironment):
-    """One `calculator(expression)` tool; final reward 1.0 when the final answer equals the label."""
-
-    tools = [tool_schema("calculator", "Evaluate an arithmetic expression.", {"expression": {"type": "string"}}, ["expression"])]
-    tool_methods = {"calculator": "calculator"}
-
-    def calculator(self, expression: str) -> str:
-        value = evaluate_arithmetic(str(expression))
-        return str(round(value, 6) if isinstance(value, float) else value)
-
-    async def final_reward(self, trajectory: Trajectory) -> float | None:
-        return float(answer_matches(trajectory.final_text, trajectory.prompt.label))
-
-
-# ---------------------------------------------------------------------------------------------
-# Built-in: retrieval over a local collection
-
-_WORD = re.compile(r"\w+")
-
-
-class BM25Index:
-    """Okapi BM25 over a small in-memory collection (k1=1.5, b=0.75)."""
-
-    def __init__(self, docs: Sequence[str], k1: float = 1.5, b: float = 0.75) -> None:
-        self.docs = list(docs)
-        self.k1, self.b = k1, b
-        self.terms = [collections.Counter(_WORD.findall(d.lower())) for d in self.docs]
-        self.lengths = [sum(t.values()) for t in self.terms]
-        self.avg = sum(self.lengths) / max(1, len(self.lengths))
-        df: collections.Counter[str] = collections.Counter()
-        for t in self.terms:
-            df.update(t.keys())
-        n = len(self.docs)
-        self.idf = {w: math.log(1 + (n - f + 0.5) / (f + 0.5)) for w, f in df.items()}
-
-    def search(self, query: str, k: int = 3) -> list[tuple[int, float]]:
-        """(doc index, score) of the best `k` documents with a positive score, best first."""
-        words = _WORD.findall(query.lower())
-        scores = []
-        for i, (tf, n) in enumerate(zip(self.terms, self.lengths)):
-            s = 0.0
-            for w in words:
-                f = tf.get(w, 0)
-                if f:
-                    s += self.idf[w] * f * (self.k1 + 1) / (f + self.k1 * (1 - self.b + self.b * n / self.avg))
-            if s > 0:
-                scores.append((i, s))
-        scores.sort(key=lambda x: (-x[1], x[0]))
-        return scores[:k]
-
-
-_INDEXES: dict[tuple[str, float], BM25Index] = {}
-
-
-def _load_index(path: str) -> BM25Index:
-    """The collection at `path` (JSONL rows with a `text` field, or a .txt file, one document per
-    line), indexed once per process and file version."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"retrieval environment: documents={path!r} is not a file (JSONL with a 'text' field, or .txt)")
-    key = (str(p.resolve()), p.stat().st_mtime)
-    if key not in _INDEXES:
-        docs = []
-        for n, line in enumerate(p.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            if p.suffix == ".txt":
-                docs.append(line.strip())
-                continue
-            try:
-                row = json.loads(line)
-                docs.append(str(row["text"]) if isinstance(row, dict) else str(row))
-            except (ValueError, KeyError) as e:
-                raise ValueError(f"retrieval environment: {path}, line {n}: expected a JSON object with a 'text' field ({e})") from None
-        if not docs:
-            raise ValueError(f"retrieval environment: {path} holds no document")
-        _INDEXES[key] = BM25Index(docs)
-    return _INDEXES[key]
-
-
-class RetrievalEnvironment(ToolEnvironment):
-    """`search(query)` over a local document collection; reward 1.0 when the final answer matches
-    the label (normalised text, or numbers as numbers).
-
-    Args:
-        documents: JSONL file with a `text` field per row (or a .txt file, one document a line).
-        top_k: documents returned per search.
-    """
-
-    tools = [tool_schema("search", "Search the documents.", {"query": {"type": "string"}}, ["query"])]
-    tool_methods = {"search": "search"}
-
-    def __init__(self, documents: str, top_k: int = 1, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if top_k < 1:
-            raise ValueError(f"retrieval environment: top_k={top_k} must be >= 1")
-        self.index = _load_index(documents)
-        self.top_k = top_k
-
-    def search(self, query: str) -> str:
-        hits = self.index.search(str(query), self.top_k)
-        if not hits:
-            return "No document matches."
-        return "\n".join(self.index.docs[i] for i, _ in hits)
-
-    async def final_reward(self, trajectory: Trajectory) -> float | None:
-        return float(answer_matches(trajectory.final_text, trajectory.prompt.label))
-
-
-# ---------------------------------------------------------------------------------------------
-# Built-in: python in the rewards sandbox
-
-
-class PythonEnvironment(ToolEnvironment):
-    """`python(code)`: runs the code in the rewards sandbox (no network, capped resources) and
-    returns its stdout (and stderr when it failed); reward like `calculator`."""
-
-    tools = [tool_schema("python", "Run Python code and return what it prints.", {"code": {"type": "string"}}, ["code"])]
-    tool_methods = {"python": "python"}
-
-    def __init__(self, wall_s: float = 5.0, memory_mb: int = 512, network: str = "auto", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        from slime_rl.rewards.sandbox import Sandbox, SandboxLimits
-
-        self.sandbox = Sandbox(SandboxLimits(wall_s=wall_s, cpu_s=max(1, int(wall_s)), memory_mb=memory_mb), network=network)
-        self.tool_timeout_s = max(self.tool_timeout_s, wall_s + 5.0)
-
-    async def python(self, code: str) -> str:
-        res = await self.sandbox.run(str(code))
-        if res.timed_out:
-            raise TimeoutError(f"the program ran longer than {self.sandbox.limits.wall_s:g} s")
-        out = res.stdout
-        if res.returncode:
-            out += f"\n[exit code {res.returncode}]\n{res.stderr[-500:]}"
-        return out.strip() or "(no output)"
-
-    async def final_reward(self, trajectory: Trajectory) -> float | None:
-        return float(answer_matches(trajectory.final_text, trajectory.prompt.label))
-
-
-# ---------------------------------------------------------------------------------------------
 # Loader
-
-BUILTIN_ENVIRONMENTS: dict[str, type] = {
-    "calculator": CalculatorEnvironment,
-    "retrieval": RetrievalEnvironment,
-    "python": PythonEnvironment,
-}
 
 
 def load_environment(
@@ -417,19 +221,19 @@ def load_environment(
     """A factory of fresh environments for `ref` (built-in name, `module:Class`, `file.py:Class`).
 
     One environment is built here to check the kwargs and the protocol, so a bad reference or
-    setting fails at start-up. A relative `documents` path of the retrieval built-in is resolved
-    against `base_dir`. `tool_timeout_s` (`rollout.tool_timeout_s`) is passed to `ToolEnvironment`
-    subclasses whose kwargs do not set their own.
+    setting fails at start-up. A relative path in a kwarg the class lists in `path_kwargs` (the
+    retrieval built-in's `documents`) is resolved against `base_dir`. `tool_timeout_s`
+    (`rollout.tool_timeout_s`) is passed to `ToolEnvironment` subclasses whose kwargs do not set
+    their own.
 
     Raises:
         PluginLoadError: bad reference, constructor arguments, or a class without reset/step.
     """
     kwargs = dict(kwargs or {})
-    cls = BUILTIN_ENVIRONMENTS.get(ref)
-    if cls is None:
-        cls = load_object(ref, key=key, base_dir=base_dir)
-    if cls is RetrievalEnvironment and base_dir and "documents" in kwargs and not Path(kwargs["documents"]).is_absolute():
-        kwargs["documents"] = str(Path(base_dir) / kwargs["documents"])
+    cls = load_object(BUILTIN_ENVIRONMENTS.get(ref, ref), key=key, base_dir=base_dir)
+    for name in getattr(cls, "path_kwargs", ()):
+        if base_dir and name in kwargs and not Path(kwargs[name]).is_absolute():
+            kwargs[name] = str(Path(base_dir) / kwargs[name])
     if tool_timeout_s is not None and isinstance(cls, type) and issubclass(cls, ToolEnvironment):
         kwargs.setdefault("tool_timeout_s", tool_timeout_s)
     try:

@@ -1,6 +1,6 @@
 """The rollout manager: prompts -> admitted groups -> engines -> scored samples -> buffer.
 
-    dataset cursor ─► _admit_loop ──(slot free? AdmissionControl; engine with room? EnginePool)──┐
+    dataset cursor ─► _admit_loop ──(slot free? Admission; engine with room? EnginePool)──┐
           ▲  requeue (engine lost, resumed run)                                                  │
           │                                                                                      ▼
           │      _run_group: engine.generate_group(n requests) ─► continuations of aborted pieces
@@ -21,7 +21,6 @@ and engine named.
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import hashlib
 import logging
@@ -30,12 +29,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from slime_rl.buffers.schema import Sample, samples_to_batch
+from slime_rl.buffers.schema import samples_to_batch
 from slime_rl.rewards.config import RewardConfig
 from slime_rl.rewards.runner import RewardRunner
-from slime_rl.rollout.admission import AdmissionControl
+from slime_rl.rollout.admission import Admission, GroupWork
 from slime_rl.rollout.config import DataConfig, EvalConfig, RolloutConfig
-from slime_rl.rollout.data import DatasetCursor, Prompt, PromptDataset
+from slime_rl.rollout.cursor import DatasetCursor
+from slime_rl.rollout.data import Prompt, PromptDataset
 from slime_rl.rollout.engine_pool import EngineClient, EngineLostError, EnginePool, EngineSlot
 from slime_rl.rollout.engines.base import (
     FinishReason,
@@ -68,24 +68,13 @@ class ManagerSpec:
     eval: EvalConfig
     model_path: str
     tokenizer_path: str | None = None
-    batch_groups: int = 8
+    global_batch_groups: int = 8
     """B: groups per trainer step."""
     max_staleness: int = 1
     """S: `buffer.max_staleness` (0 in sync mode)."""
     seed: int = 0
     base_dir: str | None = None
     """Folder that relative plug-in paths (`rollout.filter`) are resolved against."""
-
-
-@dataclasses.dataclass(slots=True)
-class GroupWork:
-    """One prompt group to generate: stable id (dataset uid + epoch) and where it came from."""
-
-    group_id: str
-    ds_index: int
-    epoch: int
-    prompt: Prompt
-    started: float = 0.0
 
 
 def request_seed(run_seed: int, request_key: str) -> int:
@@ -114,7 +103,7 @@ class RolloutManager:
             weight_timeout_s=r.weight_update_timeout_s,
             restart_timeout_s=r.engine_restart_timeout_s,
         )
-        self.admission = AdmissionControl(spec.batch_groups, spec.max_staleness)
+        self.admission = Admission(spec.global_batch_groups, spec.max_staleness)
         self.filter = GroupFilter(r.filter, base_dir=spec.base_dir)
         self.stats = RolloutStats()
         self.sampling = sampling_from_config(r)
@@ -124,9 +113,6 @@ class RolloutManager:
         self.cursor: DatasetCursor | None = None
         self.runner: RewardRunner | None = None
         self.eval_runner: RewardRunner | None = None
-        self._requeue: collections.deque[GroupWork] = collections.deque()
-        self._active: dict[str, GroupWork] = {}
-        self._finished: list[tuple[GroupWork, list[Sample]]] = []
         self._finished_event = asyncio.Event()
         self._wake = asyncio.Event()
         self._put_lock = asyncio.Lock()
@@ -207,7 +193,7 @@ class RolloutManager:
         if self.pool.all_down_for_good():
             self._fail(RolloutError(f"every rollout engine is gone ({', '.join(s.name for s in self.pool.slots)}) and none came back"))
             return await self.check()
-        return {"in_flight": len(self._active), "engines_up": sum(s.up for s in self.pool.slots)}
+        return {"in_flight": self.admission.in_flight, "engines_up": sum(s.up for s in self.pool.slots)}
 
     async def stop(self) -> None:
         """Stop admitting, drop work in flight (it is not trained), close the reward runners."""
@@ -224,15 +210,16 @@ class RolloutManager:
 
     # ---- admission -----------------------------------------------------------------------------
     def _next_work(self) -> GroupWork | None:
-        if self._requeue:
-            return self._requeue.popleft()  # keeps the slot it already holds
-        if not self.admission.try_admit():
+        """The first queued group (requeued ones keep their slot and go first), else a new
+        group from the dataset if a slot is free, else None."""
+        queued = self.admission.next_queued()
+        if queued is not None:
+            return queued
+        if self.admission.free_slots == 0:
             return None
         idx, epoch = self.cursor.next()
         prompt = self.train_data[idx]
-        work = GroupWork(f"{prompt.uid}-e{epoch}", idx, epoch, prompt)
-        self._active[work.group_id] = work
-        return work
+        return self.admission.admit(f"{prompt.uid}-e{epoch}", idx, epoch, prompt)
 
     async def _admit_loop(self) -> None:
         n = self.spec.rollout.n_samples_per_prompt
@@ -251,7 +238,7 @@ class RolloutManager:
                     for w in waiters:
                         w.cancel()
                 continue
-            work.started = time.monotonic()
+            self.admission.start(work, slot.name)
             slot.add(n)
             task = asyncio.get_running_loop().create_task(self._run_group(work, slot))
             self._tasks.add(task)
@@ -309,7 +296,7 @@ class RolloutManager:
         except EngineLostError:
             self.pool.release(slot, n)
             self.pool.mark_down(slot)
-            self._requeue.appendleft(work)
+            self.admission.requeue(work)
             self.stats.requeued += 1
             self._wake.set()
             return
@@ -333,11 +320,10 @@ class RolloutManager:
         self.stats.add_group(samples, kept=keep, reason=reason, zero_std=reward_std(samples) == 0.0, gen_s=gen_s, reward_s=reward_s)
         if keep:
             self._drop_streak = 0
-            self._finished.append((work, samples))
+            self.admission.finish(work, samples)
             self._finished_event.set()
         else:
-            self._active.pop(work.group_id, None)
-            self.admission.on_released()
+            self.admission.release(work)
             self._note_drop(reason)
             self._wake.set()
 
@@ -356,14 +342,11 @@ class RolloutManager:
             await self._finished_event.wait()
             self._finished_event.clear()
             async with self._put_lock:
-                ready, self._finished = self._finished, []
+                ready = self.admission.take_finished()
                 if not ready:
                     continue
-                batch = samples_to_batch([s for _, group in ready for s in group])
-                await self.buffer.put(batch)
-                for work, _ in ready:
-                    self._active.pop(work.group_id, None)
-                self.admission.on_accepted(len(ready))
+                await self.buffer.put(samples_to_batch([s for w in ready for s in w.samples]))
+                self.admission.accept(ready)
             self._wake.set()
 
     # ---- weights, eval, metrics --------------------------------------------------------------
@@ -376,7 +359,7 @@ class RolloutManager:
         await self.check()
         async with self._version_lock:  # never while an evaluation pins the current version
             t0 = time.monotonic()
-            per_engine = await self.pool.load_weights(
+            per_engine = await self.pool.update_weights(
                 version, buckets, self.spec.rollout.weight_update_mode, per_engine=per_engine
             )
             seconds = time.monotonic() - t0
@@ -422,7 +405,7 @@ class RolloutManager:
             self._fail(e)
             raise
         busy = self.pool.busy_seconds()
-        out = self.stats.reduce(len(self._active), busy, self._busy_mark)
+        out = self.stats.reduce(self.admission.in_flight, busy, self._busy_mark)
         self._busy_mark = busy
         out.update({k if k.startswith("reward/") else f"reward/{k}": v for k, v in reward.metrics().items()})
         out.update(self._last_update)
@@ -443,17 +426,13 @@ class RolloutManager:
                 "buffer": path,
                 "cursor": self.cursor.state_dict(),
                 "admission": self.admission.state_dict(),
-                "in_flight": [(w.group_id, w.ds_index, w.epoch) for w in self._active.values()],
             }
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from `snapshot` state (the buffer is restored separately); groups that were in
         flight are generated again first, under the same group ids."""
         self.cursor.load_state_dict(state["cursor"])
-        self.admission.load_state_dict(state["admission"])
-        for gid, idx, epoch in state["in_flight"]:
-            work = GroupWork(gid, idx, epoch, self.train_data[idx])
-            self._active[gid] = work
-            self._requeue.append(work)
-            self.admission.in_flight += 1
+        admission = dict(state["admission"])
+        admission.setdefault("in_flight", state.get("in_flight", []))  # checkpoints before the ledger
+        self.admission.load_state_dict(admission, self.train_data.__getitem__)
         self._wake.set()

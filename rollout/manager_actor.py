@@ -33,12 +33,11 @@ class RolloutManagerActor:
     async def start(self) -> None:
         await self.manager.start()
 
-    async def update_weights(self, version: int, buckets: list[Any]) -> dict[str, float]:
+    async def update_weights(
+        self, version: int, buckets: list[Any], per_engine: list[list[Any]] | None = None
+    ) -> dict[str, float]:
         # ObjectRefs inside a list arrive unresolved: the engines resolve them themselves.
-        return await self.manager.update_weights(version, buckets)
-
-    async def update_weights_per_engine(self, version: int, per_engine: list[list[Any]]) -> dict[str, float]:
-        return await self.manager.update_weights(version, [], per_engine=per_engine)
+        return await self.manager.update_weights(version, buckets, per_engine=per_engine)
 
     async def open_slots(self, version: int) -> None:
         self.manager.open_slots(version)

@@ -94,10 +94,10 @@ class EpisodeRecorder:
             logger.debug("episode %s: call %d does not extend the conversation; restarting its sequence", self.episode_id, self.calls)
             old = self.traj
             if prompt_text.startswith(self.prompt_text):
-                self.traj = TokenTrajectory(list(old.prompt_ids), version_start=old.version_start, pieces=old.pieces)
+                self.traj = TokenTrajectory(list(old.prompt_ids), policy_version=old.policy_version, pieces=old.pieces)
                 self.traj.add_context(self._encode(prompt_text[len(self.prompt_text) :]))
             else:
-                self.traj = TokenTrajectory(self._encode(prompt_text), version_start=old.version_start, pieces=old.pieces)
+                self.traj = TokenTrajectory(self._encode(prompt_text), policy_version=old.policy_version, pieces=old.pieces)
                 self.prompt_text = prompt_text
         self.text = prompt_text
 

@@ -42,7 +42,7 @@ _STATUS = {
 }
 
 
-def status_of(result: GenerateResult) -> Status:
+def status_of(result: GenerateResult | MergedResult) -> Status:
     """Sample status from an engine finish reason; unknown reasons (engine errors) are `failed`."""
     return _STATUS.get(result.finish_reason, Status.FAILED)
 
@@ -53,10 +53,10 @@ class MergedResult:
 
     token_ids: list[int]
     logprobs: list[float]
-    versions: list[int]
+    token_versions: list[int]
     finish_reason: FinishReason
-    version_start: int
-    version_end: int
+    policy_version: int
+    policy_version_end: int
     pieces: int
     error: str | None = None
     routed_experts: Any = None
@@ -75,17 +75,17 @@ def merge_results(pieces: Sequence[GenerateResult]) -> MergedResult:
     logprobs: list[float] = []
     versions: list[int] = []
     for p in pieces:
-        if not (len(p.token_ids) == len(p.logprobs) == len(p.weight_versions)):
+        if not (len(p.token_ids) == len(p.logprobs) == len(p.token_versions)):
             raise ValueError(
                 f"engine result {p.request_id!r} has {len(p.token_ids)} tokens, {len(p.logprobs)} log-probs "
-                f"and {len(p.weight_versions)} versions; they must be equal"
+                f"and {len(p.token_versions)} versions; they must be equal"
             )
         tokens += p.token_ids
         logprobs += p.logprobs
-        versions += p.weight_versions
+        versions += p.token_versions
     first, last = pieces[0], pieces[-1]
-    start = versions[0] if versions else first.version_start
-    end = max([last.version_end, start, *versions])
+    start = versions[0] if versions else first.policy_version
+    end = max([last.policy_version_end, start, *versions])
     return MergedResult(
         tokens, logprobs, versions, last.finish_reason, start, end, len(pieces), getattr(last, "error", None),
         _merge_routing(pieces),
@@ -148,7 +148,7 @@ def build_sample(
     at admission) and `policy_version_end` the newest version involved.
     """
     merged = result if isinstance(result, MergedResult) else merge_results([result])
-    status = _STATUS.get(merged.finish_reason, Status.FAILED)
+    status = status_of(merged)
     metadata: dict[str, Any] = dict(prompt.metadata)
     metadata.update(
         prompt_uid=prompt.uid,
@@ -170,10 +170,10 @@ def build_sample(
         response_ids=list(merged.token_ids),
         response_logprobs=[float(x) for x in merged.logprobs],
         loss_mask=[1] * len(merged.token_ids),
-        token_versions=list(merged.versions),
+        token_versions=list(merged.token_versions),
         status=status.value,
-        policy_version=merged.version_start,
-        policy_version_end=merged.version_end,
+        policy_version=merged.policy_version,
+        policy_version_end=merged.policy_version_end,
         mode=prompt.mode,
         label=prompt.label,
         metadata=metadata,

@@ -105,10 +105,10 @@ class TokenTrajectory:
     response_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     loss_mask: list[int] = dataclasses.field(default_factory=list)
-    versions: list[int | None] = dataclasses.field(default_factory=list)
-    version_start: int | None = None
+    token_versions: list[int | None] = dataclasses.field(default_factory=list)
+    policy_version: int | None = None
     """Engine version when the first request was admitted (used when nothing was generated)."""
-    version_end: int = 0
+    policy_version_end: int = 0
     pieces: int = 0
     last_finish: FinishReason | None = None
     errors: list[str] = dataclasses.field(default_factory=list)
@@ -122,13 +122,13 @@ class TokenTrajectory:
 
     def add_generated(self, result: MergedResult) -> None:
         """Append an engine response (its tokens, log-probs and versions), loss mask 1."""
-        if self.version_start is None:
-            self.version_start = result.version_start
+        if self.policy_version is None:
+            self.policy_version = result.policy_version
         self.response_ids += result.token_ids
         self.logprobs += [float(x) for x in result.logprobs]
         self.loss_mask += [1] * len(result.token_ids)
-        self.versions += list(result.versions)
-        self.version_end = max([self.version_end, result.version_end, *result.versions])
+        self.token_versions += list(result.token_versions)
+        self.policy_version_end = max([self.policy_version_end, result.policy_version_end, *result.token_versions])
         self.pieces += result.pieces
         self.last_finish = result.finish_reason
         if result.error:
@@ -139,18 +139,18 @@ class TokenTrajectory:
         self.response_ids += [int(t) for t in ids]
         self.logprobs += [0.0] * len(ids)
         self.loss_mask += [0] * len(ids)
-        self.versions += [None] * len(ids)
+        self.token_versions += [None] * len(ids)
 
     @property
     def generated_tokens(self) -> int:
         return sum(self.loss_mask)
 
     def _filled_versions(self) -> tuple[list[int], int, int]:
-        generated = [v for v in self.versions if v is not None]
-        start = generated[0] if generated else (self.version_start or 0)
-        end = max([self.version_end, start, *generated])
+        generated = [v for v in self.token_versions if v is not None]
+        start = generated[0] if generated else (self.policy_version or 0)
+        end = max([self.policy_version_end, start, *generated])
         out, last = [], start
-        for v in self.versions:
+        for v in self.token_versions:
             last = v if v is not None else last
             out.append(last)
         return out, start, end

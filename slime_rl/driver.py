@@ -11,7 +11,7 @@
             every checkpoint.interval steps: trainer + rollout snapshot (buffer, cursor, in-flight
                                               groups) + run state, written to a temporary folder
                                               and renamed into place (before v is published)
-            every weight_sync.interval steps: WeightSync.start(v)  (runs while the next step trains;
+            every weight_sync.interval steps: WeightSync.publish(v)  (runs while the next step trains;
                                               the next sync first waits for this one)
             every eval.interval steps: manager.evaluate()  (sent once the engines hold v, results
                                               logged when they arrive, tagged with the version they
@@ -99,8 +99,8 @@ class Driver:
         self.log: MetricsLogger | None = None
         self.step = 0
         self.version = 0
-        self.S = cfg.max_staleness()
-        self.B = cfg.trainer.global_batch_groups
+        self.max_staleness = cfg.max_staleness()
+        self.global_batch_groups = cfg.trainer.global_batch_groups
         self._sync: PendingSync | None = None
         self._last_sync: dict[str, float] = {}
         self._evals: list[tuple[int, Any]] = []
@@ -251,7 +251,7 @@ class Driver:
         a = self.actors
         deadline = time.monotonic() + self.cfg.buffer.get_timeout_s
         while True:
-            ref = a.buffer.get_batch.remote(self.B, self.version, self.S, POLL_S)
+            ref = a.buffer.get_batch.remote(self.global_batch_groups, self.version, self.max_staleness, POLL_S)
             try:
                 return ray.get(ref, timeout=POLL_S + CALL_TIMEOUT_S)
             except BufferTimeoutError:
@@ -264,7 +264,7 @@ class Driver:
                 return None
             if time.monotonic() > deadline:
                 raise RunError(
-                    f"step {self.step + 1}: no batch of {self.B} groups within staleness {self.S} of version "
+                    f"step {self.step + 1}: no batch of {self.global_batch_groups} groups within staleness {self.max_staleness} of version "
                     f"{self.version} after {self.cfg.buffer.get_timeout_s:.0f} s (buffer.get_timeout_s); rollout side: "
                     f"{status}; if rollout.filter drops most groups the reward may be constant"
                 )
@@ -274,7 +274,7 @@ class Driver:
         self._wait_sync()
         self._submit_due_evals()  # an eval waiting for the previous weights goes before the new ones
         try:
-            self._sync = self.actors.weight_sync.start(self.version)
+            self._sync = self.actors.weight_sync.publish(self.version)
         except WeightSyncError as e:
             raise RunError(f"step {self.step}: {e}") from e
         if self.cfg.run.mode == "sync":
@@ -454,7 +454,7 @@ class Driver:
             rollout_state = self._get(a.manager.snapshot.remote(str(tmp)), self._rollout_name, "snapshot", timeout=None)
         state = {
             "step": step, "version": self.version, "rollout": rollout_state, "mode": self.cfg.run.mode,
-            "num_steps": self.cfg.run.num_steps, "batch_groups": self.B,
+            "num_steps": self.cfg.run.num_steps, "global_batch_groups": self.global_batch_groups,
             "wall_s": self._wall_before + time.monotonic() - self._t_start,
         }
         if rollout_state is not None:  # where the buffer will be once the folder is renamed into place
@@ -479,9 +479,9 @@ class Driver:
         weights to the engines so they serve the restored policy, not the initial one."""
         a = self.actors
         state = json.loads((path / "run_state.json").read_text())
-        if int(state.get("batch_groups", self.B)) != self.B:
-            raise RunError(f"checkpoint {path} was written with trainer.global_batch_groups={state['batch_groups']}, "
-                           f"this run has {self.B}: the staleness accounting would not match; resume with the same value")
+        if int(state.get("global_batch_groups", self.global_batch_groups)) != self.global_batch_groups:
+            raise RunError(f"checkpoint {path} was written with trainer.global_batch_groups={state['global_batch_groups']}, "
+                           f"this run has {self.global_batch_groups}: the staleness accounting would not match; resume with the same value")
         if state.get("mode", self.cfg.run.mode) != self.cfg.run.mode:
             logger.warning("checkpoint %s was written in run.mode=%s, resuming in %s", path, state["mode"], self.cfg.run.mode)
         if a.trainer is not None:
@@ -496,7 +496,7 @@ class Driver:
             self._get(a.manager.restore.remote(state["rollout"]), self._rollout_name, "restore")
             if self.version and a.weight_sync is not None:
                 # the engines must serve the restored policy, not the initial one (slime #1695)
-                self._sync = a.weight_sync.start(self.version)
+                self._sync = a.weight_sync.publish(self.version)
                 self._wait_sync()
         logger.info("resumed from %s at step %d (version %d)", path, self.step, self.version)
         return self.step

@@ -3,9 +3,9 @@
     driver ── log(step, {...}) ───────┐
     eval   ── log_eval(step, {...}) ──┴─► MetricsLogger ─┬─► run_dir/metrics.jsonl   one line per call, flushed
                                                          ├─► run_dir/plots/*.png      every `plot_every` steps, atomic
-                                                         ├─► wandb (run_dir/wandb)    a failure costs one warning
-                                                         └─► tqdm bar on stderr       step n/N, reward, staleness, ETA
-    close() ──► Summary  (summary_table() renders it for the console)
+                                                         ├─► wandb (run_dir/wandb)    wandb_sink.WandbSink: a failure costs one warning
+                                                         └─► tqdm bar on stderr       progress.ProgressBar: step n/N, reward, staleness, ETA
+    close() ──► Summary  (progress.summarize; summary_table() renders it for the console)
 
 Metrics arrive already reduced (one float per slash-namespaced key per step); this module only
 records and draws them. Nothing here may stop a run: wandb and plot failures are logged once and
@@ -14,25 +14,18 @@ the JSONL file keeps going.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import logging
 import math
 import numbers
 import os
-import secrets
-import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-import numpy as np
-
-from slime_rl.placement import CLUSTER_MARK
 from slime_rl.plots import (
     EVAL_PREFIX,
     PLOTS,
@@ -41,12 +34,13 @@ from slime_rl.plots import (
     render,
     sorted_series,
 )
+from slime_rl.progress import ProgressBar, Summary, summarize, summary_table
+from slime_rl.wandb_sink import WANDB_MODES, WandbSink
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 PLOTS_DIR = "plots"
-WANDB_MODES = ("offline", "online", "disabled")
 _RESERVED = frozenset({"step", "time", "kind"})
 # Keys the logger keeps in memory (plots, summary, progress bar); everything else goes to disk only,
 # so a 100k-step run with hundreds of keys does not hold them all.
@@ -57,32 +51,6 @@ def _plots_of(key: str) -> Iterable[str]:
     for name, keys in PLOTS.items():
         if key in keys or (name == "eval_accuracy.png" and key.startswith(EVAL_PREFIX + "/")):
             yield name
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Summary:
-    """End-of-run numbers. Accuracies are fractions in [0, 1]; `None` where a series never appeared."""
-
-    steps: int
-    """Distinct train steps logged (including those kept from before a resume)."""
-    last_step: int | None
-    wall_s: float
-    """Wall seconds since the run started, summed over resumed sessions."""
-    eval_accuracy_first: float | None
-    eval_accuracy_first_step: int | None
-    eval_accuracy_last: float | None
-    eval_accuracy_last_step: int | None
-    eval_accuracy_best: float | None
-    eval_accuracy_best_step: int | None
-    reward_first10_mean: float | None
-    """Mean reward (rollout/reward_mean, else train/reward_mean) over the first 10 logged steps."""
-    reward_last10_mean: float | None
-    samples_per_s_mean: float | None
-    """Mean of perf/samples_per_s over the steps that logged it."""
-    metrics_path: Path
-    plots_dir: Path
-    plots: tuple[str, ...]
-    """Plot files written so far (names under plots_dir)."""
 
 
 def _clean(metrics: Mapping[str, Any]) -> dict[str, int | float | None]:
@@ -147,26 +115,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-class _LineStream:
-    """A stream for tqdm when stderr is not a terminal: each refresh becomes one plain line
-    instead of carriage-return overwrites, so log files stay readable."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-
-    def write(self, s: str) -> int:
-        text = s.replace("\r", "").rstrip()
-        if text:
-            self._stream.write(text + "\n")
-        return len(s)
-
-    def flush(self) -> None:
-        self._stream.flush()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
 
 
 class MetricsLogger:
@@ -239,9 +187,17 @@ class MetricsLogger:
         self._time_offset = self._prepare_file(start_step, resume)
         self._t0 = time.monotonic()
         self._file = self.metrics_path.open("a", encoding="utf-8")
-        self._wandb_step = start_step
-        self._run = self._init_wandb(wandb_mode, wandb_project, run_name, config, resume)
-        self._bar = self._init_bar(start_step) if progress else None
+        self._wandb = WandbSink(
+            self.run_dir,
+            wandb_mode,
+            project=wandb_project,
+            name=run_name,
+            config=config,
+            resume=resume,
+            start_step=start_step,
+            metrics_path=self.metrics_path,
+        )
+        self._bar = ProgressBar(total_steps, start_step) if progress else None
 
     # ---------------------------------------------------------------- public API
 
@@ -257,8 +213,10 @@ class MetricsLogger:
             self._check_open()
             self._write({"step": int(step), "time": self._elapsed(), **clean})
             self._remember(int(step), clean, kind="train")
-            self._to_wandb(int(step), clean, kind="train")
-            self._advance_bar(int(step))
+            self._wandb.log(int(step), clean, kind="train")
+            if self._bar is not None:
+                self._refresh_postfix(refresh=False)
+                self._bar.advance(int(step))
             self._since_plot += 1
             if self.plot_every and self._since_plot >= self.plot_every:
                 self._maybe_draw()
@@ -274,7 +232,7 @@ class MetricsLogger:
             self._check_open()
             self._write({"step": int(step), "time": self._elapsed(), "kind": "eval", **clean})
             self._remember(int(step), clean, kind="eval")
-            self._to_wandb(int(step), clean, kind="eval")
+            self._wandb.log(int(step), clean, kind="eval")
             self._refresh_postfix()
 
     def summary(self) -> Summary:
@@ -284,28 +242,7 @@ class MetricsLogger:
 
     def summary_table(self) -> str:
         """The summary as an aligned two-column text table naming the metrics and plot paths."""
-        s = self.summary()
-
-        def num(v: float | None, fmt: str = ".3f") -> str:
-            return "-" if v is None else format(v, fmt)
-
-        def at(v: float | None, step: int | None) -> str:
-            return "-" if v is None else f"{v:.3f} (step {step})"
-
-        rows = [
-            ("steps", f"{s.steps}" + (f" (last {s.last_step})" if s.last_step is not None else "")),
-            ("wall time", _hms(s.wall_s)),
-            ("eval accuracy first", at(s.eval_accuracy_first, s.eval_accuracy_first_step)),
-            ("eval accuracy last", at(s.eval_accuracy_last, s.eval_accuracy_last_step)),
-            ("eval accuracy best", at(s.eval_accuracy_best, s.eval_accuracy_best_step)),
-            ("reward first 10 steps", num(s.reward_first10_mean)),
-            ("reward last 10 steps", num(s.reward_last10_mean)),
-            ("samples/s (mean)", num(s.samples_per_s_mean, ".2f")),
-            ("metrics", str(s.metrics_path)),
-            ("plots", f"{s.plots_dir}/ ({', '.join(s.plots) or 'none yet'})"),
-        ]
-        width = max(len(k) for k, _ in rows)
-        return "\n".join(["run summary", *(f"  {k.ljust(width)}  {v}" for k, v in rows)])
+        return summary_table(self.summary())
 
     def close(self, exit_code: int = 0) -> Summary:
         """Draw the final plots, finish wandb (with `exit_code`), close the bar and file. Idempotent."""
@@ -322,12 +259,7 @@ class MetricsLogger:
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
-            if self._run is not None:
-                try:
-                    self._run.finish(exit_code=exit_code)
-                except Exception as e:  # never fail a run for wandb
-                    logger.warning("wandb finish failed (%s); metrics are in %s", e, self.metrics_path)
-                self._run = None
+            self._wandb.finish(exit_code=exit_code)
             self._file.close()
             self._summary = self._make_summary()
             return self._summary
@@ -391,113 +323,19 @@ class MetricsLogger:
                 self._last[key] = float(value)
                 self._dirty.update(_plots_of(key))
 
-    # ---------------------------------------------------------------- wandb
-
-    def _warn_once(self, topic: str, msg: str, *args: object) -> None:
-        if topic not in self._warned:
-            self._warned.add(topic)
-            logger.warning(msg, *args)
-
-    def _init_wandb(self, mode: str, project: str, name: str, config: dict | None, resume: bool) -> Any:
-        if mode == "disabled":
-            return None
-        os.environ.setdefault("WANDB_SILENT", "true")
-        try:
-            import wandb
-
-            if mode == "online" and not wandb.login(prompt=False, verify=False):
-                # wandb.init would prompt for a login on a terminal and block the run.
-                raise RuntimeError("no API key (set WANDB_API_KEY or run `wandb login`)")
-            # wandb's service process is not part of the Ray cluster: without the cluster's mark in its
-            # environment the local cluster's reaper leaves it to wandb's own exit handler (swept
-            # early, that handler printed a "Connection lost" traceback at exit).
-            with _without_env(CLUSTER_MARK):
-                run = wandb.init(
-                    mode=mode,
-                    dir=str(self.run_dir),
-                    project=project,
-                    name=name,
-                    id=self._wandb_id(reuse=resume),
-                    config=config,
-                    resume="allow" if resume else None,
-                    reinit="create_new",
-                    settings=wandb.Settings(silent=True, init_timeout=60),
-                )
-            run.define_metric("eval/step")
-            run.define_metric("eval/*", step_metric="eval/step")
-            return run
-        except Exception as e:  # never fail a run for wandb
-            logger.warning("wandb (%s) unavailable, logging to %s only: %s", mode, self.metrics_path, e)
-            return None
-
-    def _wandb_id(self, *, reuse: bool) -> str:
-        """The wandb run id kept in run_dir/wandb/run_id, so a resumed run continues the same wandb run."""
-        path = self.run_dir / "wandb" / "run_id"
-        if reuse and path.exists() and path.read_text().strip():
-            return path.read_text().strip()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        run_id = secrets.token_hex(4)  # wandb's id format: 8 lowercase alphanumerics
-        _atomic_write_text(path, run_id + "\n")
-        return run_id
-
-    def _to_wandb(self, step: int, metrics: Mapping[str, Any], *, kind: str) -> None:
-        if self._run is None:
-            return
-        data = {k: v for k, v in metrics.items() if v is not None}
-        if any(k.startswith("eval/") for k in data):
-            data["eval/step"] = step
-        if kind == "train":
-            if step < self._wandb_step:
-                self._warn_once("order", "wandb keeps steps in order; step %d after step %d goes to JSONL only", step, self._wandb_step)
-                return
-            self._wandb_step = step
-        try:
-            # Eval lines join the current wandb row; their x axis is eval/step.
-            self._run.log(data, step=step if kind == "train" else self._wandb_step)
-        except Exception as e:  # never fail a run for wandb
-            logger.warning("wandb log failed, logging to %s only from now on: %s", self.metrics_path, e)
-            self._run = None
-
     # ---------------------------------------------------------------- progress bar
-
-    def _init_bar(self, start_step: int) -> Any:
-        from tqdm import tqdm
-
-        tty = sys.stderr.isatty()
-        return tqdm(
-            total=self.total_steps,
-            initial=start_step,
-            desc="step",
-            unit="step",
-            file=sys.stderr if tty else _LineStream(sys.stderr),
-            mininterval=0.5 if tty else 30.0,
-            dynamic_ncols=tty,
-            ncols=None if tty else 120,
-        )
-
-    def _advance_bar(self, step: int) -> None:
-        if self._bar is None:
-            return
-        self._refresh_postfix(refresh=False)
-        if step > self._bar.n:
-            self._bar.update(step - self._bar.n)
 
     def _refresh_postfix(self, refresh: bool = True) -> None:
         if self._bar is None:
             return
-        parts = []
-        reward = next((self._last[k] for k in REWARD_KEYS if k in self._last), None)
         evals = self._eval.get(EVAL_PREFIX)
-        eval_acc = evals[max(evals)] if evals else None  # the latest evaluated step, not the latest to arrive
-        for label, value, fmt in (
-            ("reward", reward, ".3f"),
-            ("stale", self._last.get("buffer/staleness_mean"), ".2f"),
-            ("samples/s", self._last.get("perf/samples_per_s"), ".1f"),
-            ("eval", eval_acc, ".3f"),
-        ):
-            if value is not None and math.isfinite(value):
-                parts.append(f"{label}={value:{fmt}}")
-        self._bar.set_postfix_str(" ".join(parts), refresh=refresh)
+        self._bar.show(
+            reward=next((self._last[k] for k in REWARD_KEYS if k in self._last), None),
+            staleness=self._last.get("buffer/staleness_mean"),
+            samples_per_s=self._last.get("perf/samples_per_s"),
+            eval_accuracy=evals[max(evals)] if evals else None,  # the latest evaluated step, not the latest to arrive
+            refresh=refresh,
+        )
 
     # ---------------------------------------------------------------- plots
 
@@ -522,6 +360,11 @@ class MetricsLogger:
         else:
             self._plot_job = self._plot_pool.submit(render, names, data, self.plots_dir)
 
+    def _warn_once(self, topic: str, msg: str, *args: object) -> None:
+        if topic not in self._warned:
+            self._warned.add(topic)
+            logger.warning(msg, *args)
+
     def _collect(self, result: tuple[set[str], dict[str, str]]) -> None:
         written, errors = result
         self._plots_written |= written
@@ -531,41 +374,12 @@ class MetricsLogger:
     # ---------------------------------------------------------------- summary
 
     def _make_summary(self) -> Summary:
-        evals = sorted(self._eval.get(EVAL_PREFIX, {}).items())
-        best = max(evals, key=lambda p: p[1], default=None)  # earliest step on ties
-        reward_key = next((k for k in REWARD_KEYS if k in self._train), None)
-        rewards = [v for _, v in sorted(zip(*self._train[reward_key]))] if reward_key else []
-        sps = self._train.get("perf/samples_per_s", ([], []))[1]
-        return Summary(
-            steps=len(self._steps),
-            last_step=max(self._steps, default=None),
+        return summarize(
+            train=self._train,
+            evals=self._eval,
+            steps=self._steps,
             wall_s=self._elapsed(),
-            eval_accuracy_first=evals[0][1] if evals else None,
-            eval_accuracy_first_step=evals[0][0] if evals else None,
-            eval_accuracy_last=evals[-1][1] if evals else None,
-            eval_accuracy_last_step=evals[-1][0] if evals else None,
-            eval_accuracy_best=best[1] if best else None,
-            eval_accuracy_best_step=best[0] if best else None,
-            reward_first10_mean=float(np.mean(rewards[:10])) if rewards else None,
-            reward_last10_mean=float(np.mean(rewards[-10:])) if rewards else None,
-            samples_per_s_mean=float(np.mean(sps)) if sps else None,
             metrics_path=self.metrics_path,
             plots_dir=self.plots_dir,
-            plots=tuple(sorted(self._plots_written)),
+            plots=self._plots_written,
         )
-
-
-@contextlib.contextmanager
-def _without_env(name: str) -> Iterator[None]:
-    """Run the body with environment variable `name` unset (restored after)."""
-    saved = os.environ.pop(name, None)
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ[name] = saved
-
-
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}h {s % 3600 // 60:02d}m {s % 60:02d}s" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"

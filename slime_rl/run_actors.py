@@ -107,7 +107,7 @@ class RunActors:
         self._wait_engines(names)
         spec = ManagerSpec(
             rollout=cfg.rollout, data=cfg.data, reward=cfg.reward, eval=cfg.eval, model_path=model_path,
-            tokenizer_path=cfg.model.tokenizer_path, batch_groups=cfg.trainer.global_batch_groups,
+            tokenizer_path=cfg.model.tokenizer_path, global_batch_groups=cfg.trainer.global_batch_groups,
             max_staleness=cfg.max_staleness(), seed=cfg.run.seed, base_dir=str(Path.cwd()),
         )
         self.manager = start_rollout_manager(spec, self.engines, names, self.buffer, name=f"{name}-rollout")

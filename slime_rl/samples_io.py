@@ -14,7 +14,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from slime_rl.buffers.schema import OPTIONAL_COLUMNS, SAMPLE_SCHEMA, conform_batch, validate_batch
+from slime_rl.buffers.schema import OPTIONAL_COLUMNS, SAMPLE_SCHEMA, conform_batch
+from slime_rl.buffers.validation import validate_batch
 
 
 def readable_samples(table: pa.Table, tokenizer: Any) -> pa.Table:

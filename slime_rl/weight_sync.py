@@ -1,6 +1,6 @@
 """Versioned weight sync from the trainer to every rollout engine, by transport.
 
-    trainer step v ─► WeightSync.start(v) ─► PendingSync (the trainer goes on with step v+1)
+    trainer step v ─► WeightSync.publish(v) ─► PendingSync (the trainer goes on with step v+1)
         object_store: rank 0 ray.put()s each WeightBucket ─► refs ─► manager.update_weights(v, refs)
                       ─► every engine resolves the refs itself (no copy through the driver)
         disk:         rank 0 writes bucket-i.safetensors under <run_dir>/weights/v<v> ─► DiskBucket
@@ -250,8 +250,17 @@ class WeightSync:
             ]
         return self._layout
 
-    def start(self, version: int) -> PendingSync:
-        """Begin publishing the trainer's current weights as `version`; returns at once."""
+    def publish(self, version: int) -> PendingSync:
+        """Publish the trainer's current weights as `version` to every engine.
+
+        Blocks while trainer rank 0 gathers the buckets and hands them to the transport
+        (object_store: `ray.put`; disk: files written; collective: the broadcast is started
+        and runs while this returns); the engines' load runs in the background until
+        `PendingSync.wait()`.
+
+        Raises:
+            WeightSyncError: the gather or hand-off failed (names transport and version).
+        """
         t0 = time.monotonic()
         try:
             refs, nbytes, cleanup = getattr(self, f"_start_{self.transport}")(version)
@@ -299,5 +308,5 @@ class WeightSync:
         ]
         sender = CollectiveSender(spec)
         send = [w.publish_weights.remote(self.bucket_bytes, sender, False) for w in self.trainer.worker_handles()]
-        recv = self.manager.update_weights_per_engine.remote(version, per_engine)
+        recv = self.manager.update_weights.remote(version, [], per_engine)
         return [*send, recv], self.nbytes(), None

@@ -49,9 +49,9 @@ def generate_table(
                 prompt_ids=list(q.prompt_token_ids),
                 response_ids=list(r.token_ids),
                 response_logprobs=list(r.logprobs),
-                token_versions=list(r.weight_versions),
-                policy_version=r.version_start,
-                policy_version_end=r.version_end,
+                token_versions=list(r.token_versions),
+                policy_version=r.policy_version,
+                policy_version_end=r.policy_version_end,
                 reward=reward(i, r) if reward else float(i % 2),
                 routed_experts=routing_column(r.routed_experts, len(q.prompt_token_ids), len(r.token_ids)),
             )

@@ -137,7 +137,7 @@ class RankBatch:
     response_ids: list[list[int]]
     mask_NR: torch.Tensor  # (N, R) float, loss_mask (0 on padding)
     behaviour_NR: torch.Tensor  # (N, R) float, engine log-probs
-    versions_NR: torch.Tensor  # (N, R) long, policy version of each token
+    token_versions_NR: torch.Tensor  # (N, R) long, policy version of each token
     rewards_N: torch.Tensor  # (N,) float
     group_index_N: torch.Tensor  # (N,) long, 0..G-1 in order of first appearance
     policy_version_N: torch.Tensor  # (N,) long
@@ -176,7 +176,7 @@ class RankBatch:
 
         mask_NR = dense("loss_mask", torch.float32)
         behaviour_NR = dense("response_logprobs", torch.float32)
-        versions_NR = dense("token_versions", torch.long)
+        token_versions_NR = dense("token_versions", torch.long)
         index = {g: j for j, g in enumerate(dict.fromkeys(cols["group_id"]))}
         keep_N = None
         if exclude_status:
@@ -188,7 +188,7 @@ class RankBatch:
             response_ids=cols["response_ids"],
             mask_NR=mask_NR,
             behaviour_NR=behaviour_NR,
-            versions_NR=versions_NR,
+            token_versions_NR=token_versions_NR,
             rewards_N=torch.tensor(cols["reward"], dtype=torch.float32),
             group_index_N=torch.tensor([index[g] for g in cols["group_id"]], dtype=torch.long),
             policy_version_N=torch.tensor(cols["policy_version"], dtype=torch.long),

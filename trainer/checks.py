@@ -1,7 +1,7 @@
 """Checks a global batch must pass before it trains, so bad data fails loudly instead of
 training on garbage.
 
-    pa.Table ─► validate_batch (buffers.schema: columns, types, nulls, per-token lengths,
+    pa.Table ─► validate_batch (buffers.validation: columns, types, nulls, per-token lengths,
       │          finite rewards, known status/mode; names the column and row)
       ├─► check_global_batch     exactly trainer.global_batch_groups groups
       ├─► check_behaviour_filled response_logprobs not all 0.0 (never filled by the engine)
@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from slime_rl.buffers.schema import validate_batch
+from slime_rl.buffers.validation import validate_batch
 from slime_rl.trainer.batching import group_order
 
 _DISABLE = "set trainer.max_logprob_mismatch=0 to disable this check"
@@ -27,7 +27,7 @@ def check_batch(
     table: pa.Table, global_batch_groups: int, exclude_status: list[str] | tuple[str, ...], max_logprob_mismatch: float
 ) -> None:
     """Everything that can be checked on the table alone, before any forward pass: the sample
-    schema (``buffers.schema.validate_batch``), the group count, and (unless
+    schema (``buffers.validation.validate_batch``), the group count, and (unless
     ``max_logprob_mismatch`` is 0) filled behaviour log-probs.
 
     Raises:

@@ -217,7 +217,7 @@ class TrainerCore:
         keep_N = rb.kept_N.to(dev)
         mask_NR = rb.mask_NR.to(dev) * keep_N[:, None]  # excluded statuses carry no loss
         behaviour_NR = rb.behaviour_NR.to(dev)
-        staleness_NR = (self.version - rb.versions_NR).to(dev)
+        staleness_NR = (self.version - rb.token_versions_NR).to(dev)
         metrics = StepMetrics()
         pre = self._pre_pass(rb)
         check_gap = cfg.max_logprob_mismatch > 0
@@ -244,7 +244,7 @@ class TrainerCore:
         metrics.add_mean("train/excluded_samples", rb.num_rows - kept.sum(), per_rank)
         metrics.add_mean("train/empty_samples", sum(not r for r in rb.response_ids), per_rank)
         metrics.add_mean("train/reward_mean", (rb.rewards_N.to(dev) * kept).sum(), kept.sum())
-        metrics.add_mean("train/advantage_mean", (adv.advantages_BL * mask_NR).sum(), mask_NR.sum())
+        metrics.add_mean("train/advantage_mean", (adv.advantages_NR * mask_NR).sum(), mask_NR.sum())
         metrics.add_mean("train/response_len", sum(len(r) for r in rb.response_ids), rb.num_rows)
         metrics.add_mean("train/loss_tokens", mask_NR.sum(), per_rank)
         all_tokens = sum(len(p) + len(r) for p, r in zip(rb.prompt_ids, rb.response_ids, strict=True))
@@ -394,33 +394,33 @@ class TrainerCore:
                 self.policy, mb, cfg.batching.temperature, with_entropy=True, entropy_grad=lc.entropy_coef > 0
             )
         inp = ObjectiveInputs(
-            logprobs_BL=logprobs_BR,
-            proximal_BL=take(pre["proximal"]) if "proximal" in pre else None,
-            behaviour_BL=take(behaviour_NR),
-            advantages_BL=take(adv.advantages_BL),
-            mask_BL=mask_BR,
-            sft_mask_BL=mask_BR * sft_ok_N[rows][:, None],
-            entropy_BL=entropy_BR,
-            ref_BL=take(pre["ref"]) if "ref" in pre else None,
+            logprobs_BR=logprobs_BR,
+            proximal_BR=take(pre["proximal"]) if "proximal" in pre else None,
+            behaviour_BR=take(behaviour_NR),
+            advantages_BR=take(adv.advantages_NR),
+            mask_BR=mask_BR,
+            sft_mask_BR=mask_BR * sft_ok_N[rows][:, None],
+            entropy_BR=entropy_BR,
+            ref_BR=take(pre["ref"]) if "ref" in pre else None,
         )
         obj = micro_batch_loss(inp, lc, cfg.off_policy, cfg.kl, norm)
         loss = obj.loss
-        mismatch_BR = logprobs_BR.detach() if cfg.off_policy.proximal == "engine" else obj.anchor_BL
-        record_mismatch(metrics, mismatch_BR, inp.behaviour_BL, take(staleness_NR), mask_BR)
+        mismatch_BR = logprobs_BR.detach() if cfg.off_policy.proximal == "engine" else obj.anchor_BR
+        record_mismatch(metrics, mismatch_BR, inp.behaviour_BR, take(staleness_NR), mask_BR)
         if fresh_gap is not None:
-            fresh_gap += _fresh_gap(mismatch_BR, inp.behaviour_BL, take(staleness_NR), mask_BR)
-        record_ratios(metrics, obj.pg.ratio_BL, obj.weight_BL, obj.pg.clipped_BL, obj.pg.dual_clipped_BL, mask_BR)
+            fresh_gap += _fresh_gap(mismatch_BR, inp.behaviour_BR, take(staleness_NR), mask_BR)
+        record_ratios(metrics, obj.pg.ratio_BR, obj.weight_BR, obj.pg.clipped_BR, obj.pg.dual_clipped_BR, mask_BR)
         n_tok = mask_BR.sum()
-        metrics.add_mean("train/pg_loss", (obj.pg.loss_BL * obj.weight_BL * mask_BR).sum().detach(), n_tok)
+        metrics.add_mean("train/pg_loss", (obj.pg.loss_BR * obj.weight_BR * mask_BR).sum().detach(), n_tok)
         metrics.add_mean("train/entropy", (entropy_BR.detach() * mask_BR).sum(), n_tok)
-        if obj.kl_BL is not None:
-            metrics.add_mean("train/kl", (obj.kl_BL.detach() * mask_BR).sum(), n_tok)
+        if obj.kl_BR is not None:
+            metrics.add_mean("train/kl", (obj.kl_BR.detach() * mask_BR).sum(), n_tok)
         metrics.add_mean("train/logprob_mean", (logprobs_BR.detach() * mask_BR).sum(), n_tok)
         (loss * self.world_size).backward()
         if self.critic is not None:
             with model_lib.autocast(self.device, cfg.batching.precision):
                 values_BR = model_lib.response_values(self.critic, mb)
-            vl_BR, vclip_BR = value_loss(values_BR, take(pre["values"]), take(adv.returns_BL), lc.value_clip)
+            vl_BR, vclip_BR = value_loss(values_BR, take(pre["values"]), take(adv.returns_NR), lc.value_clip)
             vloss = lc.value_coef * aggregate(vl_BR, mask_BR, lc.aggregation, norm)
             (vloss * self.world_size).backward()
             metrics.add_mean("train/value_loss", (vl_BR.detach() * mask_BR).sum(), n_tok)

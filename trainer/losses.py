@@ -1,12 +1,12 @@
 """Policy-gradient and value losses as per-token tensors, plus aggregation.
 
-Every function returns a ``(B, L)`` per-token loss; ``aggregate`` turns it into this
+Every function returns a ``(B, R)`` per-token loss; ``aggregate`` turns it into this
 micro-batch's share of the global loss. The normalisers (token and sequence counts) are
 those of the whole global mini-batch across all ranks, so summing the shares of every
 micro-batch on every rank gives exactly the loss of the global batch: gradient accumulation
 and data parallelism change nothing but floating-point order.
 
-    logprobs, proximal, advantages ─► policy_loss ─► (B, L) ─┐
+    logprobs, proximal, advantages ─► policy_loss ─► (B, R) ─┐
     entropy, NLL (model.response_logprobs) ─────────────────►├─► aggregate(mask, norm) ─► scalar
     values, returns ─► value_loss ──────────────────────────►┘
 
@@ -36,23 +36,23 @@ class LossNorm:
 
 @dataclasses.dataclass(frozen=True)
 class PolicyLossOut:
-    loss_BL: torch.Tensor
-    ratio_BL: torch.Tensor
-    clipped_BL: torch.Tensor
-    dual_clipped_BL: torch.Tensor
+    loss_BR: torch.Tensor
+    ratio_BR: torch.Tensor
+    clipped_BR: torch.Tensor
+    dual_clipped_BR: torch.Tensor
 
 
-def _token_mean(masked_BL: torch.Tensor, m_BL: torch.Tensor, norm: LossNorm) -> torch.Tensor:
-    return masked_BL.sum() / max(norm.num_tokens, 1.0)
+def _token_mean(masked_BR: torch.Tensor, m_BR: torch.Tensor, norm: LossNorm) -> torch.Tensor:
+    return masked_BR.sum() / max(norm.num_tokens, 1.0)
 
 
-def _seq_mean_token_mean(masked_BL: torch.Tensor, m_BL: torch.Tensor, norm: LossNorm) -> torch.Tensor:
-    per_seq_B = masked_BL.sum(dim=1) / m_BL.sum(dim=1).clamp(min=1.0)
+def _seq_mean_token_mean(masked_BR: torch.Tensor, m_BR: torch.Tensor, norm: LossNorm) -> torch.Tensor:
+    per_seq_B = masked_BR.sum(dim=1) / m_BR.sum(dim=1).clamp(min=1.0)
     return per_seq_B.sum() / max(norm.num_seqs, 1.0)
 
 
-def _seq_mean_token_sum(masked_BL: torch.Tensor, m_BL: torch.Tensor, norm: LossNorm) -> torch.Tensor:
-    return masked_BL.sum() / max(norm.num_seqs, 1.0)
+def _seq_mean_token_sum(masked_BR: torch.Tensor, m_BR: torch.Tensor, norm: LossNorm) -> torch.Tensor:
+    return masked_BR.sum() / max(norm.num_seqs, 1.0)
 
 
 AggregateFn = Callable[[torch.Tensor, torch.Tensor, LossNorm], torch.Tensor]
@@ -63,7 +63,7 @@ AGGREGATIONS: dict[str, AggregateFn] = {
 }
 
 
-def aggregate(loss_BL: torch.Tensor, mask_BL: torch.Tensor, mode: str, norm: LossNorm) -> torch.Tensor:
+def aggregate(loss_BR: torch.Tensor, mask_BR: torch.Tensor, mode: str, norm: LossNorm) -> torch.Tensor:
     """This micro-batch's share of the global aggregate (sum the shares over micro-batches and ranks).
 
     token_mean:          sum over tokens / global token count
@@ -72,55 +72,55 @@ def aggregate(loss_BL: torch.Tensor, mask_BL: torch.Tensor, mode: str, norm: Los
     """
     if mode not in AGGREGATIONS:
         raise ValueError(f"trainer.loss.aggregation={mode!r} is unknown; choose one of {sorted(AGGREGATIONS)}")
-    m_BL = mask_BL.to(loss_BL.dtype)
-    return AGGREGATIONS[mode](loss_BL * m_BL, m_BL, norm)
+    m_BR = mask_BR.to(loss_BR.dtype)
+    return AGGREGATIONS[mode](loss_BR * m_BR, m_BR, norm)
 
 
 def _clipped_surrogate(
-    ratio_BL: torch.Tensor, advantages_BL: torch.Tensor, cfg: LossConfig
+    ratio_BR: torch.Tensor, advantages_BR: torch.Tensor, cfg: LossConfig
 ) -> PolicyLossOut:
-    """PPO's clipped surrogate of a per-token (PPO) or per-sequence (GSPO) ``ratio_BL``."""
-    adv_BL = advantages_BL.to(ratio_BL.dtype)
-    unclipped_BL = -adv_BL * ratio_BL
-    clipped_BL = -adv_BL * ratio_BL.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
-    loss_BL = torch.maximum(unclipped_BL, clipped_BL)
-    is_clipped_BL = clipped_BL > unclipped_BL
-    is_dual_BL = torch.zeros_like(is_clipped_BL)
+    """PPO's clipped surrogate of a per-token (PPO) or per-sequence (GSPO) ``ratio_BR``."""
+    adv_BR = advantages_BR.to(ratio_BR.dtype)
+    unclipped_BR = -adv_BR * ratio_BR
+    clipped_BR = -adv_BR * ratio_BR.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
+    loss_BR = torch.maximum(unclipped_BR, clipped_BR)
+    is_clipped_BR = clipped_BR > unclipped_BR
+    is_dual_BR = torch.zeros_like(is_clipped_BR)
     if cfg.dual_clip is not None:
-        cap_BL = -adv_BL * cfg.dual_clip
-        negative_BL = adv_BL < 0
-        is_dual_BL = negative_BL & (loss_BL > cap_BL)
-        loss_BL = torch.where(negative_BL, torch.minimum(loss_BL, cap_BL), loss_BL)
-    return PolicyLossOut(loss_BL, ratio_BL, is_clipped_BL, is_dual_BL)
+        cap_BR = -adv_BR * cfg.dual_clip
+        negative_BR = adv_BR < 0
+        is_dual_BR = negative_BR & (loss_BR > cap_BR)
+        loss_BR = torch.where(negative_BR, torch.minimum(loss_BR, cap_BR), loss_BR)
+    return PolicyLossOut(loss_BR, ratio_BR, is_clipped_BR, is_dual_BR)
 
 
 def ppo_loss(
-    logprobs_BL: torch.Tensor,
-    proximal_BL: torch.Tensor,
-    advantages_BL: torch.Tensor,
-    mask_BL: torch.Tensor,
+    logprobs_BR: torch.Tensor,
+    proximal_BR: torch.Tensor,
+    advantages_BR: torch.Tensor,
+    mask_BR: torch.Tensor,
     cfg: LossConfig,
 ) -> PolicyLossOut:
     """Token-level clipped surrogate with clip-higher and dual-clip."""
-    ratio_BL = exp_log_ratio(logprobs_BL - proximal_BL)
-    return _clipped_surrogate(ratio_BL, advantages_BL, cfg)
+    ratio_BR = exp_log_ratio(logprobs_BR - proximal_BR)
+    return _clipped_surrogate(ratio_BR, advantages_BR, cfg)
 
 
 def gspo_loss(
-    logprobs_BL: torch.Tensor,
-    proximal_BL: torch.Tensor,
-    advantages_BL: torch.Tensor,
-    mask_BL: torch.Tensor,
+    logprobs_BR: torch.Tensor,
+    proximal_BR: torch.Tensor,
+    advantages_BR: torch.Tensor,
+    mask_BR: torch.Tensor,
     cfg: LossConfig,
 ) -> PolicyLossOut:
     """Sequence-level ratio s_i = exp(mean over loss tokens of log(pi/pi_prox)), clipped like PPO.
     Every token of a sequence carries the same loss value; with seq_mean_token_mean this is
     exactly GSPO's per-sequence objective."""
-    m_BL = mask_BL.to(logprobs_BL.dtype)
-    log_ratio_BL = (logprobs_BL - proximal_BL) * m_BL
-    seq_log_ratio_B = log_ratio_BL.sum(dim=1) / m_BL.sum(dim=1).clamp(min=1.0)
-    ratio_BL = exp_log_ratio(seq_log_ratio_B)[:, None].expand_as(logprobs_BL)
-    return _clipped_surrogate(ratio_BL, advantages_BL, cfg)
+    m_BR = mask_BR.to(logprobs_BR.dtype)
+    log_ratio_BR = (logprobs_BR - proximal_BR) * m_BR
+    seq_log_ratio_B = log_ratio_BR.sum(dim=1) / m_BR.sum(dim=1).clamp(min=1.0)
+    ratio_BR = exp_log_ratio(seq_log_ratio_B)[:, None].expand_as(logprobs_BR)
+    return _clipped_surrogate(ratio_BR, advantages_BR, cfg)
 
 
 PolicyLossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LossConfig], PolicyLossOut]
@@ -129,28 +129,28 @@ POLICY_LOSSES: dict[str, PolicyLossFn] = {"ppo": ppo_loss, "gspo": gspo_loss}
 
 def policy_loss(
     name: str,
-    logprobs_BL: torch.Tensor,
-    proximal_BL: torch.Tensor,
-    advantages_BL: torch.Tensor,
-    mask_BL: torch.Tensor,
+    logprobs_BR: torch.Tensor,
+    proximal_BR: torch.Tensor,
+    advantages_BR: torch.Tensor,
+    mask_BR: torch.Tensor,
     cfg: LossConfig,
 ) -> PolicyLossOut:
     """Dispatch to ``POLICY_LOSSES[name]``."""
     if name not in POLICY_LOSSES:
         raise ValueError(f"trainer.loss.policy_loss={name!r} is unknown; choose one of {sorted(POLICY_LOSSES)}")
-    return POLICY_LOSSES[name](logprobs_BL, proximal_BL, advantages_BL, mask_BL, cfg)
+    return POLICY_LOSSES[name](logprobs_BR, proximal_BR, advantages_BR, mask_BR, cfg)
 
 
 def value_loss(
-    values_BL: torch.Tensor,
-    old_values_BL: torch.Tensor,
-    returns_BL: torch.Tensor,
+    values_BR: torch.Tensor,
+    old_values_BR: torch.Tensor,
+    returns_BR: torch.Tensor,
     clip: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """0.5 * max((V - R)^2, (clip(V, V_old +- clip) - R)^2) per token, and where the clip won."""
-    err_BL = (values_BL - returns_BL) ** 2
+    err_BR = (values_BR - returns_BR) ** 2
     if clip is None:
-        return 0.5 * err_BL, torch.zeros_like(err_BL, dtype=torch.bool)
-    v_clip_BL = old_values_BL + (values_BL - old_values_BL).clamp(-clip, clip)
-    err_clip_BL = (v_clip_BL - returns_BL) ** 2
-    return 0.5 * torch.maximum(err_BL, err_clip_BL), err_clip_BL > err_BL
+        return 0.5 * err_BR, torch.zeros_like(err_BR, dtype=torch.bool)
+    v_clip_BR = old_values_BR + (values_BR - old_values_BR).clamp(-clip, clip)
+    err_clip_BR = (v_clip_BR - returns_BR) ** 2
+    return 0.5 * torch.maximum(err_BR, err_clip_BR), err_clip_BR > err_BR

@@ -38,22 +38,22 @@ from slime_rl.trainer.off_policy import behaviour_weight
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveInputs:
-    """Per-token (B, L) tensors of one micro-batch."""
+    """Per-token (B, R) tensors of one micro-batch."""
 
-    logprobs_BL: torch.Tensor
+    logprobs_BR: torch.Tensor
     """Current policy log-probs of the sampled tokens (with gradient)."""
-    proximal_BL: torch.Tensor | None
+    proximal_BR: torch.Tensor | None
     """Trainer's pre-update log-probs from a pre-pass; None = this pass is the pre-update policy."""
-    behaviour_BL: torch.Tensor
+    behaviour_BR: torch.Tensor
     """Engine (behaviour) log-probs."""
-    advantages_BL: torch.Tensor
-    mask_BL: torch.Tensor
+    advantages_BR: torch.Tensor
+    mask_BR: torch.Tensor
     """Loss mask (0 = no loss, no gradient)."""
-    sft_mask_BL: torch.Tensor | None = None
-    """Tokens of the SFT term (default: mask_BL)."""
-    entropy_BL: torch.Tensor | None = None
+    sft_mask_BR: torch.Tensor | None = None
+    """Tokens of the SFT term (default: mask_BR)."""
+    entropy_BR: torch.Tensor | None = None
     """Entropy per position (with gradient when entropy_coef > 0)."""
-    ref_BL: torch.Tensor | None = None
+    ref_BR: torch.Tensor | None = None
     """Reference log-probs (KL as a loss term only when given and kl.mode=loss)."""
 
 
@@ -62,23 +62,23 @@ class ObjectiveOut:
     loss: torch.Tensor
     """This micro-batch's share of the global loss (scalar, differentiable)."""
     pg: PolicyLossOut
-    weight_BL: torch.Tensor
+    weight_BR: torch.Tensor
     """Behaviour importance weight applied to each token's policy loss."""
-    anchor_BL: torch.Tensor
+    anchor_BR: torch.Tensor
     """Log-probs the ratio is taken against (detached)."""
-    kl_BL: torch.Tensor | None
+    kl_BR: torch.Tensor | None
 
 
 AnchorFn = Callable[[ObjectiveInputs, OffPolicyConfig], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _trainer_anchor(inp: ObjectiveInputs, cfg: OffPolicyConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    prox_BL = inp.proximal_BL if inp.proximal_BL is not None else inp.logprobs_BL.detach()
-    return prox_BL, behaviour_weight(prox_BL, inp.behaviour_BL, cfg.is_mode, cfg.is_cap)
+    prox_BR = inp.proximal_BR if inp.proximal_BR is not None else inp.logprobs_BR.detach()
+    return prox_BR, behaviour_weight(prox_BR, inp.behaviour_BR, cfg.is_mode, cfg.is_cap)
 
 
 def _engine_anchor(inp: ObjectiveInputs, cfg: OffPolicyConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    return inp.behaviour_BL, torch.ones_like(inp.behaviour_BL)
+    return inp.behaviour_BR, torch.ones_like(inp.behaviour_BR)
 
 
 PROXIMAL: dict[str, AnchorFn] = {"trainer": _trainer_anchor, "engine": _engine_anchor}
@@ -91,20 +91,20 @@ def micro_batch_loss(
     """The full per-micro-batch loss share (see the module docstring)."""
     if oc.proximal not in PROXIMAL:
         raise ValueError(f"trainer.off_policy.proximal={oc.proximal!r} is unknown; choose one of {sorted(PROXIMAL)}")
-    anchor_BL, weight_BL = PROXIMAL[oc.proximal](inp, oc)
-    mask_BL = inp.mask_BL
-    pg = policy_loss(lc.policy_loss, inp.logprobs_BL, anchor_BL, inp.advantages_BL, mask_BL, lc)
-    loss = aggregate(pg.loss_BL * weight_BL, mask_BL, lc.aggregation, norm)
+    anchor_BR, weight_BR = PROXIMAL[oc.proximal](inp, oc)
+    mask_BR = inp.mask_BR
+    pg = policy_loss(lc.policy_loss, inp.logprobs_BR, anchor_BR, inp.advantages_BR, mask_BR, lc)
+    loss = aggregate(pg.loss_BR * weight_BR, mask_BR, lc.aggregation, norm)
     if lc.entropy_coef > 0:
-        if inp.entropy_BL is None:
+        if inp.entropy_BR is None:
             raise ValueError("trainer.loss.entropy_coef > 0 needs the entropy of every position; none was computed")
-        loss = loss - lc.entropy_coef * aggregate(inp.entropy_BL, mask_BL, lc.aggregation, norm)
-    kl_BL = None
-    if inp.ref_BL is not None:
-        kl_BL = kl_estimate(kc.estimator, inp.logprobs_BL, inp.ref_BL)
+        loss = loss - lc.entropy_coef * aggregate(inp.entropy_BR, mask_BR, lc.aggregation, norm)
+    kl_BR = None
+    if inp.ref_BR is not None:
+        kl_BR = kl_estimate(kc.estimator, inp.logprobs_BR, inp.ref_BR)
         if kc.mode == "loss":
-            loss = loss + kc.coef * aggregate(kl_BL, mask_BL, lc.aggregation, norm)
+            loss = loss + kc.coef * aggregate(kl_BR, mask_BR, lc.aggregation, norm)
     if lc.sft_coef > 0:
-        sft_mask_BL = mask_BL if inp.sft_mask_BL is None else inp.sft_mask_BL
-        loss = loss + lc.sft_coef * aggregate(-inp.logprobs_BL, sft_mask_BL, lc.aggregation, norm)
-    return ObjectiveOut(loss, pg, weight_BL, anchor_BL.detach(), kl_BL)
+        sft_mask_BR = mask_BR if inp.sft_mask_BR is None else inp.sft_mask_BR
+        loss = loss + lc.sft_coef * aggregate(-inp.logprobs_BR, sft_mask_BR, lc.aggregation, norm)
+    return ObjectiveOut(loss, pg, weight_BR, anchor_BR.detach(), kl_BR)

@@ -26,21 +26,21 @@ from slime_rl.trainer.kl import exp_log_ratio
 from slime_rl.trainer.metrics import StepMetrics
 
 
-def _raw_weight(proximal_BL: torch.Tensor, behaviour_BL: torch.Tensor) -> torch.Tensor:
-    return exp_log_ratio(proximal_BL - behaviour_BL)
+def _raw_weight(proximal_BR: torch.Tensor, behaviour_BR: torch.Tensor) -> torch.Tensor:
+    return exp_log_ratio(proximal_BR - behaviour_BR)
 
 
-def _truncate(proximal_BL: torch.Tensor, behaviour_BL: torch.Tensor, cap: float) -> torch.Tensor:
-    return _raw_weight(proximal_BL, behaviour_BL).clamp(max=cap)
+def _truncate(proximal_BR: torch.Tensor, behaviour_BR: torch.Tensor, cap: float) -> torch.Tensor:
+    return _raw_weight(proximal_BR, behaviour_BR).clamp(max=cap)
 
 
-def _mask(proximal_BL: torch.Tensor, behaviour_BL: torch.Tensor, cap: float) -> torch.Tensor:
-    w_BL = _raw_weight(proximal_BL, behaviour_BL)
-    return torch.where(w_BL <= cap, w_BL, torch.zeros_like(w_BL))
+def _mask(proximal_BR: torch.Tensor, behaviour_BR: torch.Tensor, cap: float) -> torch.Tensor:
+    w_BR = _raw_weight(proximal_BR, behaviour_BR)
+    return torch.where(w_BR <= cap, w_BR, torch.zeros_like(w_BR))
 
 
-def _none(proximal_BL: torch.Tensor, behaviour_BL: torch.Tensor, cap: float) -> torch.Tensor:
-    return torch.ones_like(proximal_BL)
+def _none(proximal_BR: torch.Tensor, behaviour_BR: torch.Tensor, cap: float) -> torch.Tensor:
+    return torch.ones_like(proximal_BR)
 
 
 WeightFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -48,21 +48,21 @@ IS_WEIGHTS: dict[str, WeightFn] = {"truncate": _truncate, "mask": _mask, "none":
 
 
 def behaviour_weight(
-    proximal_BL: torch.Tensor, behaviour_BL: torch.Tensor, mode: str, cap: float
+    proximal_BR: torch.Tensor, behaviour_BR: torch.Tensor, mode: str, cap: float
 ) -> torch.Tensor:
     """Per-token importance weight pi_prox / pi_b after truncation or masking (no gradient)."""
     if mode not in IS_WEIGHTS:
         raise ValueError(f"trainer.off_policy.is_mode={mode!r} is unknown; choose one of {sorted(IS_WEIGHTS)}")
     with torch.no_grad():
-        return IS_WEIGHTS[mode](proximal_BL.detach(), behaviour_BL, cap)
+        return IS_WEIGHTS[mode](proximal_BR.detach(), behaviour_BR, cap)
 
 
 def record_mismatch(
     metrics: StepMetrics,
-    trainer_BL: torch.Tensor,
-    behaviour_BL: torch.Tensor,
-    staleness_BL: torch.Tensor,
-    mask_BL: torch.Tensor,
+    trainer_BR: torch.Tensor,
+    behaviour_BR: torch.Tensor,
+    staleness_BR: torch.Tensor,
+    mask_BR: torch.Tensor,
 ) -> None:
     """Add train-vs-engine log-prob gap and staleness metrics for the loss tokens.
 
@@ -72,36 +72,36 @@ def record_mismatch(
     train/staleness_mean|max      trainer version - token version
     """
     with torch.no_grad():
-        m_BL = mask_BL > 0
-        n = m_BL.sum()
-        diff_BL = (trainer_BL - behaviour_BL).float()
-        kl_BL = exp_log_ratio(diff_BL) - 1.0 - diff_BL
-        metrics.add_mean("train/logprob_mismatch", diff_BL.abs()[m_BL].sum(), n)
-        metrics.add_mean("train/logprob_mismatch_kl", kl_BL[m_BL].sum(), n)
-        fresh_BL = m_BL & (staleness_BL == 0)
-        metrics.add_mean("train/logprob_mismatch_fresh", diff_BL.abs()[fresh_BL].sum(), fresh_BL.sum())
-        stale_BL = staleness_BL.float()
-        metrics.add_mean("train/staleness_mean", stale_BL[m_BL].sum(), n)
-        metrics.add_max("train/staleness_max", stale_BL[m_BL].max() if bool(n > 0) else 0.0)
+        m_BR = mask_BR > 0
+        n = m_BR.sum()
+        diff_BR = (trainer_BR - behaviour_BR).float()
+        kl_BR = exp_log_ratio(diff_BR) - 1.0 - diff_BR
+        metrics.add_mean("train/logprob_mismatch", diff_BR.abs()[m_BR].sum(), n)
+        metrics.add_mean("train/logprob_mismatch_kl", kl_BR[m_BR].sum(), n)
+        fresh_BR = m_BR & (staleness_BR == 0)
+        metrics.add_mean("train/logprob_mismatch_fresh", diff_BR.abs()[fresh_BR].sum(), fresh_BR.sum())
+        stale_BR = staleness_BR.float()
+        metrics.add_mean("train/staleness_mean", stale_BR[m_BR].sum(), n)
+        metrics.add_max("train/staleness_max", stale_BR[m_BR].max() if bool(n > 0) else 0.0)
 
 
 def record_ratios(
     metrics: StepMetrics,
-    ratio_BL: torch.Tensor,
-    weight_BL: torch.Tensor,
-    clipped_BL: torch.Tensor,
-    dual_clipped_BL: torch.Tensor,
-    mask_BL: torch.Tensor,
+    ratio_BR: torch.Tensor,
+    weight_BR: torch.Tensor,
+    clipped_BR: torch.Tensor,
+    dual_clipped_BR: torch.Tensor,
+    mask_BR: torch.Tensor,
 ) -> None:
     """Add importance-ratio, behaviour-weight and clip-fraction metrics for the loss tokens."""
     with torch.no_grad():
-        m_BL = mask_BL > 0
-        n = m_BL.sum()
+        m_BR = mask_BR > 0
+        n = m_BR.sum()
         has = bool(n > 0)
-        metrics.add_mean("train/ratio_mean", ratio_BL.detach()[m_BL].sum(), n)
-        metrics.add_max("train/ratio_max", ratio_BL.detach()[m_BL].max() if has else 0.0)
-        metrics.add_mean("train/is_weight_mean", weight_BL[m_BL].sum(), n)
-        metrics.add_max("train/is_weight_max", weight_BL[m_BL].max() if has else 0.0)
-        metrics.add_mean("train/is_masked_frac", (weight_BL[m_BL] == 0).sum(), n)
-        metrics.add_mean("train/clip_frac", clipped_BL[m_BL].sum(), n)
-        metrics.add_mean("train/dual_clip_frac", dual_clipped_BL[m_BL].sum(), n)
+        metrics.add_mean("train/ratio_mean", ratio_BR.detach()[m_BR].sum(), n)
+        metrics.add_max("train/ratio_max", ratio_BR.detach()[m_BR].max() if has else 0.0)
+        metrics.add_mean("train/is_weight_mean", weight_BR[m_BR].sum(), n)
+        metrics.add_max("train/is_weight_max", weight_BR[m_BR].max() if has else 0.0)
+        metrics.add_mean("train/is_masked_frac", (weight_BR[m_BR] == 0).sum(), n)
+        metrics.add_mean("train/clip_frac", clipped_BR[m_BR].sum(), n)
+        metrics.add_mean("train/dual_clip_frac", dual_clipped_BR[m_BR].sum(), n)

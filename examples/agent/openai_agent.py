@@ -14,7 +14,8 @@ import json
 from typing import Any
 
 import openai
-from slime_rl.rollout.environments import answer_matches, evaluate_arithmetic
+from slime_rl.rollout.environments import answer_matches
+from slime_rl.rollout.envs_builtin.calculator import evaluate_arithmetic
 
 TOOLS = [{
     "type": "function",

@@ -18,13 +18,13 @@ def _think_problem(sample: Sample, allow_empty_block: bool) -> str | None:
     n_open, n_close = text.count(THINK_OPEN), text.count(THINK_CLOSE)
     if sample.mode == Mode.THINK.value:
         body = text.lstrip()
-        # Chat templates may open the block in the prompt (Qwen3's enable_thinking does).
-        opened_in_prompt = sample.prompt.rstrip().endswith(THINK_OPEN)
-        if body.startswith(THINK_OPEN):
+        # Chat templates may open the block in the prompt (Qwen3's enable_thinking does); then
+        # the block is already open and a <think> in the response nests a second one: malformed.
+        if not sample.prompt.rstrip().endswith(THINK_OPEN):
+            if not body.startswith(THINK_OPEN):
+                return "think mode: the response does not start with <think>"
             body = body[len(THINK_OPEN) :]
             n_open -= 1
-        elif not opened_in_prompt:
-            return "think mode: the response does not start with <think>"
         if n_open or n_close != 1:
             return "think mode: expected exactly one <think>...</think> block"
         reasoning, answer = body.split(THINK_CLOSE, 1)
@@ -49,7 +49,7 @@ def think_format(
     """``reward`` for a well-formed response for the sample's mode, else ``penalty``.
 
     Think mode: one ``<think>...</think>`` block (opened in the response, or at the end of the
-    prompt), non-empty reasoning, then a non-empty answer. Non-think mode: no reasoning block
+    prompt, not both), non-empty reasoning, then a non-empty answer. Non-think mode: no reasoning block
     (an empty ``<think></think>`` at the start is allowed with ``allow_empty_block``).
     The reason for a penalty is kept in the sample's ``reward_info``.
     """

@@ -3,16 +3,14 @@
     rollout manager ──generate_group(reqs)──────► EngineActor ──► engine (hf | vllm | sglang)
                     ──tokenizer_info()──────────►     (per-request results: a bad request is
                                                        an error result, not an exception)
-    weight publisher ─begin_weight_update(v)────►     │  stage buckets (ObjectRefs are
-                     ─load_weight_bucket(b|ref)─►     │  resolved inside the actor)
-                     ─commit_weight_update()────►     └► pause → load full state dict → resume
-      or in one call: update_weights(v, [bucket | ref, ...])
-                      load_weights_from_refs(v, [ref of WeightBucket, ...])  (checked)
-      or the trainer's WeightBucket stream: receive_bucket(b) (index 0 opens, last commits)
+                    ──update_weights(v, buckets)►     resolve ObjectRefs ─► check versions and
+                                                      indices ─► engine.update_weights (pause →
+                                                      load full state dict → resume)
 
-A bucket is `list[tuple[str, Tensor]]` or `dict[str, Tensor]` (HF parameter names), or the
-trainer's `WeightBucket` (`version`, `index`, `num_buckets`, `named_tensors()`); the buckets
-of one version together must hold the full state dict. Every commit has a timeout and raises
+A bucket is `list[tuple[str, Tensor]]` or `dict[str, Tensor]` (HF parameter names), or a
+versioned handle (`version`, `index`, `num_buckets`, `named_tensors()`: the trainer's
+`WeightBucket`, a disk or collective bucket of `slime_rl.weight_sync`); the buckets of one
+version together must hold the full state dict. Every update has a timeout and raises
 `TimeoutError` naming the actor, the version and whether the old weights are still in place.
 
 Example:
@@ -32,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 from slime_rl.rollout.config import RolloutConfig
 from slime_rl.rollout.engines.base import (
     EngineHealth,
@@ -44,9 +41,6 @@ from slime_rl.rollout.engines.base import (
 from slime_rl.rollout.engines.registry import create_engine, engine_params_from_config
 
 logger = logging.getLogger(__name__)
-
-Bucket = Sequence[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]
-
 
 class EngineActor:
     """Owns one engine; use through `start_engine_actor` (an asyncio Ray actor)."""
@@ -138,97 +132,29 @@ class EngineActor:
         await self._engine.resume()
 
     # ---- weights ------------------------------------------------------------------------------
-    async def begin_weight_update(self, version: int) -> None:
-        await self._engine.begin_weight_update(version)
-
-    async def load_weight_bucket(self, bucket: Bucket | ray.ObjectRef) -> int:
-        return await self._engine.load_weight_bucket(await self._resolve(bucket))
-
-    async def commit_weight_update(self, mode: str | None = None) -> int:
-        version = getattr(self._engine, "staged_version", None)
-        commit = self._engine.commit_weight_update(PauseMode(mode or self._mode))
-        return await self._timed(commit, "commit", version)
-
     async def update_weights(
-        self,
-        version: int,
-        buckets: Sequence[Bucket | ray.ObjectRef] | Bucket | ray.ObjectRef,
-        mode: str | None = None,
+        self, version: int, buckets: Sequence[Any] | Any, mode: str | None = None
     ) -> int:
-        """Load a whole version: one bucket, a list of buckets, or ObjectRefs of either
-        (`mode`: keep | wait | abort; default the actor's `weight_update_mode`)."""
+        """Load one whole version from one bucket or a list of buckets, each a value or an
+        ObjectRef (resolved here, so tensors never pass through the caller). Versioned
+        buckets are checked first: every bucket's `version` equals `version`, indices are
+        distinct and all `num_buckets` arrived (then staged in index order); nothing is
+        loaded unless the checks pass. `mode`: keep | wait | abort (default: the actor's
+        `weight_update_mode`).
+
+        Returns the new version. Raises `ValueError` naming the bucket (wrong version,
+        repeated index, missing buckets), `TimeoutError` naming the actor and the version.
+        """
         buckets = await self._resolve(buckets)
         single = isinstance(buckets, Mapping) or hasattr(buckets, "named_tensors")
         if single or (buckets and isinstance(buckets[0], tuple)):
             buckets = [buckets]
-        await self._engine.begin_weight_update(version)
-        for b in buckets:
-            await self._engine.load_weight_bucket(await self._resolve(b))
-        commit = self._engine.commit_weight_update(PauseMode(mode or self._mode))
-        return await self._timed(commit, "commit", version)
-
-    async def load_weights_from_refs(
-        self, version: int, refs: Sequence[Any], mode: str | None = None
-    ) -> int:
-        """Load one whole version from a list of buckets (each an ObjectRef or a value): the
-        trainer's `WeightBucket`s (checked: every bucket's `version` equals `version`, indices
-        are distinct and all `num_buckets` arrived; staged by index) or plain buckets (list of
-        pairs / dict, staged in list order). Nothing is staged unless the checks pass.
-
-        Returns the committed version. Raises `ValueError` naming the bucket (wrong version,
-        repeated index, missing buckets), `TimeoutError` as `commit_weight_update`.
-        """
-        buckets = list(await asyncio.gather(*(self._resolve(r) for r in refs)))
+        buckets = list(await asyncio.gather(*(self._resolve(b) for b in buckets)))
         if not buckets:
-            raise ValueError(f"{self._name}: load_weights_from_refs({version}) got no buckets")
-        versioned = [b for b in buckets if hasattr(b, "num_buckets")]
-        for pos, b in enumerate(buckets):
-            got = getattr(b, "version", version)
-            if got != version:
-                raise ValueError(
-                    f"{self._name}: bucket {getattr(b, 'index', pos)} (position {pos}) holds "
-                    f"weight version {got}, expected {version}; send one version's buckets per call"
-                )
-        if versioned:
-            indices = [b.index for b in versioned]
-            if len(set(indices)) != len(indices):
-                dup = next(i for i in indices if indices.count(i) > 1)
-                raise ValueError(f"{self._name}: bucket {dup} of version {version} arrived twice")
-            expected = {b.num_buckets for b in versioned}
-            if len(expected) != 1 or len(versioned) != next(iter(expected)):
-                raise ValueError(
-                    f"{self._name}: version {version} has {sorted(expected)} buckets but "
-                    f"{len(versioned)} arrived (indices {sorted(indices)}); send all of them"
-                )
-            if len(versioned) != len(buckets):
-                raise ValueError(
-                    f"{self._name}: version {version} mixes WeightBuckets with plain buckets"
-                )
-            buckets.sort(key=lambda b: b.index)
-        await self._engine.begin_weight_update(version)
-        for b in buckets:
-            await self._engine.load_weight_bucket(b)
-        commit = self._engine.commit_weight_update(PauseMode(mode or self._mode))
-        return await self._timed(commit, "commit", version)
-
-    async def receive_bucket(self, bucket: Any) -> int | None:
-        """Sink for the trainer's `WeightBucket` stream (duck-typed: `version`, `index`,
-        `num_buckets`, `named_tensors()`): the first bucket opens the update, the last one
-        commits it with the actor's `weight_update_mode`. Returns the new version after the
-        last bucket, else None."""
-        bucket = await self._resolve(bucket)
-        if bucket.index == 0:
-            await self._engine.begin_weight_update(bucket.version)
-        staged = getattr(self._engine, "staged_version", bucket.version)
-        if staged is not None and staged != bucket.version:
-            raise ValueError(
-                f"{self._name}: bucket {bucket.index} of version {bucket.version} arrived while "
-                f"version {staged} is being loaded; send each version's buckets in order, index 0 first"
-            )
-        await self._engine.load_weight_bucket(bucket)
-        if bucket.index == bucket.num_buckets - 1:
-            return await self.commit_weight_update()
-        return None
+            raise ValueError(f"{self._name}: update_weights({version}) got no buckets")
+        buckets = _check_versioned(self._name, version, buckets)
+        update = self._engine.update_weights(version, buckets, PauseMode(mode or self._mode))
+        return await self._timed(update, "update_weights", version)
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def version(self) -> int:
@@ -239,6 +165,33 @@ class EngineActor:
 
     async def shutdown(self) -> None:
         await self._engine.shutdown()
+
+
+def _check_versioned(actor: str, version: int, buckets: list[Any]) -> list[Any]:
+    """Buckets of one version in index order, or `ValueError` naming what does not fit."""
+    for pos, b in enumerate(buckets):
+        got = getattr(b, "version", version)
+        if got != version:
+            raise ValueError(
+                f"{actor}: bucket {getattr(b, 'index', pos)} (position {pos}) holds weight "
+                f"version {got}, expected {version}; send one version's buckets per call"
+            )
+    versioned = [b for b in buckets if hasattr(b, "num_buckets")]
+    if not versioned:
+        return buckets
+    indices = [b.index for b in versioned]
+    if len(set(indices)) != len(indices):
+        dup = next(i for i in indices if indices.count(i) > 1)
+        raise ValueError(f"{actor}: bucket {dup} of version {version} arrived twice")
+    expected = {b.num_buckets for b in versioned}
+    if len(expected) != 1 or len(versioned) != next(iter(expected)):
+        raise ValueError(
+            f"{actor}: version {version} has {sorted(expected)} buckets but {len(versioned)} "
+            f"arrived (indices {sorted(indices)}); send all of them"
+        )
+    if len(versioned) != len(buckets):
+        raise ValueError(f"{actor}: version {version} mixes versioned buckets with plain ones")
+    return sorted(buckets, key=lambda b: b.index)
 
 
 def start_engine_actor(

@@ -4,8 +4,8 @@
       (prompt ids,          │  many at once       (token ids, log-probs of the sampled tokens,
        SamplingParams)      │                      finish reason, weight version per token)
                             ▼
-    trainer buckets ──► begin_weight_update(v) → load_weight_bucket(b)… → commit_weight_update()
-                        (staged; applied between decode steps at commit, then version = v)
+    trainer buckets ──► update_weights(v, buckets, mode) (every bucket read, then applied
+                        between decode steps in one go; then version = v)
 
 Every backend (`hf`, `vllm`, `sglang`) implements `RolloutEngine`; `create_engine` in
 `registry.py` builds one by name. Log-probs are `log_softmax(logits / T)` over the full
@@ -25,6 +25,11 @@ import torch
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
 """A (part of a) state dict as `(name, tensor)` pairs, HF parameter names."""
+
+WeightBuckets = Any
+"""What `update_weights` takes: one bucket or a sequence of buckets, a bucket being a
+`dict[str, Tensor]`, a list of `(name, tensor)` pairs, or an object with `named_tensors()`
+(the trainer's `WeightBucket`, a transport's bucket handle)."""
 
 
 class FinishReason(str, enum.Enum):
@@ -122,12 +127,12 @@ class GenerateResult:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: FinishReason
-    weight_versions: list[int]
+    token_versions: list[int]
     """Weight version that generated each token (differs within a request only if weights
     were committed with `PauseMode.KEEP` while it ran)."""
-    version_start: int
+    policy_version: int
     """Engine weight version when the request was admitted."""
-    version_end: int
+    policy_version_end: int
     """Engine weight version when it finished."""
     stop_reason: str | int | None = None
     """The stop string or stop token id that ended it (None for EOS, length, abort)."""
@@ -174,11 +179,6 @@ class RolloutEngine(Protocol):
     @property
     def version(self) -> int: ...
 
-    @property
-    def staged_version(self) -> int | None:
-        """Version opened by `begin_weight_update` and not committed yet (None otherwise)."""
-        ...
-
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         """Complete one prompt; many calls may run concurrently (they are batched)."""
         ...
@@ -201,26 +201,13 @@ class RolloutEngine(Protocol):
 
     async def resume(self) -> None: ...
 
-    async def begin_weight_update(self, version: int) -> None:
-        """Open a staged update to `version` (generation continues meanwhile)."""
-        ...
-
-    async def load_weight_bucket(self, bucket: NamedTensors) -> int:
-        """Stage one bucket of named tensors; returns the number staged so far."""
-        ...
-
-    async def commit_weight_update(self, mode: PauseMode | str = PauseMode.KEEP) -> int:
-        """Pause (per `mode`), apply the staged full state dict, reset caches, set the version,
-        resume. Returns the new version."""
-        ...
-
     async def update_weights(
-        self,
-        version: int,
-        named_tensors: NamedTensors | Mapping[str, torch.Tensor],
-        mode: PauseMode | str = PauseMode.KEEP,
+        self, version: int, buckets: WeightBuckets, mode: PauseMode | str = PauseMode.KEEP
     ) -> int:
-        """begin + one bucket + commit."""
+        """Load a whole new version: read every bucket (together the full state dict), pause
+        per `mode`, apply them between decode steps, reset caches derived from the weights,
+        set `version`, resume. Returns the new version. Raises `ValueError` for a bucket that
+        is not named tensors or a state dict that is not complete (nothing applied)."""
         ...
 
     async def health(self) -> EngineHealth: ...
@@ -237,9 +224,9 @@ def error_result(request: GenerateRequest, error: BaseException, version: int) -
         token_ids=[],
         logprobs=[],
         finish_reason=FinishReason.ERROR,
-        weight_versions=[],
-        version_start=version,
-        version_end=version,
+        token_versions=[],
+        policy_version=version,
+        policy_version_end=version,
         error=f"{type(error).__name__}: {error}",
     )
 
@@ -272,6 +259,19 @@ def as_named_tensors(tensors: Any) -> list[tuple[str, torch.Tensor]]:
                 f"weight {name!r} is a {type(tensor).__name__}, expected a torch.Tensor"
             )
         out.append((str(name), tensor))
+    return out
+
+
+def collect_buckets(buckets: WeightBuckets) -> list[tuple[str, torch.Tensor]]:
+    """Every `(name, tensor)` of one bucket or of a sequence of buckets, in order (a bucket
+    handle's `named_tensors()` is called here: a disk bucket reads its file, a collective
+    bucket receives its tensors)."""
+    single = isinstance(buckets, Mapping) or hasattr(buckets, "named_tensors")
+    if single or (isinstance(buckets, Sequence) and buckets and isinstance(buckets[0], tuple)):
+        buckets = [buckets]
+    out: list[tuple[str, torch.Tensor]] = []
+    for bucket in buckets:
+        out.extend(as_named_tensors(bucket))
     return out
 
 

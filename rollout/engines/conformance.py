@@ -174,10 +174,10 @@ def check_update_mid_request(
     wait_for_tokens(client, f"{tag}-mid", 4)
     client.update_weights(version, model_b.state_dict(), PauseMode.KEEP)
     res = fut.result(timeout=120)
-    vs = res.weight_versions
-    assert res.version_start == version - 1 and res.version_end == version, (
-        res.version_start,
-        res.version_end,
+    vs = res.token_versions
+    assert res.policy_version == version - 1 and res.policy_version_end == version, (
+        res.policy_version,
+        res.policy_version_end,
     )
     assert vs[0] == version - 1 and vs[-1] == version and vs == sorted(vs), (
         f"versions not a clean switch: {vs}"

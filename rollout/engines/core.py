@@ -3,7 +3,7 @@
     generate() ──► pending ──► _loop (asyncio task) ──► backend thread (one worker):
                                  │  admit pending        backend_add(requests)
                                  │  step                 backend_step() -> [StepDelta]
-    abort()/pause()/commit() ───►│  between steps:       backend_abort(ids), backend_load(weights)
+    abort()/pause()/update_weights() ►│  between steps:    backend_abort(ids), backend_update_weights(w)
                                  ▼
                       futures resolved with GenerateResult (tokens tagged with the version
                       that was live during the step that produced them)
@@ -12,7 +12,7 @@ All backend calls run on one dedicated thread, so the backend never sees two cal
 and the event loop (a Ray asyncio actor's) stays responsive while a step computes. Weights
 are applied only while no step runs, which makes the per-token versions exact.
 
-A weight commit has two phases: pausing (cancellable: a caller that gives up, e.g. on the
+A weight update has two phases: pausing (cancellable: a caller that gives up, e.g. on the
 actor's timeout, leaves the old weights and version) and loading (shielded: once the backend
 received the tensors the version must follow them, so the load runs to the end and resumes
 generation even if its caller is gone; `loading_version` says it is running).
@@ -34,7 +34,7 @@ import logging
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -43,10 +43,10 @@ from slime_rl.rollout.engines.base import (
     FinishReason,
     GenerateRequest,
     GenerateResult,
-    NamedTensors,
     PauseMode,
     RequestRejected,
-    as_named_tensors,
+    WeightBuckets,
+    collect_buckets,
     generate_each,
 )
 
@@ -127,50 +127,14 @@ class StepDelta:
     `(first position, int16 array (n, L, K))` chunks."""
 
 
-class WeightStaging:
-    """Staging half of the weight-update protocol, shared by every engine: buckets gathered
-    between `begin_weight_update` (which sets `_staged = []` and `_staged_version`) and
-    `commit_weight_update`, both defined by the engine."""
-
-    _staged: list[tuple[str, torch.Tensor]] | None
-    _staged_version: int | None
-
-    @property
-    def staged_version(self) -> int | None:
-        """Version of the update opened by `begin_weight_update` and not yet committed."""
-        return self._staged_version
-
-    async def begin_weight_update(self, version: int) -> None:
-        raise NotImplementedError
-
-    async def commit_weight_update(self, mode: PauseMode | str = PauseMode.KEEP) -> int:
-        raise NotImplementedError
-
-    async def load_weight_bucket(self, bucket: NamedTensors | Mapping[str, torch.Tensor]) -> int:
-        if self._staged is None:
-            raise RuntimeError("load_weight_bucket before begin_weight_update(version)")
-        self._staged.extend(as_named_tensors(bucket))
-        return len(self._staged)
-
-    async def update_weights(
-        self,
-        version: int,
-        named_tensors: NamedTensors | Mapping[str, torch.Tensor],
-        mode: PauseMode | str = PauseMode.KEEP,
-    ) -> int:
-        await self.begin_weight_update(version)
-        await self.load_weight_bucket(named_tensors)
-        return await self.commit_weight_update(mode)
-
-
 @dataclasses.dataclass(slots=True)
 class _Live:
     request: GenerateRequest
     future: asyncio.Future
-    version_start: int
+    policy_version: int
     token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
-    versions: list[int] = dataclasses.field(default_factory=list)
+    token_versions: list[int] = dataclasses.field(default_factory=list)
     admitted: bool = False
     routing: list[Any] = dataclasses.field(default_factory=list)
     """Chunks (n, L, K) of recorded MoE routing, positions 0.. in order."""
@@ -203,9 +167,9 @@ class _Live:
             token_ids=list(self.token_ids),
             logprobs=list(self.logprobs),
             finish_reason=reason,
-            weight_versions=list(self.versions),
-            version_start=self.version_start,
-            version_end=version,
+            token_versions=list(self.token_versions),
+            policy_version=self.policy_version,
+            policy_version_end=version,
             stop_reason=stop_reason,
             routed_experts=self.routed_experts(),
         )
@@ -214,7 +178,7 @@ class _Live:
         return result
 
 
-class SteppedEngine(WeightStaging, abc.ABC):
+class SteppedEngine(abc.ABC):
     """Implements `RolloutEngine` on top of five synchronous backend hooks."""
 
     backend: str = "?"
@@ -238,8 +202,6 @@ class SteppedEngine(WeightStaging, abc.ABC):
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:  # built outside a loop; the first generate() records it
             self._loop = None
-        self._staged: list[tuple[str, torch.Tensor]] | None = None
-        self._staged_version: int | None = None
         self._update_lock = asyncio.Lock()
         self._loading_version: int | None = None
         self._error: BaseException | None = None
@@ -257,7 +219,7 @@ class SteppedEngine(WeightStaging, abc.ABC):
     def backend_abort(self, request_ids: list[str]) -> None: ...
 
     @abc.abstractmethod
-    def backend_load(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+    def backend_update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         """Load a full state dict into the model and invalidate every cache derived from it."""
 
     @abc.abstractmethod
@@ -271,7 +233,7 @@ class SteppedEngine(WeightStaging, abc.ABC):
     @property
     def loading_version(self) -> int | None:
         """Version whose weights are being loaded right now (None otherwise); such a load
-        finishes and sets the version even if the commit's caller gave up."""
+        finishes and sets the version even if the caller of update_weights gave up."""
         return self._loading_version
 
     async def _call(self, fn, *args):
@@ -381,24 +343,16 @@ class SteppedEngine(WeightStaging, abc.ABC):
         if mode is PauseMode.ABORT:
             await self.abort([r for r, lv in self._live.items() if lv.admitted])
 
-    async def begin_weight_update(self, version: int) -> None:
+    async def update_weights(
+        self, version: int, buckets: WeightBuckets, mode: PauseMode | str = PauseMode.KEEP
+    ) -> int:
+        """See `RolloutEngine.update_weights`. Reading the buckets and pausing can be
+        cancelled (a caller's timeout then leaves the old weights and version); from the
+        backend load on, the update runs to the end even if its caller is gone."""
         self._check_usable()
-        if self._staged is not None:
-            logger.warning(
-                "%s: dropping an uncommitted weight update to version %s",
-                self.backend,
-                self._staged_version,
-            )
-        self._staged, self._staged_version = [], int(version)
-
-    async def commit_weight_update(self, mode: PauseMode | str = PauseMode.KEEP) -> int:
-        self._check_usable()
-        if self._staged is None or self._staged_version is None:
-            raise RuntimeError("commit_weight_update before begin_weight_update(version)")
-        if not self._staged:
-            raise ValueError(f"weight update to version {self._staged_version} has no tensors")
-        staged, version = self._staged, self._staged_version
-        self._staged = self._staged_version = None
+        named = collect_buckets(buckets)
+        if not named:
+            raise ValueError(f"weight update to version {version} has no tensors")
         # The lock is released by the load task, not here: a load that outlives its caller
         # still holds it, so updates never overlap.
         await self._update_lock.acquire()
@@ -407,8 +361,8 @@ class SteppedEngine(WeightStaging, abc.ABC):
         except BaseException:  # gave up (timeout) or failed while pausing: nothing loaded
             self._resume_after_update()
             raise
-        self._loading_version = version
-        task = asyncio.ensure_future(self._load_and_resume(staged, version))
+        self._loading_version = int(version)
+        task = asyncio.ensure_future(self._load_and_resume(named, int(version)))
         try:
             # Shielded: once loading starts, the version must follow the weights even if the
             # caller times out.
@@ -417,11 +371,11 @@ class SteppedEngine(WeightStaging, abc.ABC):
             if not task.done():
                 task.add_done_callback(functools.partial(report_orphan_load, self.backend, version))
             raise
-        return version
+        return int(version)
 
     async def _load_and_resume(self, staged: list[tuple[str, torch.Tensor]], version: int) -> None:
         try:
-            await self._call(self.backend_load, staged)
+            await self._call(self.backend_update_weights, staged)
             self._version = version
             logger.info("%s: weights at version %d (%d tensors)", self.backend, version, len(staged))
         finally:
@@ -519,7 +473,7 @@ class SteppedEngine(WeightStaging, abc.ABC):
                     self._pending.clear()
                     for lv in batch:
                         lv.admitted = True
-                        lv.version_start = self._version
+                        lv.policy_version = self._version
                     failed = await self._call(self._admit, [lv.request for lv in batch])
                     for rid, err in failed:  # a bad request fails alone, not the engine
                         lv = self._live.pop(rid, None)
@@ -545,7 +499,7 @@ class SteppedEngine(WeightStaging, abc.ABC):
                     continue
                 lv.token_ids.extend(d.token_ids)
                 lv.logprobs.extend(d.logprobs)
-                lv.versions.extend([version] * len(d.token_ids))
+                lv.token_versions.extend([version] * len(d.token_ids))
                 for first, rows in d.routing:
                     lv.add_routing(first, rows)
                 if d.finish_reason is not None:
@@ -555,7 +509,7 @@ class SteppedEngine(WeightStaging, abc.ABC):
 
 
 def report_orphan_load(backend: str, version: int, task: asyncio.Future) -> None:
-    """Done-callback of a load whose commit caller gave up: say how it ended (and retrieve
+    """Done-callback of a load whose update_weights caller gave up: say how it ended (and retrieve
     its exception, which nobody else will)."""
     if task.cancelled():
         return

@@ -183,7 +183,7 @@ class HFEngine(SteppedEngine):
             self._select(keep)
         return deltas
 
-    def backend_load(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+    def backend_update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         targets = self.model.state_dict(keep_vars=True)
         # per-expert names (HF checkpoints, Megatron-style trainers) -> this model's fused experts
         named_tensors = fuse_per_expert(named_tensors, targets)

@@ -72,11 +72,11 @@ def new_stream_tokens(
 def from_sglang_output(
     request: GenerateRequest,
     out: Mapping[str, Any],
-    version_start: int,
-    version_end: int,
+    policy_version: int,
+    policy_version_end: int,
     token_ids: list[int] | None = None,
     logprobs: list[float] | None = None,
-    weight_versions: list[int] | None = None,
+    token_versions: list[int] | None = None,
 ) -> GenerateResult:
     """Translate SGLang's (last) result dict into a `GenerateResult`; the tokens, log-probs
     and versions gathered from the stream override the dict's when given."""
@@ -102,8 +102,8 @@ def from_sglang_output(
         token_ids=token_ids,
         logprobs=logprobs,
         finish_reason=reason,
-        weight_versions=weight_versions or [version_start] * len(token_ids),
-        version_start=version_start,
-        version_end=version_end,
+        token_versions=token_versions or [policy_version] * len(token_ids),
+        policy_version=policy_version,
+        policy_version_end=policy_version_end,
         stop_reason=stop_reason,
     )

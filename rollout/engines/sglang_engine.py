@@ -4,7 +4,7 @@
                        input_ids, rid, sampling_params, return_logprob=True, stream=True))
                    each streamed chunk: new tokens + log-probs, tagged with the live version
     abort()    ──► tokenizer_manager.abort_request(rid), re-sent until the stream ends
-    commit_weight_update ──► [wait: close gate, drain] ─► pause_generation(retract | abort)
+    update_weights ──────► [wait: close gate, drain] ─► pause_generation(retract | abort)
                               ─► update_weights_from_tensor / _from_distributed (all buckets,
                               flush_cache=False) / _from_disk ─► flush_cache (checked)
                               ─► version = v ─► continue_generation ─► open gate
@@ -29,7 +29,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from slime_rl.rollout.engines.base import (
     EngineHealth,
     FinishReason,
@@ -72,11 +71,11 @@ ABORT_DEADLINE_S = 30.0
 @dataclasses.dataclass(slots=True)
 class _Stream:
     request: GenerateRequest
-    version_start: int
+    policy_version: int
     done: asyncio.Future
     token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
-    versions: list[int] = dataclasses.field(default_factory=list)
+    token_versions: list[int] = dataclasses.field(default_factory=list)
     admitted: bool = False
     """Sent to SGLang (False while held at the admission gate of a wait-mode update)."""
 
@@ -126,8 +125,6 @@ class SGLangEngine(SGLangWeightUpdates):
         self._paused = False
         self._update_lock = asyncio.Lock()
         self._loading_version: int | None = None
-        self._staged: list[tuple[str, torch.Tensor]] | None = None
-        self._staged_version: int | None = None
         self._closed = False
 
     @property
@@ -151,7 +148,7 @@ class SGLangEngine(SGLangWeightUpdates):
                 gate.cancel()
             if st.done.done():  # aborted while held at the gate
                 return st.done.result()
-            st.admitted, st.version_start = True, self._version
+            st.admitted, st.policy_version = True, self._version
             obj = self._io.GenerateReqInput(
                 input_ids=list(request.prompt_token_ids),
                 sampling_params=to_sglang_sampling(request.sampling),
@@ -164,11 +161,11 @@ class SGLangEngine(SGLangWeightUpdates):
                 ids, lps = new_stream_tokens(len(st.token_ids), out, request.request_id)
                 st.token_ids += ids
                 st.logprobs += lps
-                st.versions += [self._version] * len(ids)  # the version live on arrival
+                st.token_versions += [self._version] * len(ids)  # the version live on arrival
                 last = out
             result = from_sglang_output(
-                request, last, st.version_start, self._version,
-                st.token_ids, st.logprobs, st.versions,
+                request, last, st.policy_version, self._version,
+                st.token_ids, st.logprobs, st.token_versions,
             )  # fmt: skip
         except BaseException as e:
             if not st.done.done():  # an abort() waiting on this request must not hang
@@ -212,7 +209,7 @@ class SGLangEngine(SGLangWeightUpdates):
                         [],
                         FinishReason.ABORT,
                         [],
-                        st.version_start,
+                        st.policy_version,
                         self._version,
                     )  # fmt: skip
                 )

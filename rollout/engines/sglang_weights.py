@@ -1,9 +1,8 @@
 """SGLang weight-update paths: staged tensors, disk, and NCCL broadcast from the trainer.
 
-    begin_weight_update(v) ─► load_weight_bucket* ─► commit_weight_update(mode)
-    update_weights_from_disk(v, path)        ─┐
-    update_weights_from_distributed(v, ...)  ─┼─► _with_pause: [pause(mode)] ─► load (all
-    commit_weight_update                     ─┘   buckets, flush_cache=False) ─► flush_cache
+    update_weights(v, buckets, mode)         ─┐
+    update_weights_from_disk(v, path)        ─┼─► _with_pause: [pause(mode)] ─► load (all
+    update_weights_from_distributed(v, ...)  ─┘   buckets, flush_cache=False) ─► flush_cache
                                                   (checked) ─► version = v ─► [resume]
 
 SGLang's synchronous `Engine.update_weights_*` wrappers call `loop.run_until_complete`, so
@@ -24,30 +23,27 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
-from slime_rl.rollout.engines.base import PauseMode
-from slime_rl.rollout.engines.core import WeightStaging, report_orphan_load
+from slime_rl.rollout.engines.base import PauseMode, WeightBuckets, collect_buckets
+from slime_rl.rollout.engines.core import report_orphan_load
 
 
-class SGLangWeightUpdates(WeightStaging):
+class SGLangWeightUpdates:
     """Weight-update half of `SGLangEngine`."""
 
-    async def begin_weight_update(self, version: int) -> None:
-        self._staged, self._staged_version = [], int(version)
-
-    async def commit_weight_update(self, mode: PauseMode | str = PauseMode.KEEP) -> int:
-        """Load every staged bucket in one `update_weights_from_tensor` call (SGLang, like
-        vLLM, must see the full state dict at once), flush once, set the version."""
-        if not self._staged or self._staged_version is None:
-            raise RuntimeError(
-                "commit_weight_update needs begin_weight_update(version) and at least one bucket"
-            )
+    async def update_weights(
+        self, version: int, buckets: WeightBuckets, mode: PauseMode | str = PauseMode.KEEP
+    ) -> int:
+        """Load every bucket in one `update_weights_from_tensor` call (SGLang, like vLLM,
+        must see the full state dict at once), flush once, set the version."""
+        staged = collect_buckets(buckets)
+        if not staged:
+            raise ValueError(f"weight update to version {version} has no tensors")
         serialize = self._serialize
         if serialize is None:
             from sglang.srt.utils import MultiprocessingSerializer
 
             serialize = MultiprocessingSerializer.serialize
-        staged, version = self._staged, self._staged_version
-        self._staged = self._staged_version = None
+        version = int(version)
         payload = [serialize(staged) for _ in range(self._tp)]
 
         async def load() -> None:

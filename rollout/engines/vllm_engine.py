@@ -2,7 +2,7 @@
 
     generate() ─► SteppedEngine loop ─► engine thread: LLMEngine.add_request / step()
                                           │ RequestOutput deltas (tokens + sampled log-probs)
-    commit_weight_update ─► pause (between steps) ─► collective_rpc("slime_load_weights")
+    update_weights ─► pause (between steps) ─► collective_rpc("slime_update_weights")
                             ─► tied lm_head re-pack ─► reset_prefix_cache ─► version = v ─► resume
 
 Start-up, once: the log-prob sampler is switched (see `vllm_ext`), the checkpoint names a
@@ -302,10 +302,10 @@ class VLLMEngine(SteppedEngine):
         for internal in [i for i, e in self._external_ids.items() if e == request_id]:
             del self._external_ids[internal]
 
-    def backend_load(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+    def backend_update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         check_full_state_dict(self._expected, self._optional, [n for n, _ in named_tensors])
         payload: Any = named_tensors if self._tensors_by_reference else pack_weights(named_tensors)
-        self._engine.collective_rpc("slime_load_weights", args=(payload,))
+        self._engine.collective_rpc("slime_update_weights", args=(payload,))
         # Requests kept across the update are preempted and recomputed with the new weights;
         # the prefix cache would otherwise serve KV blocks of the old weights.
         if not self._engine.reset_prefix_cache(reset_running_requests=True):

@@ -1,6 +1,6 @@
 """vLLM worker extension: in-place weight reload, called through `collective_rpc`.
 
-    VLLMEngine.backend_load ──collective_rpc("slime_load_weights", payload)──► every worker:
+    VLLMEngine.backend_update_weights ──collective_rpc("slime_update_weights", payload)──► every worker:
         payload = [(name, tensor), ...]  (in-process executor: tensors passed by reference)
                or safetensors bytes      (worker processes: tensors do not survive the RPC)
         worker.reload_weights(weights_iterator)   # vLLM's layerwise in-place reload
@@ -343,7 +343,7 @@ class RoutingCapture:
 class WeightSyncExtension:
     """Mixed into vLLM's worker class; `self` is the worker (has `model_runner`, `reload_weights`)."""
 
-    def slime_load_weights(self, payload: Any) -> int:
+    def slime_update_weights(self, payload: Any) -> int:
         """Reload the full state dict in place; returns the number of tensors received."""
         weights = _unpack(payload)
         model = self.model_runner.get_model()

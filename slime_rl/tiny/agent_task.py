@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from slime_rl.rollout.environments import CalculatorEnvironment, RetrievalEnvironment
+from slime_rl.rollout.envs_builtin.calculator import CalculatorEnvironment
+from slime_rl.rollout.envs_builtin.retrieval import RetrievalEnvironment
 from slime_rl.rollout.trajectory import ChatGlue
 from slime_rl.tiny.model import TinyModelSpec, _collate, _new_model, _save, prompt_text
 from slime_rl.tiny.task import make_dataset, render_response, write_jsonl
@@ -221,7 +222,7 @@ def episode_example(tokenizer: Any, messages: Sequence[dict[str, Any]], tools: l
 
 def warm_start_examples(tokenizer: Any, data: dict[str, Any], seed: int, spec: AgentTaskSpec) -> list[tuple[list[int], list[int]]]:
     """Calculator, retrieval and plain arithmetic (both modes) examples."""
-    from slime_rl.rollout.environments import BM25Index
+    from slime_rl.rollout.envs_builtin.retrieval import BM25Index
 
     rng = random.Random(seed * 1000 + 13)
     index = BM25Index(data["docs"])

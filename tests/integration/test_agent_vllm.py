@@ -19,7 +19,7 @@ from slime_rl.rewards.config import RewardConfig
 from slime_rl.rollout.clients import LocalBufferClient
 from slime_rl.rollout.config import DataConfig, EvalConfig, RolloutConfig
 from slime_rl.rollout.engine_pool import RayEngineClient
-from slime_rl.rollout.environments import CalculatorEnvironment
+from slime_rl.rollout.envs_builtin.calculator import CalculatorEnvironment
 from slime_rl.rollout.manager import ManagerSpec, RolloutManager
 
 pytestmark = [
@@ -63,7 +63,7 @@ def test_multi_turn_episode_on_vllm_trains_one_step(ray_cluster, tmp_path_factor
         rollout=RolloutConfig(engine="vllm", n_samples_per_prompt=2, max_new_tokens=64, environment="calculator", max_turns=4),
         data=DataConfig(train_path=str(tmp / "train.jsonl")),
         reward=RewardConfig(fn=f"{tmp / 'reward.py'}:by_index"),
-        eval=EvalConfig(), model_path=str(model_dir), batch_groups=1, max_staleness=0, seed=0,
+        eval=EvalConfig(), model_path=str(model_dir), global_batch_groups=1, max_staleness=0, seed=0,
     )
     buf = ReplayBuffer(BufferConfig(capacity_groups=4, max_staleness=0), group_size=2)
 
@@ -85,7 +85,7 @@ def test_multi_turn_episode_on_vllm_trains_one_step(ray_cluster, tmp_path_factor
 
         ray.get(handle.shutdown.remote(), timeout=60)
         ray.kill(handle, no_restart=True)
-    table = buf.get_batch(1, current_version=0, timeout=5)
+    table = buf.get_batch(1, trainer_version=0, timeout=5)
     samples = batch_to_samples(table)
     assert metrics["agent/turns_mean"] == 3 and metrics["agent/tool_calls_mean"] == 2
     for s in samples:

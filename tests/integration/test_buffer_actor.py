@@ -42,7 +42,7 @@ def group(gid: str, version: int = 0, tokens: int = 16) -> pa.RecordBatch:
 
 @ray.remote(num_cpus=0)
 class Writer:
-    """A stand-in rollout worker: puts groups ``<name>-<i>`` until told to stop or the buffer dies."""
+    """A stand-in rollout manager: puts groups ``<name>-<i>`` until told to stop or the buffer dies."""
 
     def __init__(self, buffer: ray.actor.ActorHandle, name: str) -> None:
         self.buffer, self.name, self.accepted = buffer, name, []
@@ -75,7 +75,7 @@ def test_concurrent_writers_and_a_reader(ray_cluster) -> None:
     done = [w.run.remote(15) for w in writers]  # 60 groups through a buffer of 8: writers must block
     seen: list[str] = []
     while len(seen) < 60:
-        table = ray.get(buffer.get_batch.remote(5, current_version=0, timeout=60), timeout=90)
+        table = ray.get(buffer.get_batch.remote(5, trainer_version=0, timeout=60), timeout=90)
         ids = runs(table)
         assert len(ids) == 5 and table.num_rows == 5 * GROUP  # whole groups, never split
         assert collections.Counter(table.column("group_id").to_pylist()) == {g: GROUP for g in ids}
@@ -98,7 +98,7 @@ def test_errors_keep_their_type_through_ray(ray_cluster) -> None:
     with pytest.raises(BufferFullError, match="put_policy=reject"):
         ray.get(buffer.put.remote(group("b")))
     with pytest.raises(BufferTimeoutError, match="waited"):
-        ray.get(buffer.get_batch.remote(1, current_version=5, max_staleness=0, timeout=0.1))
+        ray.get(buffer.get_batch.remote(1, trainer_version=5, max_staleness=0, timeout=0.1))
     with pytest.raises(ValueError, match="column 'reward' row 0 is nan"):
         bad = group("c")
         ray.get(buffer.put.remote(bad.set_column(bad.schema.get_field_index("reward"), "reward", pa.array([float("nan")] * GROUP, pa.float32()))))
@@ -112,7 +112,7 @@ def test_blocked_writer_and_reader_do_not_block_each_other_and_close_wakes_them(
     ray.get(buffer.put.remote(group("a")))
     two = pa.Table.from_batches([group("b"), group("c")])
     blocked_put = buffer.put.remote(two, timeout=60)  # 1 + 2 > 2: waits for room
-    blocked_get = buffer.get_batch.remote(2, current_version=0, timeout=60)  # 1 < 2: waits for groups
+    blocked_get = buffer.get_batch.remote(2, trainer_version=0, timeout=60)  # 1 < 2: waits for groups
     ready, _ = ray.wait([blocked_put, blocked_get], timeout=0.5)
     assert ready == []
     assert ray.get(buffer.counts.remote(), timeout=10).held_groups == 1  # the actor still answers
@@ -135,7 +135,7 @@ def test_kill_while_writers_run_then_recover(ray_cluster, tmp_path: Path) -> Non
     def read() -> None:  # the trainer: keeps consuming until the buffer dies
         while not stop.is_set():
             try:
-                received.extend(runs(ray.get(buffer.get_batch.remote(3, current_version=0, timeout=5), timeout=30)))
+                received.extend(runs(ray.get(buffer.get_batch.remote(3, trainer_version=0, timeout=5), timeout=30)))
             except BufferTimeoutError:
                 continue  # writers not started yet (slow machine): wait again
             except RayActorError:
@@ -173,7 +173,7 @@ def test_kill_while_writers_run_then_recover(ray_cluster, tmp_path: Path) -> Non
     counts = ray.get(again.counts.remote())
     assert counts.accepted_groups == len(per_group) and counts.held_groups == len(held)
     # the recovered buffer serves on
-    table = ray.get(again.get_batch.remote(min(3, len(held)), current_version=0, timeout=10)) if held else None
+    table = ray.get(again.get_batch.remote(min(3, len(held)), trainer_version=0, timeout=10)) if held else None
     assert table is None or runs(table) == held[: min(3, len(held))]
     ray.get(again.close.remote())
 
@@ -185,7 +185,7 @@ def test_a_restarted_actor_recovers_its_log_by_itself(ray_cluster, tmp_path: Pat
     first = ray.get(buffer.ready.remote())
     for i in range(3):
         ray.get(buffer.put.remote(group(f"g{i}")))
-    ray.get(buffer.get_batch.remote(1, current_version=0, timeout=10))
+    ray.get(buffer.get_batch.remote(1, trainer_version=0, timeout=10))
     ray.kill(buffer, no_restart=False)
     deadline = time.monotonic() + 60
     pid = first
@@ -202,7 +202,7 @@ def test_a_restarted_actor_recovers_its_log_by_itself(ray_cluster, tmp_path: Pat
 
 @pytest.mark.timeout(60)
 def test_groups_outlive_the_writer_that_put_them(ray_cluster) -> None:
-    """Puts over ~100 KiB reach the actor through the object store; a dead rollout worker
+    """Puts over ~100 KiB reach the actor through the object store; a dead rollout manager
     (the owner of those objects) must not take its accepted groups with it."""
     buffer = create_buffer_actor(BufferConfig(capacity_groups=16))
     writer = Writer.remote(buffer, "dying")
@@ -210,7 +210,7 @@ def test_groups_outlive_the_writer_that_put_them(ray_cluster) -> None:
     ray.get(writer.run.remote(3, tokens=8192))
     ray.kill(writer)
     junk = [ray.put(b"x" * 30_000_000) for _ in range(3)]  # churn the object store
-    table = ray.get(buffer.get_batch.remote(3, current_version=0, timeout=10))
+    table = ray.get(buffer.get_batch.remote(3, trainer_version=0, timeout=10))
     del junk
     assert runs(table) == ["dying-0", "dying-1", "dying-2"]
     assert table.column("response_ids").to_pylist() == [list(range(8192))] * (3 * GROUP)
@@ -224,7 +224,7 @@ def test_more_blocked_writers_than_writer_threads_do_not_starve_the_reader(ray_c
     ready, _ = ray.wait(blocked, timeout=0.5)
     assert ready == []
     assert ray.get(buffer.counts.remote(), timeout=10).held_groups == 1  # control calls still served
-    served = [runs(ray.get(buffer.get_batch.remote(1, current_version=0, timeout=30), timeout=40)) for _ in range(5)]
+    served = [runs(ray.get(buffer.get_batch.remote(1, trainer_version=0, timeout=30), timeout=40)) for _ in range(5)]
     assert served[0] == ["first"]
     assert sorted(g for s in served[1:] for g in s) == ["w0", "w1", "w2", "w3"]  # each freed slot let a writer in
     assert ray.get(blocked, timeout=10) == [1, 1, 1, 1]

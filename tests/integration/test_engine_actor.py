@@ -50,8 +50,8 @@ def test_concurrent_generation_through_the_actor(client, models):
     assert health.ok and health.backend == "hf" and health.num_running == 0
 
 
-def test_publisher_paths_load_weights(client, models):
-    """Three ways a weight publisher can feed the actor; each must land the full model."""
+def test_update_weights_takes_a_state_dict_or_a_list_of_buckets(client, models):
+    """The two bucket shapes a caller may send; each must land the full model."""
     prompts = make_prompts(3, models["a"].config.vocab_size, seed=2)
     items_b = list(models["b"].state_dict().items())
     items_a = list(models["a"].state_dict().items())
@@ -63,44 +63,10 @@ def test_publisher_paths_load_weights(client, models):
     buckets = [items_a[i : i + 10] for i in range(0, len(items_a), 10)]
     assert ray.get(h.update_weights.remote(2, buckets), timeout=60) == 2
     check_logprobs_match(client, models["a"], prompts, "bucket-list")
-    # 3. begin / load_bucket(ObjectRef) / commit, as a streaming publisher would
-    ray.get(h.begin_weight_update.remote(3), timeout=30)
-    for i in range(0, len(items_b), 10):
-        ray.get(h.load_weight_bucket.remote(ray.put(items_b[i : i + 10])), timeout=30)
-    assert client.version() == 2, "staged buckets must not change the live weights"
-    assert ray.get(h.commit_weight_update.remote("keep"), timeout=60) == 3
-    check_logprobs_match(client, models["b"], prompts, "trio")
-    assert client.version() == 3
+    assert client.version() == 2
 
 
-def test_trainer_weight_bucket_stream(client, models):
-    """The trainer's `WeightBucket`s (tied lm_head left out) fed one by one to receive_bucket."""
-    from slime_rl.trainer.weights import WeightBucket
-
-    state = {k: t for k, t in models["b"].state_dict().items() if k != "lm_head.weight"}
-    names = list(state)
-    chunks = [names[i : i + 12] for i in range(0, len(names), 12)]
-    v = client.version() + 1
-    h = client.handle
-    returned = [
-        ray.get(
-            h.receive_bucket.remote(WeightBucket(v, i, len(chunks), c, [state[n] for n in c])),
-            timeout=60,
-        )
-        for i, c in enumerate(chunks)
-    ]
-    assert returned == [None] * (len(chunks) - 1) + [v]
-    check_logprobs_match(
-        client, models["b"], make_prompts(2, models["a"].config.vocab_size, seed=4), "stream"
-    )
-    stray = WeightBucket(v + 5, 1, 2, names[:1], [state[names[0]]])
-    with pytest.raises(
-        ray.exceptions.RayTaskError, match="load_weight_bucket before begin_weight_update"
-    ):
-        ray.get(h.receive_bucket.remote(stray), timeout=30)
-
-
-def test_commit_timeout_names_actor_and_version(client, models):
+def test_update_timeout_names_actor_and_version(client, models):
     prompt = make_prompts(1, models["a"].config.vocab_size, seed=3)[0]
     long = SamplingParams(max_new_tokens=1000, ignore_eos=True)
     fut = client.submit_generate(GenerateRequest("long", prompt, long))
@@ -146,7 +112,7 @@ def test_generate_group_returns_an_error_result_for_a_bad_request(client, models
     assert info == {"max_model_len": 1024, "eos_token_id": [2]}
 
 
-def test_load_weights_from_refs_checks_versions_and_counts(client, models):
+def test_update_weights_checks_versions_and_counts_of_weight_buckets(client, models):
     """The rollout manager's path: ObjectRefs of the trainer's WeightBuckets, in any order."""
     from slime_rl.trainer.weights import WeightBucket
 
@@ -162,11 +128,11 @@ def test_load_weights_from_refs_checks_versions_and_counts(client, models):
     wrong = buckets(v + 1)
     wrong[2] = buckets(v + 7)[2]
     with pytest.raises(ray.exceptions.RayTaskError, match=rf"bucket 2 .* holds weight version {v + 7}, expected {v + 1}"):
-        ray.get(h.load_weights_from_refs.remote(v + 1, [ray.put(b) for b in wrong]), timeout=60)
+        ray.get(h.update_weights.remote(v + 1, [ray.put(b) for b in wrong]), timeout=60)
     short = buckets(v + 1)[:-1]
     with pytest.raises(ray.exceptions.RayTaskError, match=rf"version {v + 1} has \[{len(chunks)}\] buckets but {len(chunks) - 1} arrived"):
-        ray.get(h.load_weights_from_refs.remote(v + 1, [ray.put(b) for b in short]), timeout=60)
+        ray.get(h.update_weights.remote(v + 1, [ray.put(b) for b in short]), timeout=60)
     assert client.version() == v
     refs = [ray.put(b) for b in reversed(buckets(v + 1))]  # staged by index, whatever the order
-    assert ray.get(h.load_weights_from_refs.remote(v + 1, refs, "keep"), timeout=60) == v + 1
+    assert ray.get(h.update_weights.remote(v + 1, refs, "keep"), timeout=60) == v + 1
     check_logprobs_match(client, models["b"], make_prompts(2, models["a"].config.vocab_size, seed=5), "from-refs")

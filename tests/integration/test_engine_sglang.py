@@ -58,7 +58,7 @@ def test_sglang_logprobs_weights_and_abort(runner, tiny_model_dir, tiny_model_di
     reqs, res_b = _sample(runner, prompts, "b")
     assert max_logprob_gap(model_b, reqs, res_b) < GPU_ATOL
     assert any(x.token_ids != y.token_ids for x, y in zip(res_a, res_b))
-    assert all(r.version_start == r.version_end == 1 for r in res_b)
+    assert all(r.policy_version == r.policy_version_end == 1 for r in res_b)
     # abort: wait for streamed tokens (no sleep race), then abort
     fut = runner.submit_generate(
         GenerateRequest("cut", prompts[0], SamplingParams(max_new_tokens=2000, ignore_eos=True))

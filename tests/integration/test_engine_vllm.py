@@ -105,7 +105,7 @@ def test_update_weights_switches_to_model_b(eng, models):
     assert any(x.token_ids != y.token_ids for x, y in zip(before, after)), (
         "new weights, same seeds: tokens should change"
     )
-    assert all(r.weight_versions == [v + 1] * len(r.token_ids) for r in after)
+    assert all(r.token_versions == [v + 1] * len(r.token_ids) for r in after)
     set_weights(eng, models, "a")  # and back: the tied lm_head must follow every reload
     check_logprobs_match(eng, models["a"], prompts, "back")
 

@@ -90,7 +90,7 @@ def test_serves_glm45_with_routing_and_takes_trainer_weights_in_both_layouts(cli
         trainer.load_state_dict(core.policy.state_dict())
         reqs = [GenerateRequest(f"{layout}{i}", p, SamplingParams(max_new_tokens=10, seed=i, ignore_eos=True)) for i, p in enumerate(prompts)]
         after = client.generate_many(reqs)
-        assert all(r.weight_versions == [version] * len(r.token_ids) for r in after)
+        assert all(r.token_versions == [version] * len(r.token_ids) for r in after)
         check_logprobs_where_routing_agrees(trainer, reqs, after, LOGPROB_ATOL)
         core.train_step(generate_table(client, prompts, 2, max_new_tokens=12, tag=f"t{layout}")[0])
     # a partial expert update is refused before anything loads: the engine keeps its version

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from slime_rl.buffers.schema import samples_to_batch, validate_batch
+from slime_rl.buffers.schema import samples_to_batch
+from slime_rl.buffers.validation import validate_batch
 from slime_rl.rollout.data import Prompt
 from slime_rl.rollout.engine_pool import EnginePool
 from slime_rl.rollout.engines.base import (
@@ -48,7 +49,7 @@ class ScriptedEngine:
             out.append(GenerateResult(r.request_id, ids, [-0.5] * len(ids), FinishReason.STOP, [3] * len(ids), 3, 3))
         return out
 
-    async def load_weights(self, version, buckets, mode):  # pragma: no cover - not used
+    async def update_weights(self, version, buckets, mode):  # pragma: no cover - not used
         return version
 
     async def version(self) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
-from slime_rl.rollout.data import DatasetCursor
+from slime_rl.rollout.cursor import DatasetCursor
 
 from slime_rl.config import load_config
 from slime_rl.driver import Driver
@@ -141,7 +141,7 @@ def _group_accounting(run_dir: Path, n_samples: int, train_path: Path, model_dir
     state = json.loads((final / "run_state.json").read_text())["rollout"]
     with ipc.open_file(str(final / "buffer" / "buffer_groups.arrow")) as f:
         buffered = set(f.read_all().column("group_id").to_pylist())
-    in_flight = {gid for gid, _, _ in state["in_flight"]}
+    in_flight = {gid for gid, _, _ in state["admission"]["in_flight"]}
     handed = state["cursor"]["epoch"] * state["cursor"]["size"] + state["cursor"]["position"]
     expected = set(_cursor_group_ids(train_path, model_dir, handed))
     trained_ids = set(trained)

@@ -12,18 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from slime_rl.buffers.schema import samples_to_batch, validate_batch
+from slime_rl.buffers.schema import samples_to_batch
+from slime_rl.buffers.validation import validate_batch
 from slime_rl.rollout.agent import AgentLoop, AgentSettings
 from slime_rl.rollout.data import Prompt
 from slime_rl.rollout.engines.base import FinishReason, GenerateRequest, GenerateResult
 from slime_rl.rollout.environments import (
-    CalculatorEnvironment,
     StepResult,
     ToolEnvironment,
-    evaluate_arithmetic,
     load_environment,
     tool_schema,
 )
+from slime_rl.rollout.envs_builtin.calculator import CalculatorEnvironment, evaluate_arithmetic
 from slime_rl.rollout.plugins import PluginLoadError
 from slime_rl.rollout.stats import RolloutStats
 from slime_rl.rollout.trajectory import TurnClient
@@ -66,7 +66,7 @@ class ScriptedEngine:
             out.append(GenerateResult(r.request_id, ids, [-0.25] * len(ids), reason, [self.v] * len(ids), self.v, self.v))
         return out
 
-    async def load_weights(self, version: int, buckets: Any, mode: str | None) -> int:
+    async def update_weights(self, version: int, buckets: Any, mode: str | None) -> int:
         self.v = version
         return version
 
@@ -297,7 +297,7 @@ def test_retrieval_environment_and_loader_errors(tmp_path: Path) -> None:
 
 
 def test_python_tool_runs_in_the_rewards_sandbox(tok: Any) -> None:
-    from slime_rl.rollout.environments import PythonEnvironment
+    from slime_rl.rollout.envs_builtin.python import PythonEnvironment
 
     try:
         make = load_environment("python", {"wall_s": 5.0})

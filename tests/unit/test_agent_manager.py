@@ -92,7 +92,7 @@ def _spec(data_dir: Path, model_dir: Path, reward: RewardConfig, **rollout) -> M
     r = RolloutConfig(engine="hf", n_samples_per_prompt=2, max_new_tokens=rollout.pop("max_new_tokens", 48), cpu_threads=1, **rollout)
     data = DataConfig(train_path=str(data_dir / "train.jsonl"), eval_path=str(data_dir / "train.jsonl"), mode_mix=0.5)
     return ManagerSpec(rollout=r, data=data, reward=reward, eval=EvalConfig(max_prompts=4, max_new_tokens=48),
-                       model_path=str(model_dir), batch_groups=2, max_staleness=0, seed=0, base_dir=str(data_dir))
+                       model_path=str(model_dir), global_batch_groups=2, max_staleness=0, seed=0, base_dir=str(data_dir))
 
 
 async def _run(spec: ManagerSpec, model_dir: Path, script=None, groups: int = 2):
@@ -115,7 +115,7 @@ async def _run(spec: ManagerSpec, model_dir: Path, script=None, groups: int = 2)
             await asyncio.sleep(0.05)
         metrics = await m.metrics()
         evaluation = await m.evaluate()
-        table = buf.get_batch(groups, current_version=0, timeout=1)
+        table = buf.get_batch(groups, trainer_version=0, timeout=1)
         validate_batch(table)
         return batch_to_samples(table), metrics, evaluation
     finally:

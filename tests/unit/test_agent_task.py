@@ -8,7 +8,9 @@ import random
 from pathlib import Path
 
 import pytest
-from slime_rl.rollout.environments import BM25Index, CalculatorEnvironment, answer_matches
+from slime_rl.rollout.environments import answer_matches
+from slime_rl.rollout.envs_builtin.calculator import CalculatorEnvironment
+from slime_rl.rollout.envs_builtin.retrieval import BM25Index
 
 from slime_rl.config import load_config
 from slime_rl.tiny.agent_task import (

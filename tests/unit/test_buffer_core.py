@@ -46,7 +46,7 @@ def test_groups_come_out_whole_in_fifo_order() -> None:
     both = pa.Table.from_batches([group("a", n=3), group("b", n=3)])
     assert buf.put(both) == 2
     assert buf.put(group("c", n=3)) == 1
-    table = buf.get_batch(2, current_version=0, timeout=1)
+    table = buf.get_batch(2, trainer_version=0, timeout=1)
     assert groups_of(table) == ["a", "b"]
     assert table.num_rows == 6
     assert table.column("sample_id").to_pylist() == ["a-0", "a-1", "a-2", "b-0", "b-1", "b-2"]
@@ -68,14 +68,14 @@ def test_freshest_order_serves_newest_policy_version_first() -> None:
     buf = ReplayBuffer(BufferConfig(order="freshest", max_staleness=5))
     for gid, v in [("old", 1), ("new", 3), ("mid", 2), ("new2", 3)]:
         buf.put(group(gid, version=v))
-    assert groups_of(buf.get_batch(3, current_version=3, timeout=1)) == ["new", "new2", "mid"]
+    assert groups_of(buf.get_batch(3, trainer_version=3, timeout=1)) == ["new", "new2", "mid"]
 
 
 def test_stale_groups_are_dropped_and_counted() -> None:
     buf = ReplayBuffer(BufferConfig(max_staleness=1, stale_policy="drop"))
     for v in range(4):
         buf.put(group(f"v{v}", version=v))
-    table = buf.get_batch(2, current_version=3, timeout=1)
+    table = buf.get_batch(2, trainer_version=3, timeout=1)
     assert groups_of(table) == ["v2", "v3"]
     stats = buf.stats()
     assert stats["buffer/dropped_stale"] == 2
@@ -89,21 +89,21 @@ def test_staleness_of_a_group_is_its_oldest_sample() -> None:
     buf = ReplayBuffer(BufferConfig(max_staleness=1))
     buf.put(group("mixed", versions=[3, 1]))  # one sample started at version 1: staleness 2 at v3
     buf.put(group("fresh", versions=[3, 3]))
-    assert groups_of(buf.get_batch(1, current_version=3, timeout=1)) == ["fresh"]
+    assert groups_of(buf.get_batch(1, trainer_version=3, timeout=1)) == ["fresh"]
     assert buf.stats()["buffer/dropped_stale"] == 1
 
 
 def test_per_call_max_staleness_overrides_config() -> None:
     buf = ReplayBuffer(BufferConfig(max_staleness=0))
     buf.put(group("a", version=0))
-    assert groups_of(buf.get_batch(1, current_version=2, max_staleness=2, timeout=1)) == ["a"]
+    assert groups_of(buf.get_batch(1, trainer_version=2, max_staleness=2, timeout=1)) == ["a"]
 
 
 def test_keep_policy_serves_stale_groups_and_counts_them() -> None:
     buf = ReplayBuffer(BufferConfig(max_staleness=0, stale_policy="keep"))
     buf.put(group("old", version=0))
     buf.put(group("new", version=4))
-    table = buf.get_batch(2, current_version=4, timeout=1)
+    table = buf.get_batch(2, trainer_version=4, timeout=1)
     assert groups_of(table) == ["old", "new"]
     stats = buf.stats()
     assert stats["buffer/served_stale"] == 1
@@ -116,7 +116,7 @@ def test_token_versions_give_per_token_staleness() -> None:
     s = Sample(sample_id="p-0", group_id="p", prompt_ids=[1], response_ids=[5, 6, 7], policy_version=1, policy_version_end=2, token_versions=[1, 1, 2])
     buf = ReplayBuffer(BufferConfig(max_staleness=2))
     buf.put(samples_to_batch([s]))
-    table = buf.get_batch(1, current_version=3, timeout=1)
+    table = buf.get_batch(1, trainer_version=3, timeout=1)
     assert token_staleness(table, 3).to_pylist() == [[2, 2, 1]]
     stats = buf.stats()
     assert stats["buffer/batch_token_staleness_max"] == 2
@@ -137,8 +137,8 @@ def test_set_version_frees_room_held_by_stale_groups() -> None:
 def test_get_batch_times_out_with_a_named_error_and_takes_nothing() -> None:
     buf = ReplayBuffer(BufferConfig(max_staleness=1))
     buf.put(group("a"))
-    with pytest.raises(BufferTimeoutError, match=r"2 groups .* 1 eligible.*rollout workers") as err:
-        buf.get_batch(2, current_version=0, timeout=0.05)
+    with pytest.raises(BufferTimeoutError, match=r"2 groups .* 1 eligible.*rollout manager") as err:
+        buf.get_batch(2, trainer_version=0, timeout=0.05)
     assert isinstance(err.value, TimeoutError)
     assert buf.group_ids() == ["a"]
     assert buf.stats()["buffer/get_timeouts"] == 1
@@ -146,18 +146,18 @@ def test_get_batch_times_out_with_a_named_error_and_takes_nothing() -> None:
 
 def test_get_batch_refuses_impossible_sizes() -> None:
     buf = ReplayBuffer(BufferConfig(capacity_groups=4))
-    with pytest.raises(ValueError, match="num_groups=5 .*capacity_groups"):
-        buf.get_batch(5, current_version=0, timeout=0.01)
-    with pytest.raises(ValueError, match="num_groups=0"):
-        buf.get_batch(0, current_version=0, timeout=0.01)
+    with pytest.raises(ValueError, match="global_batch_groups=5 .*capacity_groups"):
+        buf.get_batch(5, trainer_version=0, timeout=0.01)
+    with pytest.raises(ValueError, match="global_batch_groups=0"):
+        buf.get_batch(0, trainer_version=0, timeout=0.01)
     with pytest.raises(ValueError, match="max_staleness=-1 must be >= 0"):
-        buf.get_batch(1, current_version=0, max_staleness=-1, timeout=0.01)
+        buf.get_batch(1, trainer_version=0, max_staleness=-1, timeout=0.01)
 
 
 def test_blocked_reader_wakes_when_groups_arrive() -> None:
     buf = ReplayBuffer(BufferConfig())
     got: list[pa.Table] = []
-    reader = threading.Thread(target=lambda: got.append(buf.get_batch(2, current_version=0, timeout=30)))
+    reader = threading.Thread(target=lambda: got.append(buf.get_batch(2, trainer_version=0, timeout=30)))
     reader.start()
     buf.put(group("a"))
     reader.join(0.2)
@@ -176,7 +176,7 @@ def test_full_buffer_blocks_put_until_a_reader_makes_room() -> None:
     writer.start()
     writer.join(0.2)
     assert writer.is_alive() and buf.group_ids() == ["a", "b"]
-    buf.get_batch(1, current_version=0, timeout=1)
+    buf.get_batch(1, trainer_version=0, timeout=1)
     writer.join(30)
     assert done == [1] and buf.group_ids() == ["b", "c"]
 
@@ -211,7 +211,7 @@ def test_close_wakes_blocked_writer_and_reader() -> None:
 
     threads = [
         threading.Thread(target=call, args=(lambda: buf.put(pa.Table.from_batches([group("b"), group("c")]), timeout=60),)),
-        threading.Thread(target=call, args=(lambda: buf.get_batch(2, current_version=0, timeout=60),)),
+        threading.Thread(target=call, args=(lambda: buf.get_batch(2, trainer_version=0, timeout=60),)),
     ]
     for t in threads:
         t.start()
@@ -231,7 +231,7 @@ def test_counts_and_metrics_for_admission_control() -> None:
     buf = ReplayBuffer(BufferConfig(capacity_groups=10, max_staleness=0))
     for i in range(4):
         buf.put(group(f"g{i}", n=3, version=i // 2))
-    buf.get_batch(1, current_version=1, timeout=1)  # drops g0, g1 (version 0), serves g2
+    buf.get_batch(1, trainer_version=1, timeout=1)  # drops g0, g1 (version 0), serves g2
     c = buf.counts()
     assert (c.accepted_groups, c.consumed_groups, c.dropped_groups, c.held_groups, c.capacity_groups, c.version) == (4, 1, 2, 1, 10, 1)
     s = buf.stats()
@@ -246,7 +246,7 @@ def test_memory_history_is_capped_by_history_max_mb(tmp_path: Path) -> None:
     buf = ReplayBuffer(BufferConfig(history_max_mb=0.005))  # ~5 KiB
     for i in range(200):
         buf.put(group(f"g{i}"))
-        buf.get_batch(1, current_version=0, timeout=1)
+        buf.get_batch(1, trainer_version=0, timeout=1)
     rows = buf.export(tmp_path / "x.parquet")
     assert 0 < rows < 200 * 2
     assert "g199" in pq.read_table(tmp_path / "x.parquet").column("group_id").to_pylist()
@@ -255,7 +255,7 @@ def test_memory_history_is_capped_by_history_max_mb(tmp_path: Path) -> None:
 def test_a_group_newer_than_the_trainer_counts_as_future_not_negative_staleness() -> None:
     buf = ReplayBuffer(BufferConfig(max_staleness=1))
     buf.put(group("ahead", version=3))
-    buf.get_batch(1, current_version=1, timeout=1)
+    buf.get_batch(1, trainer_version=1, timeout=1)
     stats = buf.stats()
     assert "buffer/staleness_hist/-2" not in stats
     assert stats["buffer/staleness_hist/0"] == 1 and stats["buffer/future_version"] == 1

@@ -35,7 +35,7 @@ def test_recover_restores_exactly_the_unconsumed_groups_and_counters(tmp_path: P
     buf = ReplayBuffer(cfg)
     for i in range(6):
         buf.put(group(f"g{i}", version=i // 2))
-    buf.get_batch(2, current_version=2, timeout=1)  # drops g0, g1 (version 0); serves g2, g3
+    buf.get_batch(2, trainer_version=2, timeout=1)  # drops g0, g1 (version 0); serves g2, g3
     buf.close()
     again = ReplayBuffer.recover(tmp_path / "spill", cfg)
     assert again.group_ids() == ["g4", "g5"]
@@ -44,7 +44,7 @@ def test_recover_restores_exactly_the_unconsumed_groups_and_counters(tmp_path: P
     assert again.stats()["buffer/staleness_hist/1"] == 2
     # the recovered buffer keeps logging: a second crash loses nothing either
     again.put(group("g6", version=2))
-    again.get_batch(1, current_version=2, timeout=1)
+    again.get_batch(1, trainer_version=2, timeout=1)
     again.close()
     third = ReplayBuffer.recover(tmp_path / "spill", cfg)
     assert third.group_ids() == ["g5", "g6"]
@@ -113,7 +113,7 @@ def test_compaction_bounds_the_log_and_keeps_history(tmp_path: Path) -> None:
         buf.put(group(f"g{i}", version=i // 10, tokens=16))
         buf.set_version(i // 10)  # drops the previous version's groups
         if i % 3 == 2 and len(buf) >= 2:
-            buf.get_batch(2, current_version=i // 10, timeout=1)
+            buf.get_batch(2, trainer_version=i // 10, timeout=1)
             sizes.append(buf.stats()["buffer/log_bytes"])
     stats = buf.stats()
     assert stats["buffer/compactions"] >= 5
@@ -140,7 +140,7 @@ def test_export_in_memory_writes_every_sample_seen(tmp_path: Path) -> None:
     buf.put(group("old", version=0))
     buf.put(group("a", version=1))
     buf.put(group("b", version=1))
-    buf.get_batch(1, current_version=1, timeout=1)
+    buf.get_batch(1, trainer_version=1, timeout=1)
     assert buf.export(tmp_path / "x.parquet") == 6
     table = pq.read_table(tmp_path / "x.parquet")
     rows = {(g, o, v) for g, o, v in zip(table["group_id"].to_pylist(), table["buffer_outcome"].to_pylist(), table["buffer_version"].to_pylist())}
@@ -161,12 +161,12 @@ def test_state_dict_round_trip(tmp_path: Path) -> None:
     buf = ReplayBuffer(BufferConfig(max_staleness=1))
     for i in range(4):
         buf.put(group(f"g{i}", version=i))
-    buf.get_batch(1, current_version=3, timeout=1)  # drops g0, g1; serves g2
+    buf.get_batch(1, trainer_version=3, timeout=1)  # drops g0, g1; serves g2
     state = buf.state_dict()
     other = ReplayBuffer(BufferConfig(max_staleness=1))
     other.load_state_dict(state)
     assert other.group_ids() == ["g3"] and other.counts() == buf.counts()
-    assert other.get_batch(1, current_version=3, timeout=1).equals(buf.get_batch(1, current_version=3, timeout=1))
+    assert other.get_batch(1, trainer_version=3, timeout=1).equals(buf.get_batch(1, trainer_version=3, timeout=1))
 
 
 def test_save_load_folder_and_into_a_spilling_buffer(tmp_path: Path) -> None:
@@ -198,7 +198,7 @@ def test_served_stale_and_histogram_survive_recovery(tmp_path: Path) -> None:
     buf = ReplayBuffer(cfg)
     buf.put(group("old", version=0))
     buf.put(group("new", version=2))
-    buf.get_batch(2, current_version=2, timeout=1)  # old served with staleness 2 > 0
+    buf.get_batch(2, trainer_version=2, timeout=1)  # old served with staleness 2 > 0
     before = {k: v for k, v in buf.stats().items() if "stale" in k and "batch_" not in k}
     assert before["buffer/served_stale"] == 1
     buf.close()

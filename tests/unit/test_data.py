@@ -1,4 +1,4 @@
-"""Prompt datasets (slime_rl.rollout.data): formats, rendering, bad rows, cursor."""
+"""Prompt datasets (slime_rl.rollout.data): formats, rendering, bad rows; the cursor (slime_rl.rollout.cursor)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from slime_rl.rollout.config import DataConfig
-from slime_rl.rollout.data import DataError, DatasetCursor, Prompt, PromptDataset
+from slime_rl.rollout.cursor import DatasetCursor
+from slime_rl.rollout.data import DataError, Prompt, PromptDataset
 
 EMPTY_THINK = "<think>\n\n</think>\n\n"
 LOGGER = "slime_rl.rollout.data"

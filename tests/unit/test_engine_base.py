@@ -149,14 +149,14 @@ def test_sglang_request_and_result_translation():
             "output_token_logprobs": [(-0.5, 4, None), (-1.5, 9, None)],
         },
     }
-    res = from_sglang_output(req, out, version_start=2, version_end=3)
+    res = from_sglang_output(req, out, policy_version=2, policy_version_end=3)
     assert (res.token_ids, res.logprobs, res.finish_reason, res.stop_reason) == (
         [4, 9],
         [-0.5, -1.5],
         FinishReason.STOP,
         9,
     )
-    assert res.weight_versions == [2, 2] and res.version_end == 3
+    assert res.token_versions == [2, 2] and res.policy_version_end == 3
     eos = {
         **out,
         "meta_info": {**out["meta_info"], "finish_reason": {"type": "stop", "matched": 2}},

@@ -46,7 +46,7 @@ class FakeBackend(SteppedEngine):
         for rid in request_ids:
             self.rows.pop(rid, None)
 
-    def backend_load(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+    def backend_update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         pass
 
     def backend_close(self) -> None:
@@ -150,7 +150,7 @@ class SlowFake(FakeBackend):
                 raise ValueError(f"prompt of {len(r.prompt_token_ids)} tokens is too long")
         super().backend_add(requests)
 
-    def backend_load(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+    def backend_update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         assert self.load_gate.wait(10)
         self.loads += 1
 
@@ -178,7 +178,7 @@ def _weights():
     return {"w": torch.zeros(2)}
 
 
-def test_commit_cancelled_while_pausing_leaves_the_old_version():
+def test_update_cancelled_while_pausing_leaves_the_old_version():
     """A wait-mode commit that times out while requests drain loads nothing."""
 
     async def main():
@@ -187,10 +187,8 @@ def test_commit_cancelled_while_pausing_leaves_the_old_version():
         long = asyncio.create_task(eng.generate(GenerateRequest("long", [1], SamplingParams(max_new_tokens=10**6))))
         while not (await eng.progress(["long"])).get("long"):
             await asyncio.sleep(0.001)
-        await eng.begin_weight_update(1)
-        await eng.load_weight_bucket(_weights())
         with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(eng.commit_weight_update("wait"), 0.2)
+            await asyncio.wait_for(eng.update_weights(1, _weights(), "wait"), 0.2)
         assert eng.version == 0 and eng.loading_version is None and eng.loads == 0
         n = (await eng.progress(["long"]))["long"]
         await asyncio.sleep(0.05)
@@ -203,7 +201,7 @@ def test_commit_cancelled_while_pausing_leaves_the_old_version():
     asyncio.run(main())
 
 
-def test_commit_cancelled_while_loading_completes_and_keeps_updates_in_order(caplog):
+def test_update_cancelled_while_loading_completes_and_keeps_updates_in_order(caplog):
     """Once the load started, a caller's timeout does not stop it: the version follows the
     weights, generation stays paused until the load ends, and the next commit waits for it."""
 
@@ -212,24 +210,20 @@ def test_commit_cancelled_while_loading_completes_and_keeps_updates_in_order(cap
         run = asyncio.create_task(eng.generate(GenerateRequest("r", [1], SamplingParams(max_new_tokens=10**6))))
         while not (await eng.progress(["r"])).get("r"):
             await asyncio.sleep(0.001)
-        await eng.begin_weight_update(1)
-        await eng.load_weight_bucket(_weights())
         with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(eng.commit_weight_update("keep"), 0.2)
+            await asyncio.wait_for(eng.update_weights(1, _weights(), "keep"), 0.2)
         assert eng.loading_version == 1 and eng.version == 0
         n = (await eng.progress(["r"]))["r"]
         await asyncio.sleep(0.05)
         assert (await eng.progress(["r"]))["r"] == n, "paused while the load runs"
-        await eng.begin_weight_update(2)
-        await eng.load_weight_bucket(_weights())
-        second = asyncio.create_task(eng.commit_weight_update("keep"))
+        second = asyncio.create_task(eng.update_weights(2, _weights(), "keep"))
         await asyncio.sleep(0.05)
         assert not second.done() and eng.version == 0
         eng.load_gate.set()
         assert await second == 2 and eng.version == 2 and eng.loads == 2 and eng.loading_version is None
         await asyncio.sleep(0.05)
         assert (await eng.progress(["r"]))["r"] > n, "resumed after the loads"
-        versions = (await eng.abort(["r"]))[0].weight_versions
+        versions = (await eng.abort(["r"]))[0].token_versions
         assert versions[0] == 0 and versions[-1] == 2 and versions == sorted(versions)
         await run
         await eng.shutdown()
@@ -258,7 +252,7 @@ class Endless(SteppedEngine):
         return [StepDelta(r, [7], [-0.5]) for r in self.rows]
     def backend_abort(self, ids):
         self.rows = [r for r in self.rows if r not in ids]
-    def backend_load(self, named_tensors):
+    def backend_update_weights(self, named_tensors):
         pass
     def backend_close(self):
         print("closed", flush=True)
@@ -306,7 +300,7 @@ def test_actor_timeout_says_whether_the_old_weights_are_still_in_place(monkeypat
         run = asyncio.create_task(actor.generate(GenerateRequest("r", [1], SamplingParams(max_new_tokens=10**6))))
         while not (await actor.progress(["r"])).get("r"):
             await asyncio.sleep(0.001)
-        with pytest.raises(TimeoutError, match=r"EngineActor\[slow-fake\]: commit for weight version 1 .* nothing was loaded: the engine keeps version 0"):
+        with pytest.raises(TimeoutError, match=r"EngineActor\[slow-fake\]: update_weights for weight version 1 .* nothing was loaded: the engine keeps version 0"):
             await actor.update_weights(1, _weights(), mode="wait")
         with pytest.raises(TimeoutError, match=r"version 2 did not finish within 0.2 s .* the load had started .* switches to version 2"):
             await actor.update_weights(2, _weights(), mode="keep")

@@ -68,7 +68,7 @@ def test_update_weights_switches_to_model_b(eng, models):
     assert any(x.token_ids != y.token_ids for x, y in zip(before, after)), (
         "new weights, same seeds: tokens should change"
     )
-    assert all(r.weight_versions == [v + 1] * len(r.token_ids) for r in after)
+    assert all(r.token_versions == [v + 1] * len(r.token_ids) for r in after)
 
 
 def test_partial_or_unknown_weights_are_refused(eng, models):
@@ -81,15 +81,11 @@ def test_partial_or_unknown_weights_are_refused(eng, models):
     assert eng.version() != 99
 
 
-def test_bucketed_update_applies_at_commit(eng, models):
+def test_bucketed_update_applies_the_whole_state_dict(eng, models):
     items = list(models["b"].state_dict().items())
     engine = eng.engine
     v = engine.version + 1
-    eng.call(engine.begin_weight_update(v))
-    for i in range(0, len(items), 7):
-        eng.call(engine.load_weight_bucket(items[i : i + 7]))
-    assert engine.version == v - 1, "weights apply only at commit"
-    assert eng.call(engine.commit_weight_update()) == v
+    assert eng.call(engine.update_weights(v, [items[i : i + 7] for i in range(0, len(items), 7)])) == v
     eng.weights = "b"
     check_logprobs_match(
         eng, models["b"], make_prompts(3, models["a"].config.vocab_size, seed=3), "bucketed"
@@ -242,7 +238,7 @@ def test_generate_many_keeps_the_good_results_when_one_prompt_is_too_long(eng):
             GenerateRequest("ok-1", [8, 9], p)]  # fmt: skip
     ok0, bad, ok1 = eng.generate_many(reqs)
     assert len(ok0.token_ids) == len(ok1.token_ids) == 3 and ok0.finish_reason is FinishReason.LENGTH
-    assert bad.finish_reason is FinishReason.ERROR and bad.token_ids == [] and bad.weight_versions == []
+    assert bad.finish_reason is FinishReason.ERROR and bad.token_ids == [] and bad.token_versions == []
     assert "request 'long'" in bad.error and "does not fit the model's 1024 positions" in bad.error
     assert eng.engine.tokenizer_info() == {"max_model_len": 1024, "eos_token_id": [2]}
 

@@ -128,7 +128,7 @@ def test_wait_update_drains_then_retracts_and_checks_flush():
         assert tm.calls[5] == ("generate", "r2")
         tm.push("r2", [9], finish="stop")
         res = await late
-        assert res.version_start == 1 and res.weight_versions == [1]
+        assert res.policy_version == 1 and res.token_versions == [1]
 
         tm.flush_ok = False
         with pytest.raises(RuntimeError, match="flush_cache failed after loading weight version 2"):
@@ -171,8 +171,8 @@ def test_streamed_tokens_give_progress_and_per_token_versions(cumulative):
         res = await task
         assert res.token_ids == [4, 5, 6, 7]
         assert res.logprobs == pytest.approx([-0.4, -0.5, -0.6, -0.7])
-        assert res.weight_versions == [0, 0, 1, 1]
-        assert (res.version_start, res.version_end) == (0, 1)
+        assert res.token_versions == [0, 0, 1, 1]
+        assert (res.policy_version, res.policy_version_end) == (0, 1)
         assert res.finish_reason is FinishReason.STOP
 
     asyncio.run(main())

@@ -115,7 +115,7 @@ def test_hf_engine_logprobs_and_routing_match_teacher_forcing_before_and_after_u
                 assert r.routed_experts.shape == (n, 2, 2) and r.routed_experts.dtype == np.int16
                 want = teacher_routing(ref, list(q.prompt_token_ids) + r.token_ids)[:n]
                 assert same_experts(r.routed_experts, want).mean() > 0.95, layout  # near ties may flip in fp32
-                assert r.weight_versions == [version] * len(r.token_ids)
+                assert r.token_versions == [version] * len(r.token_ids)
             # exact (fp32) wherever the routing agrees with an unbatched teacher-forced pass
             check_logprobs_where_routing_agrees(ref, reqs, results, LOGPROB_ATOL)
         # an incomplete per-expert layer is refused before anything loads
@@ -163,7 +163,7 @@ def test_train_step_moe_metrics_and_engine_matches_trainer_after_sync(glm_dirs, 
         for bucket in [list(core.iter_weight_buckets(1 << 18))]:
             runner.update_weights(core.version, [nt for b in bucket for nt in b.named_tensors()])
         synced, results = generate_table(runner, prompts, 1, max_new_tokens=12, tag="s")
-    assert all(r.weight_versions == [core.version] * len(r.token_ids) for r in results)
+    assert all(r.token_versions == [core.version] * len(r.token_ids) for r in results)
     core.policy.eval()
     trainer = load_reference(glm_dirs[arch])
     trainer.load_state_dict(core.policy.state_dict())

@@ -15,8 +15,8 @@ from slime_rl.buffers.schema import (
     batch_to_samples,
     conform_batch,
     samples_to_batch,
-    validate_batch,
 )
+from slime_rl.buffers.validation import validate_batch
 from slime_rl.rollout.engines.base import FinishReason, GenerateResult
 from slime_rl.rollout.engines.core import _Live
 from slime_rl.rollout.samples import merge_results, routing_column
@@ -80,7 +80,7 @@ def test_buffer_takes_v1_and_v2_puts_and_loads_a_v1_state() -> None:
     v1 = _v1(samples_to_batch(_samples()))
     assert buf.put(v1.slice(0, 2)) == 1  # group g0 as schema v1 wrote it
     assert buf.put(samples_to_batch(_samples()).slice(2, 2)) == 1  # group g1 with routing
-    out = buf.get_batch(2, current_version=0, timeout=1)
+    out = buf.get_batch(2, trainer_version=0, timeout=1)
     assert out.schema.names == SAMPLE_SCHEMA.names
     routing = out.column("routed_experts").to_pylist()
     assert routing[:2] == [[], []] and routing[2] == _samples()[2].routed_experts
@@ -88,7 +88,7 @@ def test_buffer_takes_v1_and_v2_puts_and_loads_a_v1_state() -> None:
     state = {"schema_version": 1, "groups": pa.Table.from_batches([v1]), "stats": {}, "version": 0, "seen_ids": []}
     fresh = ReplayBuffer(group_size=2)
     fresh.load_state_dict(state)
-    assert fresh.get_batch(2, current_version=0, timeout=1).column("routed_experts").to_pylist() == [[]] * 4
+    assert fresh.get_batch(2, trainer_version=0, timeout=1).column("routed_experts").to_pylist() == [[]] * 4
 
 
 def test_saved_sample_file_of_schema_v1_reads(tmp_path) -> None:
@@ -149,7 +149,7 @@ def test_live_request_keeps_first_routing_and_drops_it_on_a_gap() -> None:
 
     loop = asyncio.new_event_loop()
     try:
-        live = _Live(request=None, future=loop.create_future(), version_start=0)  # type: ignore[arg-type]
+        live = _Live(request=None, future=loop.create_future(), policy_version=0)  # type: ignore[arg-type]
         live.add_routing(0, np.zeros((5, L, K), dtype=np.int16))
         live.add_routing(0, np.ones((6, L, K), dtype=np.int16))  # re-prefill after an update: only position 5 is new
         assert live.routed_experts().shape == (6, L, K) and live.routed_experts()[:5].max() == 0

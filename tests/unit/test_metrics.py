@@ -1,4 +1,6 @@
-"""The metrics sink: JSONL lines and flush, resume truncation, plots, wandb fallbacks, progress bar, summary."""
+"""The metrics sink (slime_rl.metrics) with its wandb sink (slime_rl.wandb_sink) and progress bar and
+summary (slime_rl.progress): JSONL lines and flush, resume truncation, plots, wandb fallbacks,
+progress bar, summary."""
 
 from __future__ import annotations
 
@@ -262,7 +264,7 @@ def test_wandb_offline_writes_a_run_and_resume_reuses_its_id(tmp_path: Path, mon
         monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
     run_dir = tmp_path / "run"
     log = MetricsLogger(run_dir, 3, wandb_mode="offline", progress=False, config={"lr": 1e-6})
-    assert log._run is not None
+    assert log._wandb.run is not None
     log.log(1, {"train/loss": 1.0})
     log.log_eval(1, {"eval/accuracy": 0.5})
     log.log(2, {"train/loss": 0.5})
@@ -272,7 +274,7 @@ def test_wandb_offline_writes_a_run_and_resume_reuses_its_id(tmp_path: Path, mon
     assert (offline / f"run-{run_id}.wandb").stat().st_size > 0
 
     resumed = MetricsLogger(run_dir, 3, start_step=2, resume=True, wandb_mode="offline", progress=False)
-    assert resumed._run is not None and resumed._run.id == run_id
+    assert resumed._wandb.run is not None and resumed._wandb.run.id == run_id
     resumed.log(3, {"train/loss": 0.25})
     resumed.close()
     assert [r["step"] for r in _lines(run_dir / "metrics.jsonl")] == [1, 1, 2, 3]
@@ -286,7 +288,7 @@ def test_wandb_online_without_key_warns_once_and_keeps_logging(
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("NETRC", str(tmp_path / "no.netrc"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
-    with caplog.at_level(logging.WARNING, logger="slime_rl.metrics"):
+    with caplog.at_level(logging.WARNING, logger="slime_rl.wandb_sink"):
         with _logger(tmp_path / "run", wandb_mode="online") as log:
             log.log(1, {"train/loss": 1.0})
             log.log(2, {"train/loss": 0.5})
@@ -314,7 +316,7 @@ def test_wandb_errors_never_fail_the_run(
     import wandb
 
     monkeypatch.setattr(wandb, "init", lambda **kw: _BrokenRun())
-    with caplog.at_level(logging.WARNING, logger="slime_rl.metrics"):
+    with caplog.at_level(logging.WARNING, logger="slime_rl.wandb_sink"):
         with _logger(tmp_path / "a", wandb_mode="offline") as log:
             for step in range(1, 4):
                 log.log(step, {"train/loss": 1.0})
@@ -326,7 +328,7 @@ def test_wandb_errors_never_fail_the_run(
 
     monkeypatch.setattr(wandb, "init", refuse)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="slime_rl.metrics"):
+    with caplog.at_level(logging.WARNING, logger="slime_rl.wandb_sink"):
         with _logger(tmp_path / "b", wandb_mode="offline") as log:
             log.log(1, {"train/loss": 1.0})
     assert [r.getMessage() for r in caplog.records if "wandb" in r.getMessage()] == [

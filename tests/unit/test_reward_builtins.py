@@ -119,6 +119,14 @@ def test_think_format(response, mode, prompt, ok):
     assert ("format_error" in out) == (not ok)
 
 
+def test_think_format_refuses_a_block_nested_in_one_the_prompt_opened():
+    # The template opened <think> at the end of the prompt; the response opens a second one
+    # inside it: a doubled block like any other, so it scores as malformed.
+    nested = _s("<think>23+19=42</think>The answer is 42", mode="think", prompt="user: q\nassistant: <think>\n")
+    out = think_format(nested, penalty=-1.0)
+    assert out == {"score": -1.0, "format_error": "think mode: expected exactly one <think>...</think> block"}
+
+
 def test_think_format_empty_block_can_be_refused_in_non_think_mode():
     out = think_format(_s("<think></think>42"), allow_empty_block=False)
     assert out == {"score": 0.0, "format_error": "non-think mode: the response contains a reasoning block"}

@@ -42,7 +42,7 @@ def _spec(data_dir: Path, model_dir: Path, *, S: int = 1, B: int = 2, n: int = 4
         data=DataConfig(train_path=str(data_dir / "train.jsonl"), eval_path=str(data_dir / "eval.jsonl")),
         reward=RewardConfig(fn=f"{data_dir / 'reward.py'}:parity"),
         eval=EvalConfig(max_prompts=6, max_new_tokens=6),
-        model_path=str(model_dir), batch_groups=B, max_staleness=S, seed=0,
+        model_path=str(model_dir), global_batch_groups=B, max_staleness=S, seed=0,
     )
 
 
@@ -80,7 +80,7 @@ def test_fills_the_buffer_up_to_the_admission_limit(data_dir: Path, tiny_model_d
         await _wait_for(lambda: len(buf) == 4)  # (S + 0 + 1) * B groups, then admission stops
         await asyncio.sleep(0.5)
         assert len(buf) == 4 and m.admission.in_flight == 0
-        table = buf.get_batch(4, current_version=0, timeout=1)
+        table = buf.get_batch(4, trainer_version=0, timeout=1)
         validate_batch(table)
         samples = batch_to_samples(table)
         by_group: dict[str, list] = {}
@@ -129,7 +129,7 @@ def test_weight_update_during_generation(data_dir: Path, tiny_model_dir: Path, t
         await m.update_weights(1, [weights])
         await _wait_for(lambda: len(buf) >= 8, timeout=120)
         await _stop(m)
-        samples = batch_to_samples(buf.get_batch(len(buf), current_version=1, timeout=1))
+        samples = batch_to_samples(buf.get_batch(len(buf), trainer_version=1, timeout=1))
         mixed = [s for s in samples if s.policy_version < s.policy_version_end]
         assert mixed, "no sample straddled the update"
         for s in samples:
@@ -165,7 +165,7 @@ def test_snapshot_and_restore_redispatch_groups_in_flight(data_dir: Path, tiny_m
         state = await m.snapshot(str(tmp_path / "ck"))
         await _stop(m)
         held = set(buf.group_ids())
-        in_flight = {gid for gid, _, _ in state["in_flight"]}
+        in_flight = {gid for gid, _, _ in state["admission"]["in_flight"]}
         assert len(held) + len(in_flight) == 4 and not held & in_flight
 
         m2, buf2 = await _make(_spec(data_dir, tiny_model_dir, S=1, B=2), tiny_model_dir)

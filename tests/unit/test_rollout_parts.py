@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from slime_rl.buffers.schema import Sample, samples_to_batch, validate_batch
-from slime_rl.rollout.admission import AdmissionControl
+from slime_rl.buffers.schema import Sample, samples_to_batch
+from slime_rl.buffers.validation import validate_batch
+from slime_rl.rollout.admission import Admission, GroupState, GroupWork
 from slime_rl.rollout.data import Prompt
 from slime_rl.rollout.engines.base import FinishReason, GenerateResult
 from slime_rl.rollout.filters import GroupFilter, nonzero_std
@@ -15,38 +16,57 @@ from slime_rl.rollout.samples import build_sample, merge_results, status_of
 
 
 # ---- admission -------------------------------------------------------------------------------
+def _admit_all(a: Admission, limit: int = 100) -> list[GroupWork]:
+    """Admit new groups until the rule refuses; each starts on an engine at once."""
+    out = []
+    while len(out) < limit and (w := a.admit(f"g{a.accepted + a.in_flight}-{len(out)}", 0, 0, None)) is not None:
+        a.start(w, "engine-0")
+        out.append(w)
+    return out
+
+
+def _accept(a: Admission, works: list[GroupWork]) -> None:
+    for w in works:
+        a.finish(w)
+    a.accept(a.take_finished())
+
+
 def test_admission_bounds_committed_groups_by_version() -> None:
-    a = AdmissionControl(batch_groups=4, max_staleness=1)
-    assert sum(a.try_admit() for _ in range(20)) == 8  # (S + 0 + 1) * B
-    a.on_released(2)  # filtered out: slots come back
-    assert a.try_admit() and a.try_admit() and not a.try_admit()
-    a.on_accepted(8)
-    assert not a.try_admit()  # accepted groups still count until the trainer moves on
+    a = Admission(global_batch_groups=4, max_staleness=1)
+    works = _admit_all(a)
+    assert len(works) == 8  # (S + 0 + 1) * B
+    a.release(works[0]), a.release(works[1])  # filtered out: slots come back
+    more = _admit_all(a)
+    assert len(more) == 2
+    _accept(a, works[2:] + more)
+    assert a.accepted == 8 and a.in_flight == 0
+    assert not _admit_all(a)  # accepted groups still count until the trainer moves on
     a.set_engine_version(1)
-    assert sum(a.try_admit() for _ in range(20)) == 4
+    assert len(_admit_all(a)) == 4
     a.set_dropped(2)  # groups the buffer dropped as stale are never trained: their slots reopen
-    assert sum(a.try_admit() for _ in range(20)) == 2
+    assert len(_admit_all(a)) == 2
 
 
 def test_admission_zero_staleness_is_one_batch_per_version() -> None:
-    a = AdmissionControl(batch_groups=3, max_staleness=0)
+    a = Admission(global_batch_groups=3, max_staleness=0)
     for version in range(4):
         a.set_engine_version(version)
-        assert sum(a.try_admit() for _ in range(10)) == 3
-        a.on_accepted(3)
+        works = _admit_all(a)
+        assert len(works) == 3
+        _accept(a, works)
 
 
 @pytest.mark.parametrize("B,S", [(1, 0), (2, 1), (4, 3), (8, 2)])
 def test_admission_rule_keeps_every_trained_group_within_the_bound(B: int, S: int) -> None:
     """Simulate: the k-th accepted group is trained at version k // B; it was admitted at the
     engine version of its admission. Staleness must never exceed S, and the run never stalls."""
-    a = AdmissionControl(batch_groups=B, max_staleness=S)
+    a = Admission(global_batch_groups=B, max_staleness=S)
     admitted_at: list[int] = []
     trained = 0
     for _ in range(200):
-        while a.try_admit():
-            admitted_at.append(a.engine_version)
-        a.on_accepted(a.in_flight)  # every group in flight finishes
+        works = _admit_all(a)
+        admitted_at += [a.engine_version] * len(works)
+        _accept(a, works)  # every group in flight finishes
         while len(admitted_at) - trained >= B:  # the trainer takes B groups per step
             for k in range(trained, trained + B):
                 assert k // B - admitted_at[k] <= S
@@ -55,11 +75,35 @@ def test_admission_rule_keeps_every_trained_group_within_the_bound(B: int, S: in
     assert trained >= 100 * B
 
 
-def test_admission_state_round_trip() -> None:
-    a = AdmissionControl(2, 1, accepted=7, dropped=1, engine_version=3, in_flight=2)
-    b = AdmissionControl(2, 1)
-    b.load_state_dict(a.state_dict())
-    assert (b.accepted, b.dropped, b.engine_version, b.in_flight) == (7, 1, 3, 0)
+def test_admission_states_requeue_first_and_refuse_wrong_transitions() -> None:
+    a = Admission(global_batch_groups=2, max_staleness=1)
+    g0, g1, g2 = (a.admit(f"g{i}", i, 0, None) for i in range(3))
+    assert [w.group_id for w in a.queued()] == ["g0", "g1", "g2"]
+    a.start(g0, "engine-0"), a.start(g1, "engine-1")
+    assert (g0.state, g0.engine, g0.attempts) == (GroupState.RUNNING, "engine-0", 1)
+    a.requeue(g1)  # engine-1 lost: back in front, slot kept
+    assert a.next_queued() is g1 and a.in_flight == 3 and a.count(GroupState.QUEUED) == 2
+    a.start(g1, "engine-0")
+    assert g1.attempts == 2
+    with pytest.raises(AssertionError, match="g2 is queued, expected running"):
+        a.finish(g2)
+    a.finish(g0, ["s0"])
+    with pytest.raises(AssertionError, match="g1 is running, expected finished"):
+        a.accept([g1])
+    assert a.take_finished() == [g0] and g0.samples == ["s0"]
+
+
+def test_admission_state_round_trip_requeues_every_group_in_flight() -> None:
+    a = Admission(2, 1)
+    a.accepted, a.dropped, a.engine_version = 7, 1, 3
+    running, queued = a.admit("g-run", 4, 1, None), a.admit("g-q", 5, 1, None)
+    a.start(running, "engine-0")
+    b = Admission(2, 1)
+    b.load_state_dict(a.state_dict(), prompt_of=lambda i: f"prompt-{i}")
+    assert (b.accepted, b.dropped, b.engine_version, b.in_flight) == (7, 1, 3, 2)
+    assert [(w.group_id, w.ds_index, w.prompt, w.state) for w in b.queued()] == [
+        ("g-run", 4, "prompt-4", GroupState.QUEUED), ("g-q", 5, "prompt-5", GroupState.QUEUED)]
+    assert queued.state is GroupState.QUEUED
 
 
 # ---- filters -------------------------------------------------------------------------------
@@ -134,8 +178,8 @@ def test_merge_continuations_keeps_tokens_logprobs_and_versions_aligned() -> Non
     a = _result("r/0", [1, 2], [3, 3], FinishReason.ABORT, 3, 3)
     b = _result("r/1", [3], [4], FinishReason.STOP, 4, 4)
     m = merge_results([a, b])
-    assert m.token_ids == [1, 2, 3] and m.versions == [3, 3, 4] and len(m.logprobs) == 3
-    assert (m.version_start, m.version_end, m.finish_reason, m.pieces) == (3, 4, FinishReason.STOP, 2)
+    assert m.token_ids == [1, 2, 3] and m.token_versions == [3, 3, 4] and len(m.logprobs) == 3
+    assert (m.policy_version, m.policy_version_end, m.finish_reason, m.pieces) == (3, 4, FinishReason.STOP, 2)
     s = build_sample(_prompt("non_think"), m, group_id="g", index=0, tokenizer=_Tok(), temperature=1.0, gen_seconds=0)
     assert s.policy_version < s.policy_version_end and s.metadata["pieces"] == 2
     with pytest.raises(ValueError, match="3 tokens, 2 log-probs"):

@@ -21,15 +21,15 @@ def _close(t: torch.Tensor, expected, atol: float = 1e-6) -> None:
 
 
 def _inputs(rewards, groups, width=2, mask=None, values=None, valid=None):
-    mask_BL = torch.ones(len(rewards), width) if mask is None else torch.tensor(mask, dtype=torch.float32)
-    rewards_B = torch.tensor(rewards, dtype=torch.float32)
+    mask_NR = torch.ones(len(rewards), width) if mask is None else torch.tensor(mask, dtype=torch.float32)
+    rewards_N = torch.tensor(rewards, dtype=torch.float32)
     return AdvantageInputs(
-        token_rewards_BL=place_rewards(rewards_B, mask_BL),
-        mask_BL=mask_BL,
-        group_index_B=torch.tensor(groups),
-        rewards_B=rewards_B,
-        values_BL=None if values is None else torch.tensor(values, dtype=torch.float32),
-        valid_B=None if valid is None else torch.tensor(valid),
+        token_rewards_NR=place_rewards(rewards_N, mask_NR),
+        mask_NR=mask_NR,
+        group_index_N=torch.tensor(groups),
+        rewards_N=rewards_N,
+        values_NR=None if values is None else torch.tensor(values, dtype=torch.float32),
+        valid_N=None if valid is None else torch.tensor(valid),
     )
 
 
@@ -42,21 +42,21 @@ def test_grpo_with_std():
     # group rewards 1,0,0,1: mean 0.5, unbiased std sqrt(1/3) -> +-0.5/0.57735 = +-0.866025
     out = compute_advantages("grpo", _inputs([1, 0, 0, 1], [0, 0, 0, 0]), AdvantageConfig(norm_std=True))
     expected = 0.5 / math.sqrt(1 / 3)
-    assert out.advantages_BL[:, 0].tolist() == pytest.approx([expected, -expected, -expected, expected], abs=1e-5)
-    assert torch.equal(out.advantages_BL[:, 0], out.advantages_BL[:, 1])  # same on every token
+    assert out.advantages_NR[:, 0].tolist() == pytest.approx([expected, -expected, -expected, expected], abs=1e-5)
+    assert torch.equal(out.advantages_NR[:, 0], out.advantages_NR[:, 1])  # same on every token
 
 
 def test_dr_grpo_two_groups_and_mask():
     # g0: 1,0 -> +-0.5; g1: 2,2,5 (mean 3) -> -1,-1,2. Masked tokens carry 0.
     mask = [[1, 1], [1, 0], [1, 1], [0, 1], [1, 1]]
     out = compute_advantages("grpo", _inputs([1, 0, 2, 2, 5], [0, 0, 1, 1, 1], mask=mask), AdvantageConfig(norm_std=False))
-    _close(out.advantages_BL, [[0.5, 0.5], [-0.5, 0.0], [-1.0, -1.0], [0.0, -1.0], [2.0, 2.0]])
+    _close(out.advantages_NR, [[0.5, 0.5], [-0.5, 0.0], [-1.0, -1.0], [0.0, -1.0], [2.0, 2.0]])
 
 
 def test_rloo_leave_one_out():
     # g0: 2,2,5 -> 2-3.5, 2-3.5, 5-2 ; g1 has one sample -> 0
     out = compute_advantages("rloo", _inputs([2, 2, 5, 7], [0, 0, 0, 1]), AdvantageConfig())
-    assert out.advantages_BL[:, 0].tolist() == pytest.approx([-1.5, -1.5, 3.0, 0.0])
+    assert out.advantages_NR[:, 0].tolist() == pytest.approx([-1.5, -1.5, 3.0, 0.0])
 
 
 def test_reinforce_pp_whitens_over_batch_tokens():
@@ -65,8 +65,8 @@ def test_reinforce_pp_whitens_over_batch_tokens():
     inp = _inputs([1, 0], [0, 1], width=3, mask=[[1, 1, 1], [1, 1, 0]])
     out = compute_advantages("reinforce_pp", inp, AdvantageConfig(gamma=1.0, eps=1e-8))
     hi, lo = 0.4 / 0.4898979, -0.6 / 0.4898979
-    _close(out.advantages_BL, [[hi, hi, hi], [lo, lo, 0.0]], atol=1e-5)
-    assert out.returns_BL.tolist() == [[1, 1, 1], [0, 0, 0]]
+    _close(out.advantages_NR, [[hi, hi, hi], [lo, lo, 0.0]], atol=1e-5)
+    assert out.returns_NR.tolist() == [[1, 1, 1], [0, 0, 0]]
 
 
 def test_discounted_returns_skip_masked_tool_tokens():
@@ -82,11 +82,11 @@ def test_gae_hand_example():
     # delta2 = .2, A2 = .2 ; delta1 = .8-.6 = .2, A1 = .2+.5*.2 = .3 ; delta0 = .6-.5 = .1, A0 = .1+.5*.3 = .25
     inp = _inputs([1.0], [0], width=3, values=[[0.5, 0.6, 0.8]])
     out = compute_advantages("gae", inp, AdvantageConfig(gamma=1.0, lam=0.5, whiten=False))
-    _close(out.advantages_BL, [[0.25, 0.3, 0.2]])
-    _close(out.returns_BL, [[0.75, 0.9, 1.0]])
+    _close(out.advantages_NR, [[0.25, 0.3, 0.2]])
+    _close(out.returns_NR, [[0.75, 0.9, 1.0]])
     # gamma .9, lam 1: A2 = .2 ; A1 = (.72-.6) + .9*.2 = .3 ; A0 = (.54-.5) + .9*.3 = .31
     out = compute_advantages("gae", inp, AdvantageConfig(gamma=0.9, lam=1.0, whiten=False))
-    _close(out.advantages_BL, [[0.31, 0.3, 0.2]])
+    _close(out.advantages_NR, [[0.31, 0.3, 0.2]])
 
 
 def test_gae_without_values_is_a_clear_error():
@@ -118,10 +118,10 @@ def test_group_baseline_uses_sequence_reward_of_rows_without_loss_tokens():
     # Dr.GRPO gives 1 - 2/3 and 0 - 2/3 (not 1 - 1/3, 0 - 1/3 as if its reward were 0).
     mask = [[1, 1], [1, 1], [0, 0]]
     out = compute_advantages("grpo", _inputs([1, 0, 1], [0, 0, 0], mask=mask), AdvantageConfig(norm_std=False))
-    _close(out.advantages_BL, [[1 / 3, 1 / 3], [-2 / 3, -2 / 3], [0.0, 0.0]])
+    _close(out.advantages_NR, [[1 / 3, 1 / 3], [-2 / 3, -2 / 3], [0.0, 0.0]])
     # RLOO: 1 - mean(0, 1) = 0.5 ; 0 - mean(1, 1) = -1
     out = compute_advantages("rloo", _inputs([1, 0, 1], [0, 0, 0], mask=mask), AdvantageConfig())
-    _close(out.advantages_BL, [[0.5, 0.5], [-1.0, -1.0], [0.0, 0.0]])
+    _close(out.advantages_NR, [[0.5, 0.5], [-1.0, -1.0], [0.0, 0.0]])
 
 
 def test_invalid_samples_leave_group_statistics():
@@ -131,9 +131,9 @@ def test_invalid_samples_leave_group_statistics():
     inp = _inputs([1, 0, 5, 3, 9], [0, 0, 0, 1, 1], valid=valid)
     a = 0.5 / (math.sqrt(0.5) + 1e-6)
     out = compute_advantages("grpo", inp, AdvantageConfig(norm_std=True))
-    assert out.advantages_BL[:, 0].tolist() == pytest.approx([a, -a, 0.0, 0.0, 0.0], abs=1e-5)
+    assert out.advantages_NR[:, 0].tolist() == pytest.approx([a, -a, 0.0, 0.0, 0.0], abs=1e-5)
     out = compute_advantages("rloo", inp, AdvantageConfig())
-    assert out.advantages_BL[:, 0].tolist() == pytest.approx([1.0, -1.0, 0.0, 0.0, 0.0])
+    assert out.advantages_NR[:, 0].tolist() == pytest.approx([1.0, -1.0, 0.0, 0.0, 0.0])
 
 
 ZERO_INFO_VALUES = [0.1, 1.2, 1e6 + 0.3, -7.7, 1 / 3, 1e-7, -123.456, 0.0, 3e9 + 0.7]
@@ -155,9 +155,9 @@ def test_groups_of_equal_rewards_get_exactly_zero_advantage(estimator, norm_std,
             groups = [0] * (n + 1) + [1, 1, 1]
             valid = [True] * n + [False] + [True] * 3
             inp = _inputs(rewards, groups, width=3, valid=valid)
-            inp = AdvantageInputs(inp.token_rewards_BL, inp.mask_BL, inp.group_index_B,
-                                  torch.tensor(rewards, dtype=dtype), valid_B=inp.valid_B)
-            adv = compute_advantages(estimator, inp, cfg).advantages_BL
+            inp = AdvantageInputs(inp.token_rewards_NR, inp.mask_NR, inp.group_index_N,
+                                  torch.tensor(rewards, dtype=dtype), valid_N=inp.valid_N)
+            adv = compute_advantages(estimator, inp, cfg).advantages_NR
             assert torch.count_nonzero(adv[: n + 1]) == 0, (value, n, adv[:n, 0].tolist())
             assert torch.count_nonzero(adv[n + 1 :]) > 0  # the informative group still learns
 
@@ -167,15 +167,15 @@ def test_grpo_keeps_small_but_real_spread():
     a32 = torch.tensor(1e6 + 0.3, dtype=torch.float32)
     a, b = float(a32), float(torch.nextafter(a32, torch.tensor(2e6)))
     out = compute_advantages("grpo", _inputs([a, b, a, b], [0, 0, 0, 0]), AdvantageConfig(norm_std=False))
-    assert out.advantages_BL[:, 0].tolist() == pytest.approx([-(b - a) / 2, (b - a) / 2] * 2)
+    assert out.advantages_NR[:, 0].tolist() == pytest.approx([-(b - a) / 2, (b - a) / 2] * 2)
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_pp", "gae"])
 def test_estimators_accept_responses_without_tokens(estimator):
     """A batch whose responses all have 0 tokens: (B, 0) tensors in, (B, 0) advantages out."""
-    mask_BL = torch.ones(4, 0)
-    rewards_B = torch.tensor([1.0, 0.0, 1.0, 1.0])
-    inp = AdvantageInputs(place_rewards(rewards_B, mask_BL), mask_BL, torch.tensor([0, 0, 1, 1]), rewards_B,
-                          values_BL=torch.zeros(4, 0))
+    mask_NR = torch.ones(4, 0)
+    rewards_N = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    inp = AdvantageInputs(place_rewards(rewards_N, mask_NR), mask_NR, torch.tensor([0, 0, 1, 1]), rewards_N,
+                          values_NR=torch.zeros(4, 0))
     out = compute_advantages(estimator, inp, AdvantageConfig())
-    assert out.advantages_BL.shape == (4, 0) and out.returns_BL.shape == (4, 0)
+    assert out.advantages_NR.shape == (4, 0) and out.returns_NR.shape == (4, 0)

@@ -29,10 +29,10 @@ def test_ppo_clip_higher_and_dual_clip():
     adv = torch.tensor([[1.0, 1.0, -1.0, -1.0, 2.0]])
     logp = torch.tensor([[math.log(r) for r in ratios]], requires_grad=True)
     out = policy_loss("ppo", logp, torch.zeros(1, 5), adv, torch.ones(1, 5), CFG)
-    assert out.loss_BL.tolist()[0] == pytest.approx([-1.28, -0.5, 0.8, 3.0, -2.2], abs=1e-6)
-    assert out.clipped_BL.tolist()[0] == [True, False, True, False, False]
-    assert out.dual_clipped_BL.tolist()[0] == [False, False, False, True, False]
-    out.loss_BL.sum().backward()
+    assert out.loss_BR.tolist()[0] == pytest.approx([-1.28, -0.5, 0.8, 3.0, -2.2], abs=1e-6)
+    assert out.clipped_BR.tolist()[0] == [True, False, True, False, False]
+    assert out.dual_clipped_BR.tolist()[0] == [False, False, False, True, False]
+    out.loss_BR.sum().backward()
     # d(-A r)/dlogp = -A r where unclipped; 0 where a clip is active
     assert logp.grad.tolist()[0] == pytest.approx([0.0, -0.5, 0.0, 0.0, -2.2], abs=1e-6)
 
@@ -40,7 +40,7 @@ def test_ppo_clip_higher_and_dual_clip():
 def test_ppo_without_dual_clip_keeps_large_negative_loss():
     cfg = LossConfig(eps_low=0.2, eps_high=0.2, dual_clip=None)
     out = policy_loss("ppo", torch.tensor([[math.log(5.0)]]), torch.zeros(1, 1), torch.tensor([[-1.0]]), torch.ones(1, 1), cfg)
-    assert out.loss_BL.item() == pytest.approx(5.0)
+    assert out.loss_BR.item() == pytest.approx(5.0)
 
 
 def test_gspo_uses_sequence_ratio_and_ignores_masked_tokens():
@@ -50,8 +50,8 @@ def test_gspo_uses_sequence_ratio_and_ignores_masked_tokens():
     mask = torch.tensor([[1.0, 1.0, 0.0]])
     out = policy_loss("gspo", logp, torch.zeros(1, 3), torch.ones(1, 3), mask, CFG)
     s = math.sqrt(1.08)
-    assert out.ratio_BL.tolist()[0] == pytest.approx([s, s, s])
-    loss = aggregate(out.loss_BL, mask, "seq_mean_token_mean", LossNorm(2, 1))
+    assert out.ratio_BR.tolist()[0] == pytest.approx([s, s, s])
+    loss = aggregate(out.loss_BR, mask, "seq_mean_token_mean", LossNorm(2, 1))
     assert loss.item() == pytest.approx(-s)
     loss.backward()
     # d(-s)/dlogp_t = -s/2 for the two loss tokens, 0 for the masked one
@@ -75,7 +75,7 @@ def test_masked_tokens_get_zero_gradient():
     logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, -0.9]], requires_grad=True)
     mask = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     out = policy_loss("ppo", logp, logp.detach() - 0.1, torch.ones(2, 3), mask, CFG)
-    aggregate(out.loss_BL, mask, "token_mean", LossNorm(3, 2)).backward()
+    aggregate(out.loss_BR, mask, "token_mean", LossNorm(3, 2)).backward()
     assert (logp.grad[mask == 0] == 0).all()
     assert (logp.grad[mask == 1] != 0).all()
 
@@ -129,7 +129,7 @@ def test_every_exponentiated_log_ratio_is_capped():
     ones = torch.ones(1, 2)
     for name in ("ppo", "gspo"):
         out = policy_loss(name, far, torch.zeros(1, 2), ones, ones, CFG)
-        assert torch.isfinite(out.loss_BL).all() and torch.isfinite(out.ratio_BL).all()
+        assert torch.isfinite(out.loss_BR).all() and torch.isfinite(out.ratio_BR).all()
     assert torch.isfinite(behaviour_weight(far, torch.zeros(1, 2), "none", 2.0)).all()
     assert torch.isfinite(behaviour_weight(far.flip(1), torch.zeros(1, 2), "truncate", 1e12)).all()
     assert torch.isfinite(kl_estimate("k3", far, torch.zeros(1, 2))).all()

@@ -24,11 +24,11 @@ def _run(adv, behaviour, *, proximal=None, oc=OffPolicyConfig(), lc=LC, kc=KLCon
     lp = torch.tensor([LP], requires_grad=True)
     extra = {k: torch.tensor([v]) if not isinstance(v, torch.Tensor) else v for k, v in extra.items()}
     inp = ObjectiveInputs(
-        logprobs_BL=lp,
-        proximal_BL=None if proximal is None else torch.tensor([proximal]),
-        behaviour_BL=torch.tensor([behaviour]),
-        advantages_BL=torch.tensor([adv]),
-        mask_BL=torch.ones(1, 3),
+        logprobs_BR=lp,
+        proximal_BR=None if proximal is None else torch.tensor([proximal]),
+        behaviour_BR=torch.tensor([behaviour]),
+        advantages_BR=torch.tensor([adv]),
+        mask_BR=torch.ones(1, 3),
         **extra,
     )
     out = micro_batch_loss(inp, lc, oc, kc, NORM)
@@ -54,8 +54,8 @@ def test_decoupled_on_policy_pass_weights_by_truncated_is(is_mode, weights):
     expected = [-a * w for a, w in zip(adv, weights, strict=True)]
     assert out.loss.item() == pytest.approx(sum(expected) / 3, abs=1e-6)
     assert grad == pytest.approx([e / 3 for e in expected], abs=1e-6)
-    assert out.weight_BL[0].tolist() == pytest.approx(weights, abs=1e-6)
-    assert out.pg.ratio_BL[0].tolist() == pytest.approx([1.0, 1.0, 1.0])
+    assert out.weight_BR[0].tolist() == pytest.approx(weights, abs=1e-6)
+    assert out.pg.ratio_BR[0].tolist() == pytest.approx([1.0, 1.0, 1.0])
 
 
 def test_decoupled_objective_ratio_against_proximal_weight_against_engine():
@@ -82,7 +82,7 @@ def test_proximal_engine_ratio_against_engine_with_ppo_clip():
     out, grad = _run(adv, BEHAVIOUR, oc=OffPolicyConfig(proximal="engine", is_mode="truncate", is_cap=2.0))
     assert out.loss.item() == pytest.approx((-1.28 - W + 2.0) / 3, abs=1e-6)
     assert grad == pytest.approx([0.0, -W / 3, 2.0 / 3], abs=1e-6)
-    assert out.weight_BL[0].tolist() == [1.0, 1.0, 1.0]
+    assert out.weight_BR[0].tolist() == [1.0, 1.0, 1.0]
     # A = -1 on a token with r = e: -A r = e > -A clip = 1.28, dual clip caps at 3 (not hit)
     out, grad = _run([-1.0, -1.0, -1.0], BEHAVIOUR, oc=OffPolicyConfig(proximal="engine", is_mode="none"))
     # t0: e (grad e) ; t1: r=.6065 -> max(.6065, .8) = .8 clipped (grad 0) ; t2: 1 (grad 1)
@@ -92,7 +92,7 @@ def test_proximal_engine_ratio_against_engine_with_ppo_clip():
 
 def test_entropy_bonus_is_subtracted_and_raises_entropy():
     ent = torch.tensor([[0.5, 1.0, 1.5]], requires_grad=True)
-    out, grad = _run([0.0] * 3, LP, lc=LossConfig(entropy_coef=0.1), entropy_BL=ent)
+    out, grad = _run([0.0] * 3, LP, lc=LossConfig(entropy_coef=0.1), entropy_BR=ent)
     assert out.loss.item() == pytest.approx(-0.1 * 1.0)  # -coef * mean entropy
     assert ent.grad[0].tolist() == pytest.approx([-0.1 / 3] * 3)  # descent raises entropy
     assert grad == [0.0, 0.0, 0.0]
@@ -102,7 +102,7 @@ def test_entropy_bonus_is_subtracted_and_raises_entropy():
 
 def test_sft_term_is_nll_on_eligible_tokens():
     # sft_mask [1, 1, 0]: loss = 0.5 * (1 + 2) / 3 ; grad = -0.5/3 on the eligible tokens
-    out, grad = _run([0.0] * 3, LP, lc=LossConfig(sft_coef=0.5), sft_mask_BL=[1.0, 1.0, 0.0])
+    out, grad = _run([0.0] * 3, LP, lc=LossConfig(sft_coef=0.5), sft_mask_BR=[1.0, 1.0, 0.0])
     assert out.loss.item() == pytest.approx(0.5)
     assert grad == pytest.approx([-0.5 / 3, -0.5 / 3, 0.0])
 
@@ -120,10 +120,10 @@ def test_sft_term_is_nll_on_eligible_tokens():
 def test_kl_as_loss_value_and_gradient(estimator, values, grads):
     ref = [LP[0] - 0.5, LP[1] + 0.5, LP[2]]
     kc = KLConfig(coef=0.2, estimator=estimator, mode="loss")
-    out, grad = _run([0.0] * 3, LP, kc=kc, ref_BL=ref)
+    out, grad = _run([0.0] * 3, LP, kc=kc, ref_BR=ref)
     assert out.loss.item() == pytest.approx(0.2 * sum(values) / 3, abs=1e-6)
     assert grad == pytest.approx([0.2 * g / 3 for g in grads], abs=1e-6)
     # mode=reward: the KL is only reported, never in the loss
-    out, grad = _run([0.0] * 3, LP, kc=KLConfig(coef=0.2, estimator=estimator, mode="reward"), ref_BL=ref)
+    out, grad = _run([0.0] * 3, LP, kc=KLConfig(coef=0.2, estimator=estimator, mode="reward"), ref_BR=ref)
     assert out.loss.item() == 0.0 and grad == [0.0, 0.0, 0.0]
-    assert out.kl_BL[0].tolist() == pytest.approx(values, abs=1e-6)
+    assert out.kl_BR[0].tolist() == pytest.approx(values, abs=1e-6)
