@@ -195,8 +195,9 @@ def load_config(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
     check_paths: bool = True,
+    base: Config | None = None,
 ) -> Config:
-    """Load YAML ``path`` (or the defaults), apply ``key=value`` overrides, validate.
+    """Load YAML ``path`` (or the defaults, or ``base``), apply ``key=value`` overrides, validate.
 
     Relative paths in the config stay relative to the working directory.
 
@@ -224,7 +225,7 @@ def load_config(
         except OmegaConfBaseException as e:
             raise ConfigError(f"override {item!r} could not be parsed: {e}") from e
 
-    merged = OmegaConf.structured(Config)
+    merged = OmegaConf.structured(base if base is not None else Config)
     for source, layer in layers:
         _check_known_keys(OmegaConf.to_container(layer, resolve=False), Config, prefix="", source=source)
         try:
@@ -236,7 +237,8 @@ def load_config(
     if missing:
         raise ConfigError(f"{missing[0]} is required but not set; set it in the YAML file or pass {missing[0]}=...")
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    if not any(OmegaConf.select(layer, _TRAINER_TEMPERATURE) is not None for _, layer in layers):
+    sets = lambda key: any(OmegaConf.select(layer, key) is not None for _, layer in layers)  # noqa: E731
+    if not sets(_TRAINER_TEMPERATURE) and (base is None or sets("rollout.temperature")):
         # Unless set explicitly, the trainer scores log-probs at the sampling temperature.
         cfg.trainer.batching.temperature = cfg.sampling_temperature()
     _check_cross_field(cfg, prefix="")

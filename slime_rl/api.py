@@ -1,0 +1,131 @@
+"""The Python entry point: `train()` does exactly what `slime-rl train` does.
+
+    config file or Config ─► overrides ─► reward references resolved ─► start-up checks
+        ─► <run_dir>/config.yaml ─► Driver(cfg).run() ─► RunResult
+
+The CLI (`slime_rl.cli`) is a thin wrapper over `prepare` and `run`.
+
+Example:
+    >>> from slime_rl import train
+    >>> result = train("configs/examples/arith_tiny.yaml", {"run.num_steps": 20})  # doctest: +SKIP
+    >>> result.summary.eval_accuracy_last, result.run_dir                           # doctest: +SKIP
+    (0.51, PosixPath('runs/arith-tiny'))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from slime_rl.config import Config, load_config, save_config
+
+logger = logging.getLogger(__name__)
+
+Overrides = Mapping[str, Any] | Sequence[str] | None
+"""`{"trainer.lr": 1e-5, "run": {"num_steps": 5}}` or `["trainer.lr=1e-5", "run.num_steps=5"]`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """What a finished (or Ctrl-C-stopped) run returns."""
+
+    run_dir: Path
+    """`<run.output_dir>/<run.name>`: config.yaml, metrics.jsonl, plots/, checkpoints/, samples/."""
+    last_step: int
+    """The last trainer step completed (the checkpoint's step after a Ctrl-C)."""
+    interrupted: bool
+    """True when a Ctrl-C (or SIGTERM) stopped the run early, after a final checkpoint."""
+    summary: Any
+    """`slime_rl.progress.Summary`: steps, wall time, eval accuracy first/last/best, reward, samples/s."""
+    table: str
+    """The summary as the console prints it."""
+
+
+def _as_overrides(overrides: Overrides) -> list[str]:
+    if overrides is None:
+        return []
+    if isinstance(overrides, Mapping):
+        out: list[str] = []
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, Mapping) and value:
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out.append(f"{prefix}={value if isinstance(value, str) else json.dumps(value)}")
+
+        walk("", overrides)
+        return out
+    if isinstance(overrides, str):
+        return [overrides]
+    return [str(o) for o in overrides]
+
+
+def prepare(config: Config | str | Path | None, overrides: Overrides = None) -> Config:
+    """Load and validate a run config, resolve its reward references, run the start-up checks
+    and write `<run_dir>/config.yaml` (secrets in reward kwargs redacted). Nothing starts.
+
+    Raises:
+        ConfigError: an unknown key or a bad value (names the key path and what is allowed).
+        RewardLoadError: a reward reference that does not import or has the wrong signature.
+        PreflightError: model, data, plug-in, cluster address or checkpoint not usable.
+    """
+    from slime_rl.preflight import run_preflight
+    from slime_rl.rewards import resolve_config
+
+    extra = _as_overrides(overrides)
+    if isinstance(config, Config):
+        cfg = load_config(None, extra, base=config) if extra else config
+    else:
+        cfg = load_config(None if config is None else str(config), extra)
+    cfg.reward = resolve_config(cfg.reward)  # imports every reward fn, checks its signature
+    run_preflight(cfg)
+    write_run_config(cfg)
+    return cfg
+
+
+def write_run_config(cfg: Config) -> Path:
+    """Save the resolved config as `<run_dir>/config.yaml`; literal API keys and tokens in reward
+    kwargs are redacted. Returns the path."""
+    from slime_rl.rewards import redacted
+
+    return Path(save_config(dataclasses.replace(cfg, reward=redacted(cfg.reward)), cfg.run_dir / "config.yaml"))
+
+
+def run(cfg: Config) -> RunResult:
+    """Run a prepared config to `run.num_steps` (or until Ctrl-C / SIGTERM).
+
+    Raises:
+        RunError: an actor died, a call or a sync timed out, or a checkpoint could not be used;
+            the message names the actor (or file), the step and the cause.
+        KeyboardInterrupt: a second Ctrl-C (every actor killed at once, no checkpoint).
+    """
+    from slime_rl.driver import Driver  # importing Ray takes a while: only once the checks passed
+
+    logging.getLogger("slime_rl").setLevel(cfg.logging.level)
+    out = Driver(cfg).run()
+    return RunResult(Path(out["run_dir"]), int(out["last_step"]), bool(out["interrupted"]), out["summary"], out["table"])
+
+
+def train(config: Config | str | Path | None, overrides: Overrides = None, **sections: Any) -> RunResult:
+    """`slime-rl train CONFIG key=value...` from Python: `prepare` then `run`.
+
+    Args:
+        config: a run config YAML path, a `Config`, or None (defaults + overrides only).
+        overrides: dotted overrides (`{"trainer.lr": 1e-5}` or `["trainer.lr=1e-5"]`); they win
+            over the file.
+        **sections: more overrides by section, e.g. `run={"num_steps": 5}`.
+
+    Returns:
+        RunResult (run directory, last step, whether Ctrl-C stopped it, the summary).
+
+    Raises:
+        ConfigError, RewardLoadError, PreflightError: bad input, before anything starts.
+        RunError: the run failed; KeyboardInterrupt: a second Ctrl-C.
+    """
+    merged = _as_overrides(overrides) + _as_overrides(sections)
+    return run(prepare(config, merged))
