@@ -1,7 +1,7 @@
 """The replay buffer as a Ray actor shared by the rollout manager and one or more trainers.
 
     rollout actors ──put.remote(RecordBatch)──┐  "writers" threads (default group, max_concurrency)
-    trainer        ──get_batch.remote(...)  ──┼─► "readers" threads (READER_THREADS) ─┐
+    trainer        ──get_batch / take_batch ──┼─► "readers" threads (READER_THREADS) ─┐
     driver         ──counts/stats/close...  ──┘  "control" threads (CONTROL_THREADS) ─┴─ ReplayBuffer
                                                                                        (lock + conditions)
 
@@ -57,6 +57,16 @@ class BufferActor:
     @_READERS
     def get_batch(self, global_batch_groups: int, trainer_version: int, max_staleness: int | None = None, timeout: float | None = None) -> pa.Table:
         return self._buf.get_batch(global_batch_groups, trainer_version, max_staleness, timeout)
+
+    @ray.method(num_returns=2, concurrency_group="readers")
+    def take_batch(
+        self, global_batch_groups: int, trainer_version: int, max_staleness: int | None = None, timeout: float | None = None
+    ) -> tuple[dict[str, int], pa.Table]:
+        """`get_batch` as two objects, `(summary, table)`: a caller that only passes the batch on
+        (the driver, to the trainer workers) gets the small summary and hands the table's
+        ObjectRef on, so the Arrow data never leaves the object store for it."""
+        table = self._buf.get_batch(global_batch_groups, trainer_version, max_staleness, timeout)
+        return {"num_samples": table.num_rows, "num_groups": global_batch_groups}, table
 
     @_READERS
     def set_version(self, trainer_version: int, max_staleness: int | None = None) -> None:

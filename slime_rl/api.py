@@ -52,7 +52,7 @@ def _as_overrides(overrides: Overrides) -> list[str]:
         out: list[str] = []
 
         def walk(prefix: str, value: Any) -> None:
-            if isinstance(value, Mapping) and value:
+            if isinstance(value, Mapping) and (value or not prefix):
                 for k, v in value.items():
                     walk(f"{prefix}.{k}" if prefix else str(k), v)
             else:

@@ -15,15 +15,14 @@ and writes a checkpoint to resume from; a second one kills every actor at once).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 import sys
 from collections.abc import Sequence
 
-from slime_rl.config import Config, ConfigError, load_config, save_config, to_yaml
+from slime_rl.config import Config, ConfigError, load_config, to_yaml
 from slime_rl.preflight import PreflightError
-from slime_rl.rewards import RewardLoadError, redacted
+from slime_rl.rewards import RewardLoadError
 from slime_rl.submit import SubmitError
 
 EXIT_USAGE = 2
@@ -91,32 +90,24 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from slime_rl.preflight import run_preflight
+    from slime_rl import api
 
-    cfg = _load(args)
-    run_preflight(cfg)
-    path = write_run_config(cfg)
-    logging.getLogger("slime_rl").setLevel(cfg.logging.level)
-    print(f"slime-rl: run {cfg.run.name} ({cfg.run.mode}, {cfg.run.num_steps} steps) -> {cfg.run_dir} (config: {path})", file=sys.stderr)
-    from slime_rl.driver import Driver, RunError  # after the checks: importing Ray takes a while
+    cfg = api.prepare(args.config, args.overrides)
+    print(f"slime-rl: run {cfg.run.name} ({cfg.run.mode}, {cfg.run.num_steps} steps) -> {cfg.run_dir} "
+          f"(config: {cfg.run_dir / 'config.yaml'})", file=sys.stderr)
+    from slime_rl.errors import RunError
 
     try:
-        result = Driver(cfg).run()
+        result = api.run(cfg)
     except RunError as e:
         print(f"slime-rl: run failed: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_FAILED
-    print(result["table"])
-    if result["interrupted"]:
-        print(f"slime-rl: stopped by Ctrl-C after step {result['last_step']} (checkpoint written); continue with "
+    print(result.table)
+    if result.interrupted:
+        print(f"slime-rl: stopped by Ctrl-C after step {result.last_step} (checkpoint written); continue with "
               "checkpoint.resume=auto", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
-
-
-def write_run_config(cfg: Config) -> str:
-    """Save the resolved config as `<run_dir>/config.yaml`; literal API keys and tokens in reward
-    kwargs are redacted. Returns the path."""
-    return str(save_config(dataclasses.replace(cfg, reward=redacted(cfg.reward)), cfg.run_dir / "config.yaml"))
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:

@@ -1,39 +1,33 @@
-"""The RL run: the rollout side and the trainer loop, joined by the buffer and the weight sync.
+"""The RL run: the trainer loop in this process, the rollout side in its actors.
 
-    rollout side (RolloutManagerActor, its own event loop; never stops in async mode):
-        dataset ─► admission (staleness bound) ─► engines ─► rewards ─► filter ─► buffer.put
-                                                    ▲
-    trainer loop (this process):                    │ weights v (object store | collective | disk)
-        for step in 1..N:                           │
-            buffer.get_batch(B, v, S) ─(polls; checks the rollout side is alive)─► table
-            trainer.train_step(table) ─► v += 1
-            metrics (trainer + rollout window + buffer + sync) ─► MetricsLogger (JSONL, PNG, wandb)
-            every checkpoint.interval steps: trainer + rollout snapshot (buffer, cursor, in-flight
-                                              groups) + run state, written to a temporary folder
-                                              and renamed into place (before v is published)
-            every weight_sync.interval steps: WeightSync.publish(v)  (runs while the next step trains;
-                                              the next sync first waits for this one)
-            every eval.interval steps: manager.evaluate()  (sent once the engines hold v, results
-                                              logged when they arrive, tagged with the version they
-                                              ran on; the trainer waits for neither)
-        end: wait for the last sync ─► eval of the final weights ─► final checkpoint
+The async design (every loop, what it consumes, waits on and what wakes it) is drawn once, in
+docs/design.md. This module is the trainer loop and its neighbours:
 
-`run.mode: sync` is the same loop with `max_staleness = 0`: no group starts before the weights it
-will be trained against are loaded, so generation and training alternate.
+    for step in 1..N:
+        buffer.take_batch(B, v, S) ─(polled; checks the rollout side is alive)─► batch ref
+        trainer.train_step(batch ref) ─► v += 1          (the Arrow batch never passes through here)
+        metrics (trainer + rollout window + buffer + sync) ─► MetricsLogger (JSONL, PNG, wandb)
+        every checkpoint.interval steps: RunCheckpoints.save (before v is published)
+        every weight_sync.interval steps: WeightSync.publish(v) (the engines load while step v+1
+                                          trains; the next publish waits for this one)
+        every eval.interval steps: manager.evaluate() once the engines hold v (never waited for)
+    end: wait for the last sync ─► eval of the final weights ─► final checkpoint
+
+`run.mode: sync` is the same loop with `max_staleness = 0` and every sync waited for at once.
 
 Failure: any failure (an actor died, a call or a sync timed out, the rollout side stopped) ends
 the run within seconds as `RunError` naming the actor and the step; every remote call has a
-timeout. Ctrl-C: the step being trained finishes, then the final sync, checkpoint and metrics
-flush; a second Ctrl-C kills every actor at once. Every actor of the run is shut down on exit,
-and a local cluster the run started goes with it (see `placement`). Resume: `_restore` and
-docs/run.md ("Checkpoint and resume") give the invariant.
+timeout. Ctrl-C (or SIGTERM): the step being trained finishes, then the final sync, checkpoint
+and metrics flush; a second Ctrl-C kills every actor at once. Every actor of the run is shut
+down on exit, and a local cluster the run started goes with it (`slime_rl.cluster`).
+Checkpoints and resume: `slime_rl.checkpoints`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import shutil
 import signal
 import threading
 import time
@@ -44,10 +38,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from slime_rl.checkpoints import RunCheckpoints, latest_checkpoint, resume_point
 from slime_rl.config import Config
+from slime_rl.errors import CALL_TIMEOUT_S, RunError, describe_error
 from slime_rl.metrics import METRICS_FILE, MetricsLogger
-from slime_rl.run_actors import CALL_TIMEOUT_S, RunActors, describe_error
+from slime_rl.run_actors import RunActors
 from slime_rl.weight_sync import PendingSync, WeightSyncError
+
+__all__ = ["Driver", "RunError", "latest_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,24 +61,16 @@ HEADLINE = {
     "lr": "train/lr",
     "staleness_mean": "buffer/batch_staleness_mean",
     "staleness_max": "buffer/batch_staleness_max",
+    "samples": "perf/samples",
+    "step_time_s": "perf/step_time_s",
+    "samples_per_s": "perf/samples_per_s",
+    "tokens_per_s": "perf/tokens_per_s",
+    "trainer_idle_frac": "perf/trainer_idle_frac",
     "rollout_idle_frac": "rollout/engine_idle_frac",
+    "weight_sync_s": "weight_sync/seconds",
 }
-"""Unprefixed keys every metrics line carries (what users grep first) -> their source metric."""
-
-
-class RunError(RuntimeError):
-    """The run stopped; the message names the actor, the step and the cause."""
-
-
-def _checkpoints(run_dir: Path) -> list[Path]:
-    root = run_dir / "checkpoints"
-    return sorted(p for p in root.glob("step_*") if (p / "run_state.json").exists()) if root.exists() else []
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run directory (`checkpoints/step_NNNNNN`), or None."""
-    found = _checkpoints(Path(run_dir))
-    return found[-1] if found else None
+"""Unprefixed headline keys every metrics line carries (what users grep first) -> the one metric
+each is an alias of (docs/run.md lists them). Every other metric has only its slash name."""
 
 
 class Driver:
@@ -111,6 +101,7 @@ class Driver:
         self._t_start = time.monotonic()
         self._wall_before = 0.0
         """Wall seconds of the sessions before a resume (from the checkpoint)."""
+        self.checkpoints: RunCheckpoints | None = None
 
     # ---- entry ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -129,7 +120,8 @@ class Driver:
         previous = signal.signal(signal.SIGINT, self._on_sigint) if in_main else None
         try:
             self.actors = RunActors.start(cfg)
-            resume_from = self._resume_point()
+            self.checkpoints = RunCheckpoints(cfg, self.actors)
+            resume_from = resume_point(cfg)
             start_step = self._restore(resume_from) if resume_from else 0
             self.log = MetricsLogger(
                 self.run_dir, cfg.run.num_steps, start_step=start_step, wandb_mode=cfg.logging.wandb_mode,
@@ -137,7 +129,7 @@ class Driver:
                 progress=cfg.logging.progress, plot_every=cfg.logging.plot_every, resume=resume_from is not None,
             )
             if resume_from is not None:
-                self._drop_samples_after(start_step)
+                self.checkpoints.drop_samples_after(start_step)
             self._train(start_step, resumed=resume_from is not None)
             summary = self.log.close(exit_code=130 if self._stop_requested else 0)
             table = self.log.summary_table()
@@ -200,11 +192,11 @@ class Driver:
             if self._stop_requested:
                 break
             t0 = time.monotonic()
-            table = self._next_batch()
-            if table is None:  # Ctrl-C while waiting: the groups stay buffered and are checkpointed
+            batch = self._next_batch()
+            if batch is None:  # Ctrl-C while waiting: the groups stay buffered and are checkpointed
                 break
             waited = time.monotonic() - t0
-            metrics = a.trainer.train_step(table)
+            metrics = a.trainer.train_step(batch.table_ref)
             self.step, self.version = step, a.trainer.version
             publish = step % cfg.weight_sync.interval == 0 or step == cfg.run.num_steps
             if publish:
@@ -212,11 +204,11 @@ class Driver:
             metrics.update(self._get(a.manager.metrics.remote(), self._rollout_name, "metrics"))
             metrics.update(self._get(a.buffer.stats.remote(), self._buffer_name, "stats"))
             now = time.monotonic()
-            self._log_step(step, table, metrics, now - last_done, waited)
+            self._log_step(step, batch.num_samples, metrics, now - last_done, waited)
             last_done = now
             self._drain_evals(block=False)
             if cfg.logging.save_samples:
-                self._save_samples(step, table)
+                self._save_samples(step, batch.table_ref)
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                 # Before version `step` is published: no group of that version exists yet, so on
                 # resume every one of them comes from the restored weights (pushed by _restore).
@@ -243,17 +235,19 @@ class Driver:
         if self.step:
             self._checkpoint(final=True)
 
-    def _next_batch(self) -> pa.Table | None:
+    def _next_batch(self) -> BatchRef | None:
         """B groups within the staleness bound, or None after Ctrl-C. Polls, so a dead rollout side
-        or buffer stops the run within seconds instead of an endless wait."""
+        or buffer stops the run within seconds instead of an endless wait. Only the batch's
+        summary comes here; the Arrow table stays in the object store for the trainer."""
         from slime_rl.buffers.errors import BufferTimeoutError
 
         a = self.actors
         deadline = time.monotonic() + self.cfg.buffer.get_timeout_s
         while True:
-            ref = a.buffer.get_batch.remote(self.global_batch_groups, self.version, self.max_staleness, POLL_S)
+            info_ref, table_ref = a.buffer.take_batch.remote(self.global_batch_groups, self.version, self.max_staleness, POLL_S)
             try:
-                return ray.get(ref, timeout=POLL_S + CALL_TIMEOUT_S)
+                info = ray.get(info_ref, timeout=POLL_S + CALL_TIMEOUT_S)
+                return BatchRef(table_ref, int(info["num_samples"]), int(info["num_groups"]))
             except BufferTimeoutError:
                 pass
             except Exception as e:
@@ -340,46 +334,33 @@ class Driver:
         return False
 
     # ---- metrics and samples -------------------------------------------------------------------
-    def _log_step(self, step: int, table: pa.Table, metrics: dict[str, float], wall: float, waited: float) -> None:
-        samples = table.num_rows
+    def _log_step(self, step: int, num_samples: int, metrics: dict[str, float], wall: float, waited: float) -> None:
         tokens = metrics.get("train/tokens", 0.0)
         out = dict(metrics)
         out.update(self._last_sync)
+        out.update({
+            "perf/samples": float(num_samples),
+            "perf/step_time_s": wall,
+            "perf/samples_per_s": num_samples / max(wall, 1e-9),
+            "perf/tokens_per_s": tokens / max(wall, 1e-9),
+            "perf/trainer_idle_frac": min(1.0, waited / max(wall, 1e-9)),
+        })
+        out.setdefault("weight_sync/seconds", float("nan"))
         for key, src in HEADLINE.items():
-            if src in metrics:
-                out[key] = metrics[src]
-        out.update(
-            samples=float(samples),
-            weight_sync_s=self._last_sync.get("weight_sync/seconds", float("nan")),
-            step_time_s=wall,
-            samples_per_s=samples / max(wall, 1e-9),
-            tokens_per_s=tokens / max(wall, 1e-9),
-            trainer_idle_frac=min(1.0, waited / max(wall, 1e-9)),
-        )
-        out["perf/samples_per_s"] = out["samples_per_s"]
-        out["perf/tokens_per_s"] = out["tokens_per_s"]
-        out["perf/trainer_idle_frac"] = out["trainer_idle_frac"]
-        if "rollout_idle_frac" in out:
-            out["perf/rollout_idle_frac"] = out["rollout_idle_frac"]
+            if src in out:
+                out[key] = out[src]
         self.log.log(step, out)
 
-    def _save_samples(self, step: int, table: pa.Table) -> None:
+    def _save_samples(self, step: int, table: pa.Table | Any) -> None:
         from slime_rl.samples_io import readable_samples
 
+        if isinstance(table, ray.ObjectRef):
+            table = self._get(table, self._buffer_name, "take_batch")
         folder = self.run_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".step_{step:06d}.tmp"
         pq.write_table(readable_samples(table, self.actors.tokenizer), tmp)
         tmp.rename(folder / f"step_{step:06d}.parquet")
-
-    def _drop_samples_after(self, step: int) -> None:
-        """On resume: batches saved after the checkpoint are trained again (maybe other groups), so
-        the files of those steps go, as their metrics lines do."""
-        from slime_rl.samples_io import saved_steps
-
-        for s, path in saved_steps(self.run_dir / "samples").items():
-            if s > step:
-                path.unlink(missing_ok=True)
 
     # ---- debug modes ---------------------------------------------------------------------------
     def _rollout_only(self, start_step: int) -> None:
@@ -390,15 +371,15 @@ class Driver:
             if self._stop_requested:
                 break
             t0 = time.monotonic()
-            table = self._next_batch()
-            if table is None:
+            batch = self._next_batch()
+            if batch is None:
                 break
             self._get(a.manager.open_slots.remote(step), self._rollout_name, "open_slots")
             self.step = step
-            self._save_samples(step, table)
+            self._save_samples(step, batch.table_ref)
             metrics = self._get(a.manager.metrics.remote(), self._rollout_name, "metrics")
             metrics.update(self._get(a.buffer.stats.remote(), self._buffer_name, "stats"))
-            self._log_step(step, table, metrics, time.monotonic() - t0, 0.0)
+            self._log_step(step, batch.num_samples, metrics, time.monotonic() - t0, 0.0)
 
     def _train_only(self, start_step: int) -> None:
         """Train on saved batches (`run.train_only` folder of step_*.parquet), no engines."""
@@ -414,92 +395,37 @@ class Driver:
             table = read_batch(files[(step - 1) % len(files)])
             metrics = self.actors.trainer.train_step(table)
             self.step, self.version = step, self.actors.trainer.version
-            self._log_step(step, table, metrics, time.monotonic() - t0, 0.0)
+            self._log_step(step, table.num_rows, metrics, time.monotonic() - t0, 0.0)
             if self.cfg.checkpoint.interval and step % self.cfg.checkpoint.interval == 0:
                 self._checkpoint()
         if self.step:
             self._checkpoint(final=True)
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def _resume_point(self) -> Path | None:
-        resume = self.cfg.checkpoint.resume
-        if not resume:
-            return None
-        if resume == "auto":
-            found = latest_checkpoint(self.run_dir)
-            if found is None:
-                logger.info("checkpoint.resume=auto: no checkpoint in %s, starting fresh", self.run_dir)
-            return found
-        path = Path(resume)
-        if not (path / "run_state.json").exists():
-            raise RunError(f"checkpoint.resume={resume!r} is not a run checkpoint (no run_state.json)")
-        return path
-
     def _checkpoint(self, final: bool = False) -> Path:
-        a, step = self.actors, self.step
-        root = self.run_dir / "checkpoints"
-        final_dir = root / f"step_{step:06d}"
-        if (final_dir / "run_state.json").exists():  # the last step was also a periodic checkpoint
-            if final:
-                self._export_final_hf()
-            return final_dir
-        tmp = root / f".step_{step:06d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        t0 = time.monotonic()
-        if a.trainer is not None:
-            a.trainer.save_checkpoint(str(tmp / "trainer"))
-        rollout_state = None
-        if a.manager is not None:
-            rollout_state = self._get(a.manager.snapshot.remote(str(tmp)), self._rollout_name, "snapshot", timeout=None)
-        state = {
-            "step": step, "version": self.version, "rollout": rollout_state, "mode": self.cfg.run.mode,
-            "num_steps": self.cfg.run.num_steps, "global_batch_groups": self.global_batch_groups,
-            "wall_s": self._wall_before + time.monotonic() - self._t_start,
-        }
-        if rollout_state is not None:  # where the buffer will be once the folder is renamed into place
-            rollout_state["buffer"] = str(final_dir / "buffer")
-        (tmp / "run_state.json").write_text(json.dumps(state, indent=1, default=str))
-        shutil.rmtree(final_dir, ignore_errors=True)
-        tmp.rename(final_dir)
-        for old in _checkpoints(self.run_dir)[: -self.cfg.checkpoint.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        if final:
-            self._export_final_hf()
-        logger.info("checkpoint step %d written in %.1f s: %s", step, time.monotonic() - t0, final_dir)
-        return final_dir
-
-    def _export_final_hf(self) -> None:
-        if self.cfg.checkpoint.save_hf and self.actors.trainer is not None:
-            self.actors.trainer.export_hf(str(self.run_dir / "final_hf"))
+        wall = self._wall_before + time.monotonic() - self._t_start
+        return self.checkpoints.save(self.step, self.version, wall, final=final)
 
     def _restore(self, path: Path) -> int:
-        """Load a run checkpoint: trainer (weights, optimizer, LR schedule, RNG, step and version),
-        buffer, dataset cursor, admission counts and in-flight groups; then push the restored
-        weights to the engines so they serve the restored policy, not the initial one."""
+        """Load a run checkpoint (`RunCheckpoints.restore`), then push the restored weights to the
+        engines so they serve the restored policy, not the initial one (slime #1695)."""
+        state = self.checkpoints.restore(path)
+        self.step, self.version, self._wall_before = state["step"], state["version"], state["wall_s"]
         a = self.actors
-        state = json.loads((path / "run_state.json").read_text())
-        if int(state.get("global_batch_groups", self.global_batch_groups)) != self.global_batch_groups:
-            raise RunError(f"checkpoint {path} was written with trainer.global_batch_groups={state['global_batch_groups']}, "
-                           f"this run has {self.global_batch_groups}: the staleness accounting would not match; resume with the same value")
-        if state.get("mode", self.cfg.run.mode) != self.cfg.run.mode:
-            logger.warning("checkpoint %s was written in run.mode=%s, resuming in %s", path, state["mode"], self.cfg.run.mode)
-        if a.trainer is not None:
-            a.trainer.load_checkpoint(str(path / "trainer"))
-        self.step, self.version = int(state["step"]), int(state["version"])
-        self._wall_before = float(state.get("wall_s", 0.0))
-        if a.trainer is not None and a.trainer.version != self.version:
-            raise RunError(f"checkpoint {path}: the trainer state holds version {a.trainer.version} but run_state.json "
-                           f"{self.version}; the checkpoint is inconsistent")
-        if a.manager is not None and state.get("rollout"):
-            self._get(a.buffer.load.remote(str(path / "buffer")), self._buffer_name, "load", timeout=None)
-            self._get(a.manager.restore.remote(state["rollout"]), self._rollout_name, "restore")
-            if self.version and a.weight_sync is not None:
-                # the engines must serve the restored policy, not the initial one (slime #1695)
-                self._sync = a.weight_sync.publish(self.version)
-                self._wait_sync()
-        logger.info("resumed from %s at step %d (version %d)", path, self.step, self.version)
+        if self.version and a.weight_sync is not None and a.manager is not None:
+            self._sync = a.weight_sync.publish(self.version)
+            self._wait_sync()
         return self.step
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRef:
+    """A batch taken from the buffer: the Arrow table stays in the object store (the trainer
+    workers read it from there); the driver holds only its size."""
+
+    table_ref: Any
+    num_samples: int
+    num_groups: int
 
 
 def _plain_config(cfg: Config) -> dict[str, Any]:

@@ -19,7 +19,8 @@ import numpy as np
 
 REWARD_KEYS = ("rollout/reward_mean", "train/reward_mean")
 EVAL_PREFIX = "eval/accuracy"
-IDLE_KEYS = ("perf/trainer_idle_frac", "perf/rollout_idle_frac")
+IDLE_KEYS = ("perf/trainer_idle_frac", "rollout/engine_idle_frac")
+IDLE_LABELS = {"perf/trainer_idle_frac": "trainer idle", "rollout/engine_idle_frac": "engines idle"}
 
 PLOTS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
@@ -135,7 +136,7 @@ def _plot_throughput(data: PlotData) -> Any:
     if idle:
         ax = axes[-1]
         for key in idle:
-            ax.plot(*data.train[key], lw=1, label=key.removeprefix("perf/"))
+            ax.plot(*data.train[key], lw=1, label=IDLE_LABELS[key])
         ax.set_ylim(-0.02, 1.02)
         _decorate(ax, "idle fraction (which side limits the run)", "fraction idle")
     axes[-1].set_xlabel("step")

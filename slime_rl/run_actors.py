@@ -4,7 +4,7 @@
       ─► BufferActor ─► EngineActor × rollout.num_engines ─► RolloutManagerActor.setup()
       ─► TrainerGroup (trainer.num_workers ranks) ─► WeightSync
     shutdown(): manager.stop ─► engines shut down ─► trainer group ─► buffer ─► placement groups
-                ─► a local cluster this run started (`placement.disconnect`)
+                ─► a local cluster this run started (`cluster.disconnect`)
     shutdown(graceful=False) (a second Ctrl-C): every actor killed at once, no clean-up calls
 
 Actor names carry the run name (`<run>-engine-0`, `<run>-buffer`, ...), so `ray list actors`
@@ -22,8 +22,10 @@ from typing import Any
 
 import ray
 
+from slime_rl.cluster import Connection, connect, disconnect
 from slime_rl.config import Config
-from slime_rl.placement import Connection, Placement, connect, disconnect
+from slime_rl.errors import CALL_TIMEOUT_S, RunError, describe_error
+from slime_rl.placement import Placement
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +134,6 @@ class RunActors:
 
     def check_rollout(self, step: int) -> str:
         """Raise RunError if the rollout side failed (naming it and the step); else a one-line status."""
-        from slime_rl.driver import RunError
-
         name = f"{self.cfg.run.name}-rollout"
         try:
             status = ray.get(self.manager.check.remote(), timeout=CALL_TIMEOUT_S)
@@ -211,25 +211,3 @@ def _claim_names(run: str, names: list[str]) -> None:
             f"actor name(s) {', '.join(taken)} are taken on this Ray cluster: another run named {run!r} is active; "
             "stop it or set another run.name"
         )
-
-
-CALL_TIMEOUT_S = 30.0
-"""Limit of the driver's control calls to the rollout manager and the buffer (status, metrics,
-clean shutdown); a call that takes longer means the actor is stuck."""
-
-
-def describe_error(e: BaseException) -> str:
-    """One line for a Ray failure: the cause of a task error, the gist of a dead actor."""
-    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-
-    if isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None:
-        e = e.cause
-    if isinstance(e, RayActorError):
-        text = str(e)
-        if "ray.kill" in text:
-            return "the actor died (killed with ray.kill)"
-        return "the actor died: " + " ".join(text.split())[:300]
-    if isinstance(e, GetTimeoutError):
-        return f"no answer within the call's timeout ({e})"
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__

@@ -72,32 +72,14 @@ def entrypoint(config_path: str, overrides: list[str], cfg: Config, python: str 
 def _client(address: str) -> Any:
     from ray.job_submission import JobSubmissionClient
 
-    _use_token_if_available()
+    from slime_rl.cluster import use_token_if_available
+
+    use_token_if_available()
     try:
         return JobSubmissionClient(address)
     except Exception as e:
         hint = "; set RAY_AUTH_MODE=token (the cluster uses token auth)" if "auth" in str(e).lower() else ""
         raise SubmitError(f"cannot reach the Ray job server at {address}: {e}{hint}") from None
-
-
-def _use_token_if_available() -> None:
-    """Send the cluster's token when one is at hand (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
-    ~/.ray/auth_token) and RAY_AUTH_MODE is unset: `ray start --head` turns token auth on by
-    default, and the job SDK sends the token only in token mode. Ray caches the mode when it is
-    imported, so setting the variable is not enough; Ray's own helper also refreshes that."""
-    if "RAY_AUTH_MODE" in os.environ:
-        return
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if not (os.environ.get("RAY_AUTH_TOKEN") or Path(path or Path.home() / ".ray" / "auth_token").exists()):
-        return
-    try:  # Ray >= 2.5x; older Ray has no token auth and reads the variable at connect time
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-    except ImportError:
-        os.environ["RAY_AUTH_MODE"] = "token"
-        return
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def submit(config_path: str, overrides: list[str], cfg: Config, *, address: str | None = None,

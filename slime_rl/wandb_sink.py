@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from slime_rl.placement import CLUSTER_MARK
+from slime_rl.cluster import CLUSTER_MARK
 
 logger = logging.getLogger(__name__)
 

@@ -101,7 +101,8 @@ class FakeDriver:
         FakeDriver.seen.append((self.cfg.run_dir / "config.yaml").read_text())
         if FakeDriver.outcome == "fail":
             raise RunError("step 3: metrics on r1-rollout failed: the actor died (killed with ray.kill)\n  more detail")
-        return {"table": "summary table", "interrupted": FakeDriver.outcome == "interrupted", "last_step": 2}
+        return {"table": "summary table", "interrupted": FakeDriver.outcome == "interrupted", "last_step": 2,
+                "summary": None, "run_dir": str(self.cfg.run_dir)}
 
 
 @pytest.fixture

@@ -130,7 +130,7 @@ def test_plots_written_at_close_are_valid_pngs(tmp_path: Path) -> None:
     for step in range(1, 41):
         log.log(step, {"rollout/reward_mean": step / 40, "rollout/response_len_mean": 30.0 + step,
                        "perf/samples_per_s": 8.0, "perf/tokens_per_s": 800.0,
-                       "perf/trainer_idle_frac": 0.1, "perf/rollout_idle_frac": 0.3})
+                       "perf/trainer_idle_frac": 0.1, "rollout/engine_idle_frac": 0.3})
         if step % 10 == 0:
             log.log_eval(step, {"eval/accuracy": step / 50, "eval/accuracy/think": step / 60,
                                 "eval/accuracy/non_think": step / 45})
@@ -197,7 +197,7 @@ def test_redraw_of_1000_steps_is_fast(tmp_path: Path) -> None:
     for step in range(1, 1001):
         log.log(step, {"rollout/reward_mean": rng.random(), "rollout/response_len_mean": 50 + rng.random(),
                        "perf/samples_per_s": 10 + rng.random(), "perf/tokens_per_s": 900 + rng.random(),
-                       "perf/trainer_idle_frac": rng.random(), "perf/rollout_idle_frac": rng.random()})
+                       "perf/trainer_idle_frac": rng.random(), "rollout/engine_idle_frac": rng.random()})
         if step % 50 == 0:
             log.log_eval(step, {"eval/accuracy": rng.random(), "eval/accuracy/think": rng.random()})
     log.close()  # first draw pays matplotlib's import and font cache
