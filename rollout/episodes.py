@@ -2,6 +2,7 @@
 
     RolloutManager._run_group ──(episodes configured)──► Episodes.run_group(client, prompt, group, n, sampling)
         rollout.environment   ─► AgentLoop.run_episode × n        (multi-turn tool use)
+        rollout.environment: verifiers:/openenv: ─► rollout/hubs/ (the hub's own code, via the endpoint)
         rollout.generate_fn   ─► your function × n                 (custom per-sample generation)
         rollout.agent_fn      ─► your openai-SDK agent × n ─► AgentEndpoint records every call
     ─► list[Sample] ─► (manager, unchanged) reward scoring ─► filter ─► buffer
@@ -41,6 +42,7 @@ from slime_rl.rollout.data import Prompt
 from slime_rl.rollout.engine_pool import EngineClient, EngineLostError, EnginePool
 from slime_rl.rollout.engines.base import SamplingParams
 from slime_rl.rollout.environments import load_environment
+from slime_rl.rollout.hubs import hub_kind
 from slime_rl.rollout.openai_server import AgentEndpoint, task_of
 from slime_rl.rollout.plugins import PluginLoadError, load_object
 from slime_rl.rollout.trajectory import TokenTrajectory, TurnClient
@@ -256,11 +258,17 @@ async def build_episodes(
     if r.agent_fn and not r.agent_endpoint:
         raise ValueError("rollout.agent_fn needs rollout.agent_endpoint=true (the agent talks to the engines through it)")
     endpoint = None
-    if r.agent_endpoint:
+    hub = hub_kind(r.environment)  # verifiers:/openenv: environments run through the endpoint (rollout/hubs/)
+    if r.agent_endpoint or hub:
         endpoint = AgentEndpoint(pool, tokenizer, sampling, seed_fn=seed_fn, port=r.agent_endpoint_port,
                                  max_model_len=max_model_len, model_name=model_name)
         await endpoint.start()
     try:
+        if hub:
+            from slime_rl.rollout.hubs.episode import hub_episodes
+
+            assert endpoint is not None
+            return hub_episodes(r, tokenizer, seed_fn, endpoint, base_dir=base_dir, model_name=model_name)
         if r.environment:
             settings = AgentSettings(max_turns=r.max_turns, max_episode_tokens=r.max_episode_tokens, max_model_len=max_model_len,
                                      max_tool_calls_per_turn=r.max_tool_calls_per_turn, env_timeout_s=r.env_timeout_s)

@@ -25,7 +25,7 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,8 @@ from slime_rl.rollout.engines.base import (
 )
 from slime_rl.rollout.evaluation import evaluate_prompts
 from slime_rl.rollout.filters import GroupFilter, reward_std
+from slime_rl.rollout.fleet import EngineFleet
+from slime_rl.rollout.launcher import EngineLaunchSpec, RayLauncher
 from slime_rl.rollout.samples import build_sample, merge_results
 from slime_rl.rollout.stats import RolloutStats
 
@@ -75,6 +77,11 @@ class ManagerSpec:
     seed: int = 0
     base_dir: str | None = None
     """Folder that relative plug-in paths (`rollout.filter`) are resolved against."""
+    launch: EngineLaunchSpec | None = None
+    """How to start engines (a run): the manager then owns its engines (rollout/fleet.py) and can
+    scale; None: only the engines passed in (in-process use, tests)."""
+    engine_prefix: str = "engine"
+    """Engine actor names are `<engine_prefix>-<k>` (a run: `<run>-engine`)."""
 
 
 def request_seed(run_seed: int, request_key: str) -> int:
@@ -98,10 +105,12 @@ class RolloutManager:
         r = spec.rollout
         self.buffer = buffer
         self.pool = EnginePool(
-            engines,
-            max_in_flight=r.max_in_flight_per_engine or 2 * r.max_batch_size,
-            weight_timeout_s=r.weight_update_timeout_s,
-            restart_timeout_s=r.engine_restart_timeout_s,
+            engines, max_in_flight=r.max_in_flight_per_engine or 2 * r.max_batch_size, weight_timeout_s=r.weight_update_timeout_s,
+        )
+        launcher = RayLauncher(spec.launch) if spec.launch is not None else None
+        self.fleet = EngineFleet(
+            self.pool, launcher, name_prefix=spec.engine_prefix, target=r.num_engines if launcher else len(engines),
+            max_failures=r.engine_max_restarts, on_lost=self._engine_lost,
         )
         self.admission = Admission(spec.global_batch_groups, spec.max_staleness)
         self.filter = GroupFilter(r.filter, base_dir=spec.base_dir)
@@ -121,7 +130,8 @@ class RolloutManager:
         self._loops: list[asyncio.Task] = []
         self._error: BaseException | None = None
         self._stopping = False
-        self._busy_mark = [0.0] * len(self.pool.slots)
+        self._busy_mark: dict[str, float] = {}
+        self._window_start = time.monotonic()
         self._drop_streak = 0
         self._warned_filter = False
         self._last_update: dict[str, float] = {}
@@ -140,8 +150,8 @@ class RolloutManager:
 
         spec, r = self.spec, self.spec.rollout
         self.tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_path or spec.model_path)
-        info = await self.pool.slots[0].client.info()
-        limit = int(info.get("max_model_len") or 0)
+        await self.fleet.start(wait=True, timeout_s=r.engine_start_timeout_s)
+        limit = await self._model_len()
         self.max_prompt_tokens = r.max_prompt_tokens or max(0, limit - r.max_new_tokens) if limit else r.max_prompt_tokens
         self.train_data = PromptDataset.load(
             spec.data.train_path, spec.data, self.tokenizer, max_prompt_tokens=self.max_prompt_tokens, seed=spec.seed, name="train"
@@ -166,6 +176,16 @@ class RolloutManager:
             "max_prompt_tokens": self.max_prompt_tokens,
         }
 
+    async def _model_len(self) -> int:
+        """The engines' context limit (prompt + response), from an engine, else the config."""
+        if self.pool.slots:
+            return int((await self.pool.slots[0].client.info()).get("max_model_len") or 0)
+        if self.spec.rollout.max_model_len:
+            return self.spec.rollout.max_model_len
+        from transformers import AutoConfig
+
+        return int(getattr(AutoConfig.from_pretrained(self.spec.model_path), "max_position_embeddings", 0) or 0)
+
     async def start(self) -> None:
         """Start admitting and generating (returns at once)."""
         if self._loops:
@@ -187,21 +207,52 @@ class RolloutManager:
         self._wake.set()
 
     async def check(self) -> dict[str, int]:
-        """Raise the error that stopped the rollout side, if any; else a liveness summary."""
+        """Raise the error that stopped the rollout side, if any; else a liveness summary
+        (`engines_up` may be 0 for a while: lost engines are replaced as capacity allows)."""
+        try:
+            self.fleet.check()
+        except Exception as e:
+            self._fail(e)
         if self._error is not None:
             raise RolloutError(f"rollout side failed: {type(self._error).__name__}: {self._error}") from self._error
-        if self.pool.all_down_for_good():
-            self._fail(RolloutError(f"every rollout engine is gone ({', '.join(s.name for s in self.pool.slots)}) and none came back"))
-            return await self.check()
-        return {"in_flight": self.admission.in_flight, "engines_up": sum(s.up for s in self.pool.slots)}
+        return {"in_flight": self.admission.in_flight, "engines_up": self.pool.num_serving,
+                "engines_target": self.fleet.target, "engines_need_weights": len(self.pool.needs_weights()),
+                "engines_lost": self.fleet.lost, "fleet_changes": self.fleet.changes}
+
+    def _engine_lost(self, slot: EngineSlot, record: Any, node_alive: bool | None) -> None:
+        """An engine's actor is gone: its groups requeue themselves as their calls fail."""
+        groups = [w.group_id for w in self.admission if w.engine == slot.name and w.state.value == "running"]
+        where = f"node {record.node_ip} ({(record.node_id or '?')[:12]})" if record is not None else "an unknown node"
+        why = "the node is gone" if node_alive is False else "its actor died" if node_alive else "its actor is unreachable"
+        logger.warning(
+            "rollout engine %s lost on %s (%s): %d group(s) go back to the queue%s; %d engine(s) serving, target %d",
+            slot.name, where, why, len(groups), f" ({', '.join(groups[:4])}{'…' if len(groups) > 4 else ''})" if groups else "",
+            self.pool.num_serving, self.fleet.target,
+        )
+        self._wake.set()
+
+    def scale(self, num_engines: int) -> dict[str, Any]:
+        """Change the number of engines of the running rollout side (new ones load the current
+        weights before they take work; removed ones finish their groups first)."""
+        self.fleet.set_target(num_engines)
+        return self.fleet.info()
+
+    def fleet_info(self) -> dict[str, Any]:
+        return self.fleet.info()
+
+    def sync_members(self) -> list[str]:
+        """Engines a weight update must reach (serving, waiting for weights, or draining)."""
+        return [s.name for s in self.pool.slots if s.state.value in ("up", "waiting", "draining")]
 
     async def stop(self) -> None:
-        """Stop admitting, drop work in flight (it is not trained), close the reward runners."""
+        """Stop admitting, drop work in flight (it is not trained), shut the engines this side
+        started down, close the reward runners."""
         self._stopping = True
         self._wake.set()
         for t in [*self._loops, *self._tasks]:
             t.cancel()
         await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        await self.fleet.stop(graceful=True)
         if self.episodes is not None:
             await self.episodes.close()
         for runner in (self.runner, self.eval_runner):
@@ -227,8 +278,6 @@ class RolloutManager:
             slot = self.pool.pick(n)
             work = self._next_work() if slot is not None else None
             if work is None:
-                if self.pool.all_down_for_good():
-                    raise RolloutError("every rollout engine is gone and none came back")
                 self._wake.clear()
                 self.pool.changed.clear()
                 waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(self.pool.changed.wait())]
@@ -351,11 +400,11 @@ class RolloutManager:
 
     # ---- weights, eval, metrics --------------------------------------------------------------
     async def update_weights(
-        self, version: int, buckets: Sequence[Any], per_engine: Sequence[Sequence[Any]] | None = None
+        self, version: int, buckets: Sequence[Any], per_engine: Mapping[str, Sequence[Any]] | None = None
     ) -> dict[str, float]:
         """Load version `version` into every engine (generation goes on; in-flight requests follow
         `rollout.weight_update_mode`), then open the slots of that version. Returns timing metrics.
-        `per_engine[i]` gives engine i its own buckets (collective transport)."""
+        `per_engine[name]` gives that engine its own buckets (collective transport)."""
         await self.check()
         async with self._version_lock:  # never while an evaluation pins the current version
             t0 = time.monotonic()
@@ -404,9 +453,16 @@ class RolloutManager:
         except Exception as e:
             self._fail(e)
             raise
-        busy = self.pool.busy_seconds()
-        out = self.stats.reduce(self.admission.in_flight, busy, self._busy_mark)
-        self._busy_mark = busy
+        busy, now = self.pool.busy_seconds(), time.monotonic()
+        idle = []
+        for slot in self.pool.slots:  # each engine's idle share of the part of the window it existed
+            window = max(now - max(self._window_start, slot.added_at), 1e-9)
+            idle.append(1.0 - min(1.0, (busy[slot.name] - self._busy_mark.get(slot.name, 0.0)) / window))
+        out = self.stats.reduce(self.admission.in_flight, idle)
+        self._busy_mark, self._window_start = busy, now
+        out["rollout/num_engines"] = float(self.pool.num_serving)
+        out["rollout/engines_target"] = float(self.fleet.target)
+        out["rollout/engines_lost"] = float(self.fleet.lost)
         out.update({k if k.startswith("reward/") else f"reward/{k}": v for k, v in reward.metrics().items()})
         out.update(self._last_update)
         out["data/skipped_rows"] = float(sum(self.train_data.skipped.values()))

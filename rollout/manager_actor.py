@@ -1,9 +1,12 @@
 """The rollout manager as a Ray async actor: the driver's handle on the whole rollout side.
 
     driver ──setup / start──────────────► RolloutManagerActor ──► RolloutManager (one event loop)
-           ──update_weights(v, refs)────►        │                  ├─ EnginePool ─► EngineActor × N
-           ──evaluate() / metrics()─────►        │                  └─ RayBufferClient ─► BufferActor
+           ──update_weights(v, refs)────►        │                  ├─ EngineFleet + EnginePool
+           ──evaluate() / metrics()─────►        │                  │    └─► EngineActor × N (owned here)
+           ──scale(n) / fleet_info()────►        │                  └─ RayBufferClient ─► BufferActor
            ──snapshot / restore / check / stop ─►┘
+
+The engines are created by this actor (so they end with it); `slime-rl scale` reaches it by name.
 
 All methods are coroutines on the actor's loop, so the manager's state needs no locks; the
 driver never blocks the generation loop (long calls such as `evaluate` run beside it).
@@ -27,6 +30,21 @@ class RolloutManagerActor:
         clients = [RayEngineClient(h, n) for h, n in zip(engines, engine_names)]
         self.manager = RolloutManager(spec, clients, RayBufferClient(buffer))
 
+    async def node_info(self) -> dict[str, Any]:
+        import os
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+                "pid": os.getpid()}
+
+    async def scale(self, num_engines: int) -> dict[str, Any]:
+        return self.manager.scale(num_engines)
+
+    async def fleet_info(self) -> dict[str, Any]:
+        return self.manager.fleet_info()
+
+    async def sync_members(self) -> list[str]:
+        return self.manager.sync_members()
+
     async def setup(self) -> dict[str, Any]:
         return await self.manager.setup()
 
@@ -34,7 +52,7 @@ class RolloutManagerActor:
         await self.manager.start()
 
     async def update_weights(
-        self, version: int, buckets: list[Any], per_engine: list[list[Any]] | None = None
+        self, version: int, buckets: list[Any], per_engine: dict[str, list[Any]] | None = None
     ) -> dict[str, float]:
         # ObjectRefs inside a list arrive unresolved: the engines resolve them themselves.
         return await self.manager.update_weights(version, buckets, per_engine=per_engine)
@@ -69,6 +87,7 @@ def start_rollout_manager(
     *,
     name: str | None = None,
     runtime_env: dict[str, Any] | None = None,
+    scheduling_strategy: Any = None,
 ) -> Any:
     """Start the manager actor (no CPU reserved: it only coordinates; rewards use its threads)."""
     options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 64}
@@ -76,4 +95,6 @@ def start_rollout_manager(
         options["name"] = name
     if runtime_env:
         options["runtime_env"] = runtime_env
+    if scheduling_strategy is not None:
+        options["scheduling_strategy"] = scheduling_strategy
     return ray.remote(RolloutManagerActor).options(**options).remote(spec, list(engines), list(engine_names), buffer)

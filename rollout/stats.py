@@ -97,7 +97,8 @@ class RolloutStats:
                     self.agent[k] += int(agent.get(k, 0))
                 self.tool_errors.update({k: int(v) for k, v in agent.get("tool_errors", {}).items()})
 
-    def reduce(self, in_flight: int, engine_busy_s: Sequence[float], busy_at_start: Sequence[float]) -> dict[str, float]:
+    def reduce(self, in_flight: int, engine_idle: Sequence[float]) -> dict[str, float]:
+        """The window's metrics; `engine_idle` is each engine's idle share of the window."""
         now = time.monotonic()
         wall = max(now - self.start, 1e-9)
         out: dict[str, float] = {
@@ -109,9 +110,8 @@ class RolloutStats:
             "rollout/requeued_groups": float(self.requeued),
             "rollout/continuations": float(self.continuations),
         }
-        if engine_busy_s:
-            idle = [1.0 - min(1.0, (b - b0) / wall) for b, b0 in zip(engine_busy_s, busy_at_start)]
-            out["rollout/engine_idle_frac"] = sum(idle) / len(idle)
+        if engine_idle:
+            out["rollout/engine_idle_frac"] = sum(engine_idle) / len(engine_idle)
         if self.samples:
             out["rollout/truncated_frac"] = self.truncated / self.samples
             out["rollout/aborted_frac"] = self.aborted / self.samples

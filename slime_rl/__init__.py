@@ -21,17 +21,18 @@ _LAZY = {
     "prepare": "slime_rl.api",
     "run": "slime_rl.api",
     "RunResult": "slime_rl.api",
+    "scale": "slime_rl.api",
     "RunError": "slime_rl.errors",
     "PreflightError": "slime_rl.preflight",
 }
 
 __all__ = [
     "Config", "ConfigError", "PreflightError", "RunError", "RunResult", "__version__",
-    "load_config", "prepare", "run", "train",
+    "load_config", "prepare", "run", "scale", "train",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
-    from slime_rl.api import RunResult, prepare, run, train
+    from slime_rl.api import RunResult, prepare, run, scale, train
     from slime_rl.config import Config, ConfigError, load_config
     from slime_rl.errors import RunError
     from slime_rl.preflight import PreflightError

@@ -129,3 +129,56 @@ def train(config: Config | str | Path | None, overrides: Overrides = None, **sec
     """
     merged = _as_overrides(overrides) + _as_overrides(sections)
     return run(prepare(config, merged))
+
+
+class ScaleError(RuntimeError):
+    """`scale` could not reach the run (no actors.json, cluster gone, run not running)."""
+
+
+def scale(run_dir: str | Path, engines: int, timeout_s: float = 30.0) -> dict[str, Any]:
+    """Change the number of rollout engines of a running run (`slime-rl scale RUN_DIR --engines N`).
+
+    New engines load the run's current weights before they take work; engines removed finish
+    their groups first. Works from any process that can reach the run's Ray cluster (the address
+    is in `<run_dir>/actors.json`).
+
+    Returns:
+        The fleet after the change: {"target", "serving", "starting", "engines": [...]}.
+    Raises:
+        ScaleError: no actors.json in `run_dir`, the cluster or the run is not reachable.
+        ValueError: `engines` < 0, or a rollout side that cannot scale.
+    """
+    import ray
+
+    from slime_rl.cluster import NAMESPACE, use_token_if_available
+
+    if engines < 0:
+        raise ValueError(f"--engines {engines} must be >= 0")
+    path = Path(run_dir) / "actors.json"
+    if not path.exists():
+        raise ScaleError(f"{path} does not exist: is {run_dir} the directory of a run that has started?")
+    info = json.loads(path.read_text())
+    address, run = info.get("ray_address"), info.get("run")
+    owns = not ray.is_initialized()
+    try:
+        if owns:
+            use_token_if_available()
+            try:
+                ray.init(address=address, namespace=info.get("namespace") or NAMESPACE, logging_level=logging.WARNING,
+                         log_to_driver=False)
+            except Exception as e:
+                raise ScaleError(f"cannot reach the Ray cluster of run {run!r} at {address} ({e}); has the run ended?") from None
+        try:
+            manager = ray.get_actor(f"{run}-rollout", namespace=info.get("namespace") or NAMESPACE)
+        except ValueError:
+            raise ScaleError(f"run {run!r} is not running on the cluster at {address} (no actor {run}-rollout)") from None
+        try:
+            return ray.get(manager.scale.remote(int(engines)), timeout=timeout_s)
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None) or e
+            if isinstance(cause, ValueError):
+                raise ValueError(str(cause)) from None
+            raise ScaleError(f"scale failed on {run}-rollout: {cause}") from None
+    finally:
+        if owns and ray.is_initialized():
+            ray.shutdown()

@@ -2,8 +2,10 @@
 
     slime-rl train CONFIG [key=value ...]     run an RL job on this machine / cluster
     slime-rl submit CONFIG [key=value ...]    submit the same as a Ray job
+    slime-rl scale RUN_DIR --engines N        change the number of rollout engines of a running run
     slime-rl config CONFIG [key=value ...]    print the resolved config (or --defaults)
     slime-rl make-tiny-model OUT_DIR          build the offline tiny model + `arith` data
+    slime-rl trace RUN_DIR [--steps A:B]      where a run's time went (its trace.json)
 
 Exit codes of `train`: 0 the run finished; 2 bad input (config, model, data, reward, filter,
 cluster address), one line on stderr before anything starts; 1 the run failed (the line names
@@ -53,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--python", default=None, help="Python of the cluster nodes (default: this one)")
     p.set_defaults(func=_cmd_submit)
 
+    p = sub.add_parser("scale", help="change the number of rollout engines of a running run",
+                       description="Change the number of rollout engines of a running run (new engines load the current "
+                                   "weights before they take work; removed ones finish their groups first).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's directory (holds actors.json)")
+    p.add_argument("--engines", type=int, required=True, help="engines the run should have")
+    p.set_defaults(func=_cmd_scale)
+
     p = sub.add_parser("config", help="print the resolved config", description="Print the config after YAML and overrides are applied and validated.")
     p.add_argument("config", nargs="?", help="run config YAML")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
@@ -77,6 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", action="store_true",
                    help="keep OUT_DIR if it already holds a model built with the same arguments by this version")
     p.set_defaults(func=_cmd_make_tiny_model)
+
+    p = sub.add_parser(
+        "trace",
+        help="where a run's time went, from its trace.json",
+        description="Read RUN_DIR/trace.json (or a trace file) and print the split of wall time per side "
+                    "(generation, scoring, filter, buffer wait, train step, weight sync, eval, idle) and the "
+                    "slowest groups with their engine and tokens; --export writes the chosen steps as a trace "
+                    "file of their own (open it in Perfetto).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or a trace.json file)")
+    p.add_argument("--steps", default=None, metavar="A:B", help="only steps A to B, inclusive (A: or :B for open ends)")
+    p.add_argument("--export", default=None, metavar="OUT.json", help="write the selected steps' events to this trace file")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="slowest groups to list (default: 10)")
+    p.set_defaults(func=_cmd_trace)
     return parser
 
 
@@ -121,6 +144,19 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return submit(args.config, list(args.overrides), cfg, address=args.address, follow=args.follow, python=args.python)
 
 
+def _cmd_scale(args: argparse.Namespace) -> int:
+    from slime_rl.api import ScaleError, scale
+
+    try:
+        fleet = scale(args.run_dir, args.engines)
+    except (ScaleError, ValueError) as e:
+        print(f"slime-rl scale: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"engines: target {fleet['target']}, serving {fleet['serving']}, starting {fleet['starting']}, "
+          f"draining {fleet['draining']}")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     if args.defaults:
         from slime_rl.config_docs import render_defaults
@@ -163,6 +199,23 @@ def _make_agent_tiny_model(args: argparse.Namespace) -> int:
     report = build_agent_tiny_model(args.out_dir, seed=args.seed, progress=not args.no_progress, **kwargs)
     print(f"tiny agent model: {report.model_dir} ({report.num_parameters / 1e6:.2f}M parameters, {report.train_steps} warm-start steps, loss {report.final_loss:.3f})")
     print("data: " + ", ".join(str(p) for p in report.files.values()))
+    return 0
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from slime_rl.tracing import analyze
+
+    try:
+        first, last = analyze.parse_steps(args.steps) if args.steps else (None, None)
+        events, info = analyze.load_trace(args.run_dir)
+    except analyze.TraceError as e:
+        print(f"slime-rl trace: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    events = analyze.window(events, first, last)
+    sys.stdout.write(analyze.format_report(analyze.summarize(events, info), top=args.top))
+    if args.export:
+        out = analyze.export_trace(events, args.export, {**info, "window": args.steps or "all"})
+        print(f"wrote {sum(e.get('ph') != 'M' for e in events)} events to {out} (open it in https://ui.perfetto.dev)")
     return 0
 
 

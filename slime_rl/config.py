@@ -89,6 +89,32 @@ class LoggingConfig:
     """Write every trained batch to `<run_dir>/samples/step_NNNNNN.parquet` (ids, text, rewards, versions)."""
     plot_every: int = field(default=5, metadata={"ge": 1})
     """Redraw the PNG plots every this many steps (and at the end)."""
+    trace: bool = True
+    """Write the run's timeline to `<run_dir>/trace.json` (Chrome trace events: open in Perfetto;
+    every group's admit, generate, score, filter, put, every step's buffer wait, train step, weight
+    sync and eval). Costs well under 1 % of a step (docs/BENCHMARKS.md); `slime-rl trace RUN_DIR`
+    summarises it."""
+    trace_head_steps: int = field(default=20, metadata={"ge": 0})
+    """Keep every event of the first this many steps in trace.json."""
+    trace_tail_steps: int = field(default=200, metadata={"ge": 1})
+    """And of the last this many steps (a rolling window); steps between the two keep only their
+    `step` span, so the file stays a few MB however long the run."""
+    trace_flush_s: float = field(default=5.0, metadata={"ge": 0})
+    """Rewrite trace.json (atomically: a killed run leaves the last complete file) at most this
+    often; 0 = after every step. Always written at the end."""
+    otel_endpoint: str | None = None
+    """Also send the spans to this OpenTelemetry collector (OTLP over HTTP, e.g.
+    `http://127.0.0.1:4318`; `/v1/traces` is added). Needs `logging.trace: true` and
+    `pip install slime-rl[otel]`."""
+
+    def validate(self) -> None:
+        if self.otel_endpoint is not None:
+            if not self.otel_endpoint.startswith(("http://", "https://")):
+                raise ValueError(f"otel_endpoint={self.otel_endpoint!r} must be an http:// or https:// URL of an "
+                                 "OTLP/HTTP collector, e.g. http://127.0.0.1:4318")
+            if not self.trace:
+                raise ValueError("otel_endpoint is set but trace is false: the spans sent to OpenTelemetry are the "
+                                 "trace's; set logging.trace=true or drop logging.otel_endpoint")
 
 
 @dataclass
@@ -106,13 +132,27 @@ class CheckpointConfig:
 @dataclass
 class RayConfig:
     address: str | None = None
-    """Ray cluster to join (`auto`, `ray://host:port`); None starts a local one."""
+    """Ray cluster to join (`auto`, `host:port`, `ray://host:port`). None: join the cluster running
+    on this machine (`ray start --head`) if there is one, else start a local one that ends with the
+    run; `local`: always start a private local one."""
     num_cpus: int | None = field(default=None, metadata={"ge": 1})
     """CPUs of a local cluster (None = all)."""
     placement: str = field(default="colocate", metadata={"choices": ("colocate", "disaggregate")})
     """Share devices between rollout and trainer, or give each side its own."""
     runtime_env: dict[str, Any] = field(default_factory=dict)
     """Ray runtime_env for all actors (env_vars, working_dir, pip...)."""
+    engine_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each rollout engine needs besides CPU/GPU, e.g. `{rollout: 1}`: engines
+    then run only on nodes started with that resource (`ray start --resources='{"rollout": 2}'`).
+    `rollout.elastic` follows the first one."""
+    trainer_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each trainer worker needs, e.g. `{trainer: 1}`."""
+    engine_strategy: str = field(default="PACK", metadata={"choices": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")})
+    """Placement-group strategy of the engines' reserved bundles (disaggregate): SPREAD puts them
+    on as many nodes as possible. Engines started later (scale, elastic, replacements) are placed
+    by Ray wherever their resources are free."""
+    trainer_strategy: str = field(default="PACK", metadata={"choices": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")})
+    """Placement-group strategy of the trainer workers' bundles (and of the one colocated group)."""
 
 
 @dataclass
@@ -142,6 +182,9 @@ class Config:
 
     def validate(self) -> None:
         """Rules that span sections."""
+        if not self.data.train_path and not (self.rollout.environment or "").startswith("verifiers:"):
+            raise ValueError("data.train_path is required but not set; set it in the YAML file or pass data.train_path=... "
+                             "(only a rollout.environment: verifiers:... brings its own dataset)")
         s, k, b = self.max_staleness(), self.weight_sync.interval, self.trainer.global_batch_groups
         if self.run.mode == "sync" and k != 1:
             raise ValueError(f"run.mode=sync pushes weights after every step; weight_sync.interval={k} must be 1")
@@ -156,6 +199,17 @@ class Config:
                 f"buffer.capacity_groups={self.buffer.capacity_groups} is too small: up to (max_staleness + 2) x "
                 f"global_batch_groups = {(s + 2) * b} groups can wait in it; raise it to at least {(s + 2) * b}"
             )
+        if self.rollout.num_engines == 0 and not self.rollout.elastic:
+            raise ValueError("rollout.num_engines=0 starts no engine; set it >= 1, or rollout.elastic=true to follow the cluster")
+        if self.rollout.elastic and not self.ray.engine_resources:
+            raise ValueError(
+                "rollout.elastic=true follows the nodes that carry the engines' custom resource, but "
+                "ray.engine_resources is empty; set e.g. ray.engine_resources={rollout: 1} and start rollout nodes "
+                "with `ray start --resources='{\"rollout\": 1}'`"
+            )
+        if self.rollout.elastic and self.ray.placement == "colocate":
+            raise ValueError("rollout.elastic=true needs ray.placement=disaggregate (colocated engines share the "
+                             "trainer's reserved bundles and cannot follow the cluster)")
         if self.run.rollout_only and self.run.train_only:
             raise ValueError("run.rollout_only and run.train_only exclude each other; set one")
         if self.rollout.record_routed_experts and self.rollout.engine not in ("hf", "vllm"):

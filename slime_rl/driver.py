@@ -102,6 +102,8 @@ class Driver:
         self._wall_before = 0.0
         """Wall seconds of the sessions before a resume (from the checkpoint)."""
         self.checkpoints: RunCheckpoints | None = None
+        self._fleet_changes: int | None = None
+        self._engines_lost_at_publish = 0
 
     # ---- entry ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -139,6 +141,8 @@ class Driver:
         except KeyboardInterrupt:
             self._abort = True
             raise
+        except NoEnginesError as e:
+            raise RunError(f"{e}; {self._checkpoint_after_failure()}") from e
         except RunError:
             raise
         except Exception as e:
@@ -203,6 +207,7 @@ class Driver:
                 self._wait_sync()  # the previous sync (the next one waits for it anyway); its metrics go in this line
             metrics.update(self._get(a.manager.metrics.remote(), self._rollout_name, "metrics"))
             metrics.update(self._get(a.buffer.stats.remote(), self._buffer_name, "stats"))
+            self._follow_fleet(a.check_rollout(step))
             now = time.monotonic()
             self._log_step(step, batch.num_samples, metrics, now - last_done, waited)
             last_done = now
@@ -243,30 +248,66 @@ class Driver:
 
         a = self.actors
         deadline = time.monotonic() + self.cfg.buffer.get_timeout_s
-        while True:
-            info_ref, table_ref = a.buffer.take_batch.remote(self.global_batch_groups, self.version, self.max_staleness, POLL_S)
+        no_engines_since: float | None = None
+        try:
+            while True:
+                info_ref, table_ref = a.buffer.take_batch.remote(self.global_batch_groups, self.version, self.max_staleness, POLL_S)
+                try:
+                    info = ray.get(info_ref, timeout=POLL_S + CALL_TIMEOUT_S)
+                    return BatchRef(table_ref, int(info["num_samples"]), int(info["num_groups"]))
+                except BufferTimeoutError:
+                    pass
+                except Exception as e:
+                    raise RunError(f"step {self.step + 1}: get_batch on {self._buffer_name} failed: "
+                                   f"{describe_error(e)}") from e
+                status = a.check_rollout(self.step + 1)
+                self._follow_fleet(status)
+                if self._stop_requested:
+                    return None
+                now = time.monotonic()
+                if status.get("engines_up", 1) == 0:  # waiting for capacity is not a stalled buffer
+                    no_engines_since = no_engines_since or now
+                    deadline = now + self.cfg.buffer.get_timeout_s
+                    self.log.set_note(f"waiting: 0 engines for {now - no_engines_since:.0f} s")
+                    if now - no_engines_since > self.cfg.rollout.no_engine_timeout_s:
+                        raise NoEnginesError(
+                            f"step {self.step + 1}: no rollout engine served for {now - no_engines_since:.0f} s "
+                            f"(rollout.no_engine_timeout_s={self.cfg.rollout.no_engine_timeout_s:.0f}); target "
+                            f"{status.get('engines_target')} engine(s), the cluster has no room for one"
+                        )
+                    continue
+                no_engines_since = None
+                self.log.set_note(None)
+                if now > deadline:
+                    raise RunError(
+                        f"step {self.step + 1}: no batch of {self.global_batch_groups} groups within staleness {self.max_staleness} of version "
+                        f"{self.version} after {self.cfg.buffer.get_timeout_s:.0f} s (buffer.get_timeout_s); rollout side: "
+                        f"{', '.join(f'{k}={v}' for k, v in status.items())}; if rollout.filter drops most groups the reward "
+                        "may be constant"
+                    )
+        finally:
+            if self.log is not None:
+                self.log.set_note(None)
+
+    def _follow_fleet(self, status: dict[str, int]) -> None:
+        """Engines came or went: rewrite actors.json; an engine waiting for weights (collective
+        transport keeps none for latecomers) gets them now, by publishing the current version."""
+        a = self.actors
+        changes = status.get("fleet_changes")
+        if changes is not None and changes != self._fleet_changes:
+            self._fleet_changes = changes
             try:
-                info = ray.get(info_ref, timeout=POLL_S + CALL_TIMEOUT_S)
-                return BatchRef(table_ref, int(info["num_samples"]), int(info["num_groups"]))
-            except BufferTimeoutError:
-                pass
-            except Exception as e:
-                raise RunError(f"step {self.step + 1}: get_batch on {self._buffer_name} failed: "
-                               f"{describe_error(e)}") from e
-            status = a.check_rollout(self.step + 1)
-            if self._stop_requested:
-                return None
-            if time.monotonic() > deadline:
-                raise RunError(
-                    f"step {self.step + 1}: no batch of {self.global_batch_groups} groups within staleness {self.max_staleness} of version "
-                    f"{self.version} after {self.cfg.buffer.get_timeout_s:.0f} s (buffer.get_timeout_s); rollout side: "
-                    f"{status}; if rollout.filter drops most groups the reward may be constant"
-                )
+                a.write_actors_json()
+            except OSError as e:
+                logger.warning("could not write actors.json: %s", e)
+        if status.get("engines_need_weights") and a.weight_sync is not None and (self._sync is None or self._sync.done()):
+            self._publish()
 
     def _publish(self) -> None:
         """Start syncing the current weights; the previous sync must have finished first."""
         self._wait_sync()
         self._submit_due_evals()  # an eval waiting for the previous weights goes before the new ones
+        self._engines_lost_at_publish = self._engines_lost()
         try:
             self._sync = self.actors.weight_sync.publish(self.version)
         except WeightSyncError as e:
@@ -274,13 +315,28 @@ class Driver:
         if self.cfg.run.mode == "sync":
             self._wait_sync()
 
+    def _engines_lost(self) -> int:
+        a = self.actors
+        return int(a.check_rollout(self.step + 1).get("engines_lost", 0)) if a.manager is not None else 0
+
     def _wait_sync(self) -> None:
         if self._sync is None:
             return
         try:
             self._last_sync = self._sync.wait()
         except WeightSyncError as e:
-            raise RunError(f"step {self.step}: {e}") from e
+            if self._engines_lost() == self._engines_lost_at_publish:
+                raise RunError(f"step {self.step}: {e}") from e
+            # An engine went away during the sync (a collective group then breaks): once more,
+            # to the engines there are now.
+            logger.warning("weight sync of version %d failed while an engine was lost (%s); publishing it again",
+                           self.version, e)
+            self._engines_lost_at_publish = self._engines_lost()
+            try:
+                self._sync = self.actors.weight_sync.publish(self.version)
+                self._last_sync = self._sync.wait()
+            except WeightSyncError as e2:
+                raise RunError(f"step {self.step}: {e2}") from e2
 
     # ---- eval ----------------------------------------------------------------------------------
     def _queue_eval(self) -> None:
@@ -402,6 +458,16 @@ class Driver:
             self._checkpoint(final=True)
 
     # ---- checkpoints ---------------------------------------------------------------------------
+    def _checkpoint_after_failure(self) -> str:
+        """Checkpoint the last completed step after the rollout side gave out (the trainer and
+        buffer are intact); returns what to tell the user."""
+        try:
+            self._wait_sync()
+            path = self._checkpoint()
+        except Exception as e:  # noqa: BLE001 - the original error is what the user needs
+            return f"no checkpoint could be written ({describe_error(e)})"
+        return f"checkpoint {path} written; resume with checkpoint.resume=auto once engines can run again"
+
     def _checkpoint(self, final: bool = False) -> Path:
         wall = self._wall_before + time.monotonic() - self._t_start
         return self.checkpoints.save(self.step, self.version, wall, final=final)
@@ -416,6 +482,10 @@ class Driver:
             self._sync = a.weight_sync.publish(self.version)
             self._wait_sync()
         return self.step
+
+
+class NoEnginesError(RunError):
+    """No rollout engine served for `rollout.no_engine_timeout_s`; the run stops with a checkpoint."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -198,6 +198,7 @@ class MetricsLogger:
             metrics_path=self.metrics_path,
         )
         self._bar = ProgressBar(total_steps, start_step) if progress else None
+        self._note: str | None = None
 
     # ---------------------------------------------------------------- public API
 
@@ -334,8 +335,17 @@ class MetricsLogger:
             staleness=self._last.get("buffer/staleness_mean"),
             samples_per_s=self._last.get("perf/samples_per_s"),
             eval_accuracy=evals[max(evals)] if evals else None,  # the latest evaluated step, not the latest to arrive
+            engines=self._last.get("rollout/num_engines"),
+            note=self._note,
             refresh=refresh,
         )
+
+    def set_note(self, note: str | None) -> None:
+        """A transient remark shown first in the progress bar (e.g. "waiting: 0 engines"); None
+        clears it."""
+        if note != self._note:
+            self._note = note
+            self._refresh_postfix()
 
     # ---------------------------------------------------------------- plots
 

@@ -60,39 +60,52 @@ def resources_for(cfg: Any, gpu_cluster: bool) -> Resources:
 
 
 class Placement:
-    """Placement groups of one run and the Ray options of each actor."""
+    """Placement groups of one run and the Ray options of each actor.
+
+    colocate:     one group (`ray.trainer_strategy`) of N engine bundles then M trainer bundles; on
+                  a GPU cluster bundle i holds one device shared by engine i and trainer rank i.
+    disaggregate: the engines' reserved bundles (`ray.engine_strategy`) and the trainer's
+                  (`ray.trainer_strategy`) in two groups; custom resources (`ray.engine_resources`,
+                  `ray.trainer_resources`) pin each side to the nodes that carry them.
+    Engines beyond the reserved N (scale-up, elastic capacity, a replacement) take `elastic_options`:
+    their resources, and Ray puts them on any node with room.
+    """
 
     def __init__(self, cfg: Any, timeout_s: float = 60.0) -> None:
         gpu = bool(ray.cluster_resources().get("GPU", 0))
         self.res = res = resources_for(cfg, gpu_cluster=gpu)
         self.mode = cfg.ray.placement
+        self.engine_custom = {k: float(v) for k, v in cfg.ray.engine_resources.items()}
+        self.trainer_custom = {k: float(v) for k, v in cfg.ray.trainer_resources.items()}
         self.groups: list[PlacementGroup] = []
-        engine_bundle = {"CPU": res.engine_cpus, **({"GPU": res.engine_gpus} if res.engine_gpus else {})}
-        trainer_bundle = {"CPU": res.trainer_cpus, **({"GPU": res.trainer_gpus} if res.trainer_gpus else {})}
+        engine_bundle = {"CPU": res.engine_cpus, **({"GPU": res.engine_gpus} if res.engine_gpus else {}), **self.engine_custom}
+        trainer_bundle = {"CPU": res.trainer_cpus, **({"GPU": res.trainer_gpus} if res.trainer_gpus else {}), **self.trainer_custom}
+        self._shared_gpu = bool(self.mode == "colocate" and gpu and res.trainer_gpus and res.engine_gpus)
         if self.mode == "colocate":
             bundles = [engine_bundle] * res.num_engines + [trainer_bundle] * res.num_trainers
-            if gpu and res.trainer_gpus and res.engine_gpus:
+            if self._shared_gpu:
                 # Shared devices: bundle i holds one device for engine i and trainer rank i.
                 n = max(res.num_engines, res.num_trainers)
-                bundles = [{"CPU": res.engine_cpus + res.trainer_cpus, "GPU": 1.0}] * n
-            self.groups = [self._reserve(bundles, "PACK", timeout_s)]
+                merged = {**self.engine_custom, **self.trainer_custom}
+                bundles = [{"CPU": res.engine_cpus + res.trainer_cpus, "GPU": 1.0, **merged}] * n
+            self.groups = [self._reserve(bundles, cfg.ray.trainer_strategy, timeout_s, "the run")]
         else:
+            engines = [engine_bundle] * res.num_engines
             self.groups = [
-                self._reserve([engine_bundle] * res.num_engines, "PACK", timeout_s),
-                self._reserve([trainer_bundle] * res.num_trainers, "PACK", timeout_s),
+                self._reserve(engines, cfg.ray.engine_strategy, timeout_s, "the rollout engines") if engines else None,
+                self._reserve([trainer_bundle] * res.num_trainers, cfg.ray.trainer_strategy, timeout_s, "the trainer"),
             ]
-        self._shared_gpu = self.mode == "colocate" and gpu and res.trainer_gpus and res.engine_gpus
 
-    def _reserve(self, bundles: list[dict[str, float]], strategy: str, timeout_s: float) -> PlacementGroup:
+    def _reserve(self, bundles: list[dict[str, float]], strategy: str, timeout_s: float, what: str) -> PlacementGroup:
         pg = placement_group(bundles, strategy=strategy)
         ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
         if not ready:
             remove_placement_group(pg)
-            have = ray.available_resources()
+            have = {k: v for k, v in ray.available_resources().items() if not k.startswith(("node:", "memory", "object_store"))}
             raise PlacementError(
-                f"the cluster cannot host the run: it needs bundles {bundles} ({strategy}) but has "
-                f"{ {k: v for k, v in have.items() if k in ('CPU', 'GPU')} } free; lower rollout.num_engines / "
-                "trainer.num_workers / their threads, or join a larger cluster (ray.address)"
+                f"the cluster cannot host {what}: it needs bundles {bundles} ({strategy}) but has {have} free; lower "
+                "rollout.num_engines / trainer.num_workers / their threads, start nodes with the custom resources named "
+                "in ray.engine_resources / ray.trainer_resources, or join a larger cluster (ray.address)"
             )
         return pg
 
@@ -103,21 +116,39 @@ class Placement:
         )
 
     def engine_options(self, i: int) -> dict[str, Any]:
+        """Ray options of the engine with reserved bundle `i` (0 <= i < rollout.num_engines)."""
         res = self.res
         if self._shared_gpu:
             return {"num_cpus": res.engine_cpus, "num_gpus": 0.5, "scheduling_strategy": self._strategy(0, i)}
-        group, bundle = (0, i) if self.mode == "colocate" else (0, i)
-        return {"num_cpus": res.engine_cpus, "num_gpus": res.engine_gpus, "scheduling_strategy": self._strategy(group, bundle)}
+        opts = {"num_cpus": res.engine_cpus, "num_gpus": res.engine_gpus, "scheduling_strategy": self._strategy(0, i)}
+        if self.engine_custom:
+            opts["resources"] = dict(self.engine_custom)
+        return opts
+
+    def engine_bundle_options(self) -> list[dict[str, Any]]:
+        return [self.engine_options(i) for i in range(self.res.num_engines)]
+
+    def elastic_options(self) -> dict[str, Any]:
+        """Ray options of an engine without a reserved bundle."""
+        opts: dict[str, Any] = {"num_cpus": self.res.engine_cpus, "num_gpus": self.res.engine_gpus}
+        if self.engine_custom:
+            opts["resources"] = dict(self.engine_custom)
+        return opts
 
     def trainer_options(self, rank: int) -> dict[str, Any]:
         res = self.res
         if self._shared_gpu:
             return {"num_cpus": res.trainer_cpus, "num_gpus": 0.5, "scheduling_strategy": self._strategy(0, rank)}
         group, bundle = (0, res.num_engines + rank) if self.mode == "colocate" else (1, rank)
-        return {"num_cpus": res.trainer_cpus, "num_gpus": res.trainer_gpus, "scheduling_strategy": self._strategy(group, bundle)}
+        opts = {"num_cpus": res.trainer_cpus, "num_gpus": res.trainer_gpus, "scheduling_strategy": self._strategy(group, bundle)}
+        if self.trainer_custom:
+            opts["resources"] = dict(self.trainer_custom)
+        return opts
 
     def release(self) -> None:
         for pg in self.groups:
+            if pg is None:
+                continue
             try:
                 remove_placement_group(pg)
             except Exception:  # already gone with the cluster

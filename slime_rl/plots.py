@@ -28,6 +28,7 @@ PLOTS: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "eval_accuracy.png": ("eval/accuracy", "eval/accuracy/<mode>"),
         "response_length.png": ("rollout/response_len_mean",),
         "throughput.png": ("perf/samples_per_s", "perf/tokens_per_s", *IDLE_KEYS),
+        "engines.png": ("rollout/num_engines", "rollout/engines_target"),
     }
 )
 """Plot file name (under run_dir/plots) -> the metric keys it draws, in order of preference for
@@ -113,6 +114,27 @@ def _plot_response_length(data: PlotData) -> Any:
     return fig
 
 
+def _plot_engines(data: PlotData) -> Any:
+    """Engines serving per step (and the target), with samples/s: how capacity moved the run."""
+    serving = data.train.get("rollout/num_engines")
+    if serving is None:
+        return None
+    fig, (ax,) = _figure()
+    lines = ax.step(*serving, where="post", color="tab:purple", lw=1.5, label="engines serving")
+    if "rollout/engines_target" in data.train:
+        lines += ax.step(*data.train["rollout/engines_target"], where="post", color="tab:gray", lw=1, ls="--", label="target")
+    ax.set_ylabel("engines")
+    if "perf/samples_per_s" in data.train:
+        top = ax.twinx()
+        lines += top.plot(*data.train["perf/samples_per_s"], color="tab:blue", lw=1, alpha=0.7, label="samples/s")
+        top.set_ylabel("samples/s")
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="best", fontsize=8)
+    ax.set_title("rollout capacity")
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("step")
+    return fig
+
+
 def _plot_throughput(data: PlotData) -> Any:
     samples, tokens = data.train.get("perf/samples_per_s"), data.train.get("perf/tokens_per_s")
     idle = [k for k in IDLE_KEYS if k in data.train]
@@ -148,6 +170,7 @@ DRAW = {
     "eval_accuracy.png": _plot_eval,
     "response_length.png": _plot_response_length,
     "throughput.png": _plot_throughput,
+    "engines.png": _plot_engines,
 }
 assert set(DRAW) == set(PLOTS)
 

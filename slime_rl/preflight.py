@@ -3,7 +3,8 @@
     ray.address reachable? ─► model folder: config.json, weights, tokenizer, chat template
     ─► the trainer (transformers) can load the architecture, the chosen engine can serve it
     ─► checkpoint.resume / run.train_only point at something usable
-    ─► rollout.filter imports ─► datasets load and have usable rows
+    ─► rollout.filter imports ─► a hub environment (verifiers:/openenv:) loads; its dataset is
+       written when data.train_path is unset ─► datasets load and have usable rows
 
 (Reward references are checked before these, by `rewards.resolve_config`, with the reward
 file's own import error.) Each failure raises `PreflightError`; the CLI prints it on one line
@@ -38,7 +39,7 @@ def check_ray_address(address: str | None, timeout_s: float = 3.0) -> None:
     """A `host:port` or `ray://host:port` address must accept TCP connections; `auto` needs a
     running local cluster."""
     address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
+    if not address or address == "local":
         return
     if address == "auto":
         if not Path("/tmp/ray/ray_current_cluster").exists():
@@ -211,7 +212,7 @@ def check_plugins(cfg: Config) -> None:
         raise PreflightError(f"rollout.filter={cfg.rollout.filter!r}: {_one_line(str(e))}") from None
     r = cfg.rollout
     try:  # episode plug-ins: a bad reference fails here, not after the engines started
-        if r.environment:
+        if r.environment and not _hub_kind(r.environment):
             from slime_rl.rollout.environments import load_environment
 
             load_environment(r.environment, dict(r.environment_kwargs), base_dir=Path.cwd())
@@ -223,6 +224,64 @@ def check_plugins(cfg: Config) -> None:
             load_object(r.agent_fn, key="rollout.agent_fn", base_dir=Path.cwd(), callable_with=2)
     except PluginLoadError as e:
         raise PreflightError(_one_line(str(e))) from None
+
+
+def _hub_kind(ref: str | None) -> str | None:
+    from slime_rl.rollout.hubs import hub_kind
+
+    return hub_kind(ref)
+
+
+def check_hub_environment(cfg: Config, *, prepare: bool = True) -> dict[str, Any]:
+    """A `rollout.environment: verifiers:...` / `openenv:...` loads here (its package, name and
+    kwargs), so a bad one fails in seconds with one line. With `prepare`: without `data.train_path`
+    a verifiers environment's own dataset (and eval dataset, if it has one and `data.eval_path` is
+    unset) is written to `<run_dir>/env_data/` and used, and the reward gets the environment's own
+    reward (`env_reward`) as its first term unless it already has it."""
+    from slime_rl.rollout.hubs import HubLoadError, load_hub
+
+    kind = _hub_kind(cfg.rollout.environment)
+    if kind is None:
+        return {}
+    try:
+        hub = load_hub(cfg.rollout.environment, dict(cfg.rollout.environment_kwargs), base_dir=Path.cwd())
+        if not prepare:
+            return {"environment": cfg.rollout.environment}
+        if kind == "verifiers" and not cfg.data.train_path:
+            cfg.data.train_path = _write_rows(hub.dataset_rows("train"), cfg.run_dir / "env_data" / "train.jsonl")
+            if not cfg.data.eval_path and getattr(hub.env, "eval_dataset_source", None) is not None:
+                cfg.data.eval_path = _write_rows(hub.dataset_rows("eval"), cfg.run_dir / "env_data" / "eval.jsonl")
+    except HubLoadError as e:
+        raise PreflightError(_one_line(str(e))) from None
+    _add_env_reward(cfg)
+    return {"environment": cfg.rollout.environment, "train_path": cfg.data.train_path}
+
+
+def _write_rows(rows: list[dict[str, Any]], path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    logger.info("wrote the environment's %d prompts to %s", len(rows), path)
+    return str(path)
+
+
+def _add_env_reward(cfg: Config) -> None:
+    """Hub episodes carry the environment's own reward; `reward.fn` / `reward.combine` add terms to it."""
+    import dataclasses
+
+    from slime_rl.rewards import resolve_config
+    from slime_rl.rewards.config import RewardComponentConfig, RewardConfig
+    from slime_rl.rollout.hubs import ENV_REWARD
+
+    rw = cfg.reward
+    refs = [t.fn for t in rw.combine] or [rw.fn]
+    if any(ref.endswith(":env_reward") for ref in refs):
+        return
+    if not rw.combine and rw.fn in (RewardConfig().fn, "math_answer") and not rw.kwargs:
+        rw = dataclasses.replace(rw, fn=ENV_REWARD)
+    else:
+        terms = list(rw.combine) or [RewardComponentConfig(fn=rw.fn, kwargs=dict(rw.kwargs))]
+        rw = dataclasses.replace(rw, combine=[RewardComponentConfig(fn=ENV_REWARD, name="env_reward"), *terms])
+    cfg.reward = resolve_config(rw)
 
 
 def check_run_inputs(cfg: Config) -> None:
@@ -252,5 +311,6 @@ def run_preflight(cfg: Config) -> dict[str, Any]:
     hf_config = check_model(cfg.model.path, cfg.model.tokenizer_path, cfg.rollout.engine)
     check_run_inputs(cfg)
     check_plugins(cfg)
+    check_hub_environment(cfg)
     rows = check_data(cfg)
     return {"architectures": hf_config.get("architectures"), "rows": rows}

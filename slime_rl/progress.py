@@ -77,15 +77,19 @@ class ProgressBar:
         staleness: float | None,
         samples_per_s: float | None,
         eval_accuracy: float | None,
+        engines: float | None = None,
+        note: str | None = None,
         refresh: bool = True,
     ) -> None:
-        """Set the numbers after the bar (None or non-finite ones are left out)."""
-        parts = []
+        """Set the numbers after the bar (None or non-finite ones are left out); `note` (e.g.
+        "waiting: 0 engines") goes first while it is set."""
+        parts = [note] if note else []
         for label, value, fmt in (
             ("reward", reward, ".3f"),
             ("stale", staleness, ".2f"),
             ("samples/s", samples_per_s, ".1f"),
             ("eval", eval_accuracy, ".3f"),
+            ("engines", engines, ".0f"),
         ):
             if value is not None and math.isfinite(value):
                 parts.append(f"{label}={value:{fmt}}")

@@ -8,7 +8,8 @@
     shutdown(graceful=False) (a second Ctrl-C): every actor killed at once, no clean-up calls
 
 Actor names carry the run name (`<run>-engine-0`, `<run>-buffer`, ...), so `ray list actors`
-shows whose they are. Debug modes start only what they need: rollout-only has no trainer,
+shows whose they are; `<run_dir>/actors.json` says where each one runs and is rewritten when
+engines come and go. Debug modes start only what they need: rollout-only has no trainer,
 train-only no engines, manager or buffer.
 """
 
@@ -29,17 +30,12 @@ from slime_rl.placement import Placement
 
 logger = logging.getLogger(__name__)
 
-ENGINE_ENV = {"VLLM_LOGGING_LEVEL": "WARNING", "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
-"""Environment of engine actors: vLLM's per-request INFO lines would bury the run's own output."""
-
-
 @dataclasses.dataclass
 class RunActors:
     cfg: Config
     connection: Connection | None = None
     placement: Placement | None = None
     buffer: Any = None
-    engines: list[Any] = dataclasses.field(default_factory=list)
     manager: Any = None
     trainer: Any = None
     weight_sync: Any = None
@@ -79,81 +75,111 @@ class RunActors:
 
             self.weight_sync = WeightSync(
                 cfg.weight_sync.transport, self.trainer, self.manager,
-                bucket_bytes=int(cfg.weight_sync.bucket_mb * (1 << 20)), num_engines=len(self.engines),
+                bucket_bytes=int(cfg.weight_sync.bucket_mb * (1 << 20)),
                 run_dir=cfg.run_dir, timeout_s=cfg.weight_sync.timeout_s, use_gpu=cfg.trainer.num_gpus_per_worker > 0,
             )
+        self.write_actors_json()
 
     def _start_rollout(self, name: str, model_path: str) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
         from slime_rl.buffers import create_buffer_actor
-        from slime_rl.rollout.engines.actor import start_engine_actor_from_config
+        from slime_rl.rollout.launcher import EngineLaunchSpec
         from slime_rl.rollout.manager import ManagerSpec
         from slime_rl.rollout.manager_actor import start_rollout_manager
 
         cfg = self.cfg
-        group_size = cfg.rollout.n_samples_per_prompt
-        names = [f"{name}-engine-{i}" for i in range(cfg.rollout.num_engines)]
         if not self.connection.owns_cluster:
-            _claim_names(name, [f"{name}-buffer", f"{name}-rollout", *names])
-        self.buffer = create_buffer_actor(cfg.buffer, group_size=group_size, name=f"{name}-buffer")
+            _claim_names(name, [f"{name}-buffer", f"{name}-rollout",
+                                *(f"{name}-engine-{i}" for i in range(cfg.rollout.num_engines))])
+        # The buffer and the manager stay with the driver: a rollout node that leaves takes only engines.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.buffer = create_buffer_actor(cfg.buffer, group_size=cfg.rollout.n_samples_per_prompt,
+                                          name=f"{name}-buffer", scheduling_strategy=here)
         ray.get(self.buffer.ready.remote())
-        env = {"env_vars": {**ENGINE_ENV, **cfg.ray.runtime_env.get("env_vars", {})}}
-        for i, engine_name in enumerate(names):
-            opts = self.placement.engine_options(i)
-            self.engines.append(
-                start_engine_actor_from_config(
-                    cfg.rollout, model_path, name=engine_name, num_cpus=opts.pop("num_cpus"),
-                    num_gpus=opts.pop("num_gpus"),
-                    actor_options={**opts, "max_restarts": cfg.rollout.engine_max_restarts, "runtime_env": env},
-                )
-            )
-        self._wait_engines(names)
+        custom = dict(cfg.ray.engine_resources)
+        launch = EngineLaunchSpec(
+            rollout=cfg.rollout, model_path=model_path, bundle_options=self.placement.engine_bundle_options(),
+            elastic_options=self.placement.elastic_options(), runtime_env=dict(cfg.ray.runtime_env),
+            elastic_resource=next(iter(custom), None), elastic_amount=float(next(iter(custom.values()), 1.0)),
+        )
         spec = ManagerSpec(
             rollout=cfg.rollout, data=cfg.data, reward=cfg.reward, eval=cfg.eval, model_path=model_path,
             tokenizer_path=cfg.model.tokenizer_path, global_batch_groups=cfg.trainer.global_batch_groups,
-            max_staleness=cfg.max_staleness(), seed=cfg.run.seed, base_dir=str(Path.cwd()),
+            max_staleness=cfg.max_staleness(), seed=cfg.run.seed, base_dir=str(Path.cwd()), launch=launch,
+            engine_prefix=f"{name}-engine",
         )
-        self.manager = start_rollout_manager(spec, self.engines, names, self.buffer, name=f"{name}-rollout")
+        self.manager = start_rollout_manager(spec, [], [], self.buffer, name=f"{name}-rollout", scheduling_strategy=here)
         self.setup_info = ray.get(self.manager.setup.remote())
         logger.info("rollout side ready: %s", self.setup_info)
 
-    def _wait_engines(self, names: list[str]) -> None:
-        """Every engine loaded its model, or the run stops naming the one that did not."""
-        timeout = self.cfg.rollout.engine_start_timeout_s
-        refs = {e.version.remote(): n for e, n in zip(self.engines, names)}
-        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
-        if pending:
-            raise RuntimeError(
-                f"rollout engine(s) {', '.join(refs[r] for r in pending)} did not start within {timeout:.0f} s "
-                "(rollout.engine_start_timeout_s)"
-            )
-        for r in ready:
-            try:
-                ray.get(r)
-            except Exception as e:
-                raise RuntimeError(f"rollout engine {refs[r]} failed to start: {e}") from None
+    # ---- where everything runs -----------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """Every actor of the run: role, index, name, Ray node id, node IP, pid, resources (and each
+        engine's state); plus the cluster address a `slime-rl scale` needs."""
+        out: list[dict[str, Any]] = []
 
-    def check_rollout(self, step: int) -> str:
-        """Raise RunError if the rollout side failed (naming it and the step); else a one-line status."""
+        def add(role: str, index: int, name: str, handle: Any, resources: dict[str, float]) -> None:
+            try:
+                node = ray.get(handle.node_info.remote(), timeout=CALL_TIMEOUT_S)
+            except Exception as e:  # gone: say so rather than fail the run
+                node = {"error": describe_error(e)}
+            out.append({"role": role, "index": index, "name": name, **node, "resources": resources})
+
+        run = self.cfg.run.name
+        if self.buffer is not None:
+            add("buffer", 0, f"{run}-buffer", self.buffer, {"CPU": 0.0})
+        fleet: dict[str, Any] = {}
+        if self.manager is not None:
+            add("rollout_manager", 0, f"{run}-rollout", self.manager, {"CPU": 0.0})
+            try:
+                fleet = ray.get(self.manager.fleet_info.remote(), timeout=CALL_TIMEOUT_S)
+            except Exception as e:
+                fleet = {"error": describe_error(e), "engines": []}
+            for e in fleet.get("engines", []):
+                out.append({"role": "engine", **e})
+        if self.trainer is not None:
+            for rank, handle in enumerate(self.trainer.worker_handles()):
+                opts = self.placement.trainer_options(rank) if self.placement else {}
+                res = {"CPU": float(opts.get("num_cpus", 0)), "GPU": float(opts.get("num_gpus", 0)), **opts.get("resources", {})}
+                add("trainer", rank, f"{run}-trainer-rank{rank}", handle, res)
+        ctx = ray.get_runtime_context()
+        return {"run": run, "ray_address": ctx.gcs_address, "namespace": ctx.namespace,
+                "driver_node_id": ctx.get_node_id(), "engines_target": fleet.get("target"), "actors": out}
+
+    def write_actors_json(self) -> Path:
+        """Write `<run_dir>/actors.json` (atomically)."""
+        import json
+
+        path = self.cfg.run_dir / "actors.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.describe(), indent=1, default=str))
+        tmp.replace(path)
+        return path
+
+    def check_rollout(self, step: int) -> dict[str, int]:
+        """Raise RunError if the rollout side failed (naming it and the step); else its status
+        (`in_flight`, `engines_up`, `engines_target`, `engines_need_weights`)."""
         name = f"{self.cfg.run.name}-rollout"
         try:
-            status = ray.get(self.manager.check.remote(), timeout=CALL_TIMEOUT_S)
+            return ray.get(self.manager.check.remote(), timeout=CALL_TIMEOUT_S)
         except Exception as e:
             raise RunError(f"step {step}: the rollout manager ({name}) failed: {describe_error(e)}") from e
-        return ", ".join(f"{k}={v}" for k, v in status.items())
 
     def shutdown(self, graceful: bool = True) -> None:
         """Stop and kill every actor of the run, then a local cluster it started (safe to call
         twice, and after partial starts). `graceful=False` kills without clean-up calls."""
         wait = CALL_TIMEOUT_S if graceful else 0.0
-        names = [f"{self.cfg.run.name}-{n}" for n in ("rollout", "buffer")] + [
-            f"{self.cfg.run.name}-engine-{i}" for i in range(len(self.engines))
-        ]
+        names = [f"{self.cfg.run.name}-{n}" for n in ("rollout", "buffer")]
         if self.manager is not None:
-            self._stop(self.manager, "stop", wait, "rollout manager")
+            if graceful:
+                try:
+                    names += [e["name"] for e in ray.get(self.manager.fleet_info.remote(), timeout=wait)["engines"]]
+                except Exception:  # the manager is gone: its engines went with it
+                    pass
+            self._stop(self.manager, "stop", 2 * wait, "rollout manager")  # also shuts its engines down
             self.manager = None
-        for handle in self.engines:
-            self._stop(handle, "shutdown", wait, "engine")
-        self.engines = []
         if self.trainer is not None:
             if graceful:
                 self.trainer.shutdown()

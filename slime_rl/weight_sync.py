@@ -21,7 +21,6 @@ import dataclasses
 import datetime
 import logging
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -143,12 +142,6 @@ class CollectiveBucket:
         return out
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
-
-
 # ---- the driver side ---------------------------------------------------------------------------
 @dataclasses.dataclass
 class PendingSync:
@@ -222,7 +215,6 @@ class WeightSync:
         manager: Any,
         *,
         bucket_bytes: int,
-        num_engines: int,
         run_dir: Path,
         timeout_s: float,
         use_gpu: bool = False,
@@ -237,9 +229,10 @@ class WeightSync:
         self.timeout_s = timeout_s
         self._layout: list[list[tuple[str, tuple[int, ...], str]]] | None = None
         self._spec: CollectiveSpec | None = None
-        if transport == "collective":
-            host = ray.util.get_node_ip_address()
-            self._spec = CollectiveSpec(host, _free_port(), 1 + num_engines, timeout_s, "nccl" if use_gpu else "gloo")
+        self._members: tuple[str, ...] = ()
+        """Engines of the current collective group (rank i + 1 = members[i]); a new group is made
+        whenever engines come or go, so a restarted or added engine joins at the next publish."""
+        self._backend = "nccl" if use_gpu else "gloo"
 
     def _layout_of(self) -> list[list[tuple[str, tuple[int, ...], str]]]:
         """Names, shapes and dtypes of every bucket (fixed for a run; read once from rank 0)."""
@@ -292,20 +285,31 @@ class WeightSync:
 
         return [self.manager.update_weights.remote(version, buckets)], nbytes, cleanup
 
+    def _collective_group(self) -> tuple[CollectiveSpec | None, tuple[str, ...]]:
+        """The group for the engines a sync must reach now: the same as last time, or a new one
+        (a new rendezvous port on trainer rank 0's node) when engines came or went."""
+        members = tuple(ray.get(self.manager.sync_members.remote(), timeout=self.timeout_s))
+        if members != self._members or self._spec is None:
+            host, port = self.trainer.call_rank0("address")  # rank 0 hosts the store: its node, a free port there
+            self._spec = CollectiveSpec(host, port, 1 + len(members), self.timeout_s, self._backend) if members else None
+            self._members = members
+        return self._spec, members
+
     def _start_collective(self, version: int) -> tuple[list[Any], int, Any]:
         layout = self._layout_of()
-        spec = self._spec
-        num_engines = spec.world - 1
-        per_engine = [
-            [
+        spec, members = self._collective_group()
+        if spec is None:  # no engine to send to
+            return [self.manager.update_weights.remote(version, [], {})], 0, None
+        per_engine = {
+            name: [
                 CollectiveBucket(
                     spec, rank, version, i, len(layout),
                     tuple(n for n, _, _ in b), tuple(s for _, s, _ in b), tuple(d for _, _, d in b),
                 )
                 for i, b in enumerate(layout)
             ]
-            for rank in range(1, num_engines + 1)
-        ]
+            for rank, name in enumerate(members, start=1)
+        }
         sender = CollectiveSender(spec)
         send = [w.publish_weights.remote(self.bucket_bytes, sender, False) for w in self.trainer.worker_handles()]
         recv = self.manager.update_weights.remote(version, [], per_engine)

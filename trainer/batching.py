@@ -8,12 +8,12 @@
            └─ RankShare.table ─► RankBatch     response-aligned tensors (N, R): mask, engine
                 │                              log-probs, token versions; rewards, group index
                 └─ RankShare.minibatch_rows()  this rank's rows of each update
-                     └─ plan_micro_batches     rows sorted by length, grouped under a token
-                                               budget: right-padded (rows x padded length)
-                                               or packed into one sequence (summed length)
+                     └─ plan_micro_batches     (micro_batch.py) rows, or the rows of a group
+                                               behind one copy of their prompt, grouped under
+                                               a token budget: padded, packed or shared-prompt
 
 Per-token data stays response-aligned: column r of row i is response token r. A micro-batch
-carries ``resp_pos_BR``, the position in its padded input whose logits predict that token.
+carries ``resp_pos_BR``, the position in its input whose logits predict that token.
 MoE routing recorded by the engine (the ``routed_experts`` column: one (L x K) entry per
 scored position) stays input-aligned: ``routed_experts_BTX[b, t]`` is the routing of input
 position t (-1 where none was recorded: padding, the last token, rows without routing).
@@ -28,6 +28,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from slime_rl.trainer.micro_batch import MicroBatch, dummy_micro_batch, plan_micro_batches
+
+__all__ = [
+    "MicroBatch", "RankBatch", "RankShare", "dummy_micro_batch", "group_order", "minibatch_groups",
+    "plan_micro_batches", "split_batch", "split_groups",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -210,154 +216,3 @@ def _routing_rows(table: pa.Table) -> list[np.ndarray | None] | None:
     flat = np.asarray(pc.list_flatten(inner).to_numpy(zero_copy_only=False)).reshape(-1, width)
     offsets = np.concatenate([[0], np.cumsum(outer)])
     return [flat[offsets[i] : offsets[i + 1]] if outer[i] else None for i in range(len(outer))]
-
-
-def _routing_tensor(rb: RankBatch, rows: list[int], B: int, T: int, starts: list[int]) -> torch.Tensor | None:
-    """(B, T, X) long: row ``rows[k]``'s routing at input positions ``starts[k]..`` of batch row
-    ``k`` (padded; B = len(rows)) or ``0`` (packed; B = 1), -1 elsewhere; None when none of
-    ``rows`` has routing."""
-    if rb.routed_experts is None or all(rb.routed_experts[i] is None for i in rows):
-        return None
-    width = next(r.shape[1] for r in rb.routed_experts if r is not None)
-    out_BTX = torch.full((B, T, width), -1, dtype=torch.long)
-    for k, i in enumerate(rows):
-        r = rb.routed_experts[i]
-        if r is not None:
-            out_BTX[0 if B == 1 else k, starts[k] : starts[k] + len(r)] = torch.from_numpy(r.astype(np.int64))
-    return out_BTX
-
-
-@dataclasses.dataclass(frozen=True)
-class MicroBatch:
-    """Padded inputs of some rows of a RankBatch."""
-
-    rows: torch.Tensor  # (B,) indices into the RankBatch
-    input_ids_BT: torch.Tensor  # (B, T) long, prompt + response, right-padded
-    attention_mask_BT: torch.Tensor | None  # (B, T) long; None when packed
-    resp_pos_BR: torch.Tensor  # (B, R) long, logits position predicting response token r (flat index when packed)
-    response_ids_BR: torch.Tensor  # (B, R) long (0 on padding)
-    dummy: bool = False
-    """A stand-in that only keeps collectives in step on a rank with fewer micro-batches: its loss weight is 0."""
-    position_ids_BT: torch.Tensor | None = None
-    """Packed layout only: positions restart at 0 for each sample (attention_mask_BT is then None)."""
-    routed_experts_BTX: torch.Tensor | None = None
-    """(B, T, X) long, engine routing of each input position (X = MoE layers x top-k), -1 where
-    none was recorded; None when no row of the micro-batch has routing."""
-
-    @property
-    def packed(self) -> bool:
-        return self.position_ids_BT is not None
-
-    @property
-    def width(self) -> int:
-        return self.resp_pos_BR.shape[1]
-
-    def take(self, x_NR: torch.Tensor) -> torch.Tensor:
-        """This micro-batch's rows of a response-aligned (N, R...) tensor, cut to its width."""
-        out = x_NR[self.rows]
-        return out[:, : self.width] if out.dim() > 1 else out
-
-    def to(self, device: torch.device | str) -> MicroBatch:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
-
-        return dataclasses.replace(
-            self,
-            input_ids_BT=self.input_ids_BT.to(device),
-            attention_mask_BT=move(self.attention_mask_BT),
-            resp_pos_BR=self.resp_pos_BR.to(device),
-            response_ids_BR=self.response_ids_BR.to(device),
-            position_ids_BT=move(self.position_ids_BT),
-            routed_experts_BTX=move(self.routed_experts_BTX),
-        )
-
-
-def _build(rb: RankBatch, rows: list[int], pad_id: int, dummy: bool = False) -> MicroBatch:
-    seq_lens = [len(rb.prompt_ids[i]) + len(rb.response_ids[i]) for i in rows]
-    T = max(seq_lens)
-    R = max(max(len(rb.response_ids[i]) for i in rows), 1)
-    B = len(rows)
-    input_ids_BT = torch.full((B, T), pad_id, dtype=torch.long)
-    attention_mask_BT = torch.zeros(B, T, dtype=torch.long)
-    resp_pos_BR = torch.zeros(B, R, dtype=torch.long)
-    response_ids_BR = torch.zeros(B, R, dtype=torch.long)
-    for b, i in enumerate(rows):
-        p, r = rb.prompt_ids[i], rb.response_ids[i]
-        if not p:
-            raise ValueError(f"sample row {i} has an empty prompt_ids; the first response token needs a context")
-        ids = p + r
-        input_ids_BT[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask_BT[b, : len(ids)] = 1
-        if r:
-            resp_pos_BR[b, : len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r))
-            response_ids_BR[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return MicroBatch(
-        torch.tensor(rows, dtype=torch.long), input_ids_BT, attention_mask_BT, resp_pos_BR, response_ids_BR, dummy,
-        routed_experts_BTX=_routing_tensor(rb, rows, B, T, [0] * B),
-    )
-
-
-def _build_packed(rb: RankBatch, rows: list[int]) -> MicroBatch:
-    """All ``rows`` concatenated into one sequence; positions restart per sample (no padding)."""
-    ids: list[int] = []
-    positions: list[int] = []
-    starts: list[int] = []
-    R = max(max(len(rb.response_ids[i]) for i in rows), 1)
-    resp_pos_BR = torch.zeros(len(rows), R, dtype=torch.long)
-    response_ids_BR = torch.zeros(len(rows), R, dtype=torch.long)
-    for b, i in enumerate(rows):
-        p, r = rb.prompt_ids[i], rb.response_ids[i]
-        if not p:
-            raise ValueError(f"sample row {i} has an empty prompt_ids; the first response token needs a context")
-        offset = len(ids)
-        starts.append(offset)
-        ids += p + r
-        positions += list(range(len(p) + len(r)))
-        if r:
-            resp_pos_BR[b, : len(r)] = torch.arange(offset + len(p) - 1, offset + len(p) - 1 + len(r))
-            response_ids_BR[b, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return MicroBatch(
-        rows=torch.tensor(rows, dtype=torch.long),
-        input_ids_BT=torch.tensor([ids], dtype=torch.long),
-        attention_mask_BT=None,
-        resp_pos_BR=resp_pos_BR,
-        response_ids_BR=response_ids_BR,
-        position_ids_BT=torch.tensor([positions], dtype=torch.long),
-        routed_experts_BTX=_routing_tensor(rb, rows, 1, len(ids), starts),
-    )
-
-
-def plan_micro_batches(
-    rb: RankBatch, rows: list[int], max_tokens: int, pad_id: int, pack: bool = False
-) -> list[MicroBatch]:
-    """Group ``rows`` (longest first) into micro-batches within a token budget.
-
-    Padded (default): rows x padded length <= max_tokens. Packed: the rows' summed length
-    <= max_tokens, concatenated into one sequence. A single row longer than the budget gets a
-    micro-batch of its own (and a warning).
-    """
-    lens = {i: len(rb.prompt_ids[i]) + len(rb.response_ids[i]) for i in rows}
-    order = sorted(rows, key=lambda i: (-lens[i], i))
-    plans: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        width = max([lens[j] for j in current] + [lens[i]])
-        cost = sum(lens[j] for j in current) + lens[i] if pack else width * (len(current) + 1)
-        if current and cost > max_tokens:
-            plans.append(current)
-            current = []
-        if not current and lens[i] > max_tokens:
-            logger.warning(
-                "sample row %d has %d tokens, more than trainer.batching.max_tokens_per_micro_batch=%d; "
-                "it gets a micro-batch of its own", i, lens[i], max_tokens
-            )
-        current.append(i)
-    if current:
-        plans.append(current)
-    return [_build_packed(rb, p) if pack else _build(rb, p, pad_id) for p in plans]
-
-
-def dummy_micro_batch(rb: RankBatch, pad_id: int) -> MicroBatch:
-    """A one-row micro-batch with zero loss weight, to match another rank's micro-batch count."""
-    shortest = min(range(rb.num_rows), key=lambda i: len(rb.prompt_ids[i]) + len(rb.response_ids[i]))
-    return _build(rb, [shortest], pad_id, dummy=True)

@@ -109,6 +109,8 @@ class TrainerCore:
             self.critic = model_lib.shard(model_lib.ValueModel(model_path, self.device, b.gradient_checkpointing))
             self.critic_optimizer = build_optimizer(self.critic.parameters(), cfg.optim.critic_lr, cfg.optim)
             self.critic_scheduler = build_scheduler(self.critic_optimizer, cfg.optim)
+        self.share_prompt = _share_prompt(b.share_prompt, self.device, [self.policy, self.reference, self.critic])
+        """Whether micro-batches put the samples of a group behind one copy of their prompt."""
         config = self.policy.config
         pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
         self.pad_id = int(pad if isinstance(pad, int) else (pad[0] if pad else 0))
@@ -180,7 +182,7 @@ class TrainerCore:
     def _synced_micro_batches(self, rb: RankBatch, rows: list[int]) -> list[MicroBatch]:
         """Micro-batches of ``rows``, padded with zero-weight stand-ins to the largest count on any rank."""
         b = self.cfg.batching
-        mbs = plan_micro_batches(rb, rows, b.max_tokens_per_micro_batch, self.pad_id, pack=b.pack)
+        mbs = plan_micro_batches(rb, rows, b.max_tokens_per_micro_batch, self.pad_id, b.pack, self.share_prompt)
         target = int(self.all_reduce_max(torch.tensor([len(mbs)], dtype=torch.long)).item())
         mbs += [dummy_micro_batch(rb, self.pad_id) for _ in range(target - len(mbs))]
         return [mb.to(self.device) for mb in mbs]
@@ -426,6 +428,21 @@ class TrainerCore:
             metrics.add_mean("train/value_loss", (vl_BR.detach() * mask_BR).sum(), n_tok)
             metrics.add_mean("train/value_clip_frac", (vclip_BR & (mask_BR > 0)).sum(), n_tok)
         return float(loss.detach())
+
+
+def _share_prompt(setting: str, device: torch.device, models: list[torch.nn.Module | None]) -> bool:
+    """``trainer.batching.share_prompt`` resolved: auto = on CPU; on needs block-mask attention."""
+    want = setting == "on" or (setting == "auto" and device.type == "cpu")
+    unsupported = [type(m).__name__ for m in models if m is not None and not model_lib.supports_block_mask(m)]
+    if want and unsupported:
+        if setting == "on":
+            raise ValueError(
+                f"trainer.batching.share_prompt=on needs sdpa or eager attention; {unsupported} use another "
+                "attn_implementation; set share_prompt=auto or off"
+            )
+        logger.info("trainer.batching.share_prompt=auto: off (%s attention takes no 4D block mask)", unsupported)
+        return False
+    return want
 
 
 def _fresh_gap(

@@ -98,11 +98,45 @@ def shard(model: nn.Module) -> nn.Module:
 
 def _at_response(x_BT: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
     """Rows of ``x`` (B, T, ...) at the positions predicting each response token -> (B, R, ...)."""
-    if mb.packed:  # one packed row: resp_pos indexes its flat sequence
-        return x_BT[0][mb.resp_pos_BR]
+    if mb.packed:  # packed / shared-prompt layouts: resp_pos indexes the flattened input
+        return x_BT.flatten(0, 1)[mb.resp_pos_BR]
     B, R = mb.resp_pos_BR.shape
     idx = mb.resp_pos_BR.view(B, R, *([1] * (x_BT.dim() - 2))).expand(B, R, *x_BT.shape[2:])
     return x_BT.gather(1, idx)
+
+
+def attention_mask(model: nn.Module, mb: MicroBatch) -> torch.Tensor | None:
+    """The ``attention_mask`` argument of ``mb``: its (B, T) padding mask, or its (U, 1, T, T) block
+    mask: bool for sdpa, additive float for eager attention (which adds the mask to the scores)."""
+    if mb.block_mask_B1TT is None:
+        return mb.attention_mask_BT
+    impl = _attn_implementation(model)
+    if impl not in BLOCK_MASK_ATTENTION:
+        raise ValueError(
+            f"the policy uses attn_implementation={impl!r}, which does not take a 4D block mask; set "
+            "trainer.batching.share_prompt=off"
+        )
+    if impl == "eager":
+        blocked = torch.finfo(torch.float32).min
+        return torch.zeros(mb.block_mask_B1TT.shape, device=mb.block_mask_B1TT.device).masked_fill(
+            ~mb.block_mask_B1TT, blocked
+        )
+    return mb.block_mask_B1TT
+
+
+BLOCK_MASK_ATTENTION = ("sdpa", "eager")
+"""Attention implementations that honour a custom 4D mask (shared-prompt micro-batches)."""
+
+
+def _attn_implementation(model: nn.Module) -> str:
+    """The HF attention implementation of a causal LM or of a ValueModel's backbone."""
+    config = getattr(model, "config", None) or getattr(getattr(model, "backbone", None), "config", None)
+    return str(getattr(config, "_attn_implementation", None) or "sdpa")
+
+
+def supports_block_mask(model: nn.Module) -> bool:
+    """Whether ``model``'s attention takes the shared-prompt layout's 4D block mask."""
+    return _attn_implementation(model) in BLOCK_MASK_ATTENTION
 
 
 def response_logprobs(
@@ -111,7 +145,8 @@ def response_logprobs(
     """Log-prob of every response token under ``model`` -> (B, R), and optionally the entropy (B, R)
     (differentiable only with ``entropy_grad``; a metric-only entropy saves no graph)."""
     logits_BTV = model(
-        input_ids=mb.input_ids_BT, attention_mask=mb.attention_mask_BT, position_ids=mb.position_ids_BT, use_cache=False
+        input_ids=mb.input_ids_BT, attention_mask=attention_mask(model, mb), position_ids=mb.position_ids_BT,
+        use_cache=False,
     ).logits
     logits_BRV = _at_response(logits_BTV, mb).float() / temperature
     logp_BRV = torch.log_softmax(logits_BRV, dim=-1)
@@ -125,5 +160,5 @@ def response_logprobs(
 
 def response_values(critic: nn.Module, mb: MicroBatch) -> torch.Tensor:
     """Critic value of the state before each response token -> (B, R)."""
-    values_BT = critic(input_ids=mb.input_ids_BT, attention_mask=mb.attention_mask_BT, position_ids=mb.position_ids_BT)
+    values_BT = critic(input_ids=mb.input_ids_BT, attention_mask=attention_mask(critic, mb), position_ids=mb.position_ids_BT)
     return _at_response(values_BT.float(), mb)

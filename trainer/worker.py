@@ -18,6 +18,7 @@ import datetime
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,13 @@ class TrainerWorker:
         self.world_size = world_size
         self.core: TrainerCore | None = None
         set_torch_threads(cfg.num_threads)  # also on GPU workers (their CPU-side ops)
+
+    def node_info(self) -> dict[str, Any]:
+        """Where this rank runs: `{"node_id", "node_ip", "pid"}`."""
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+                "pid": os.getpid()}
 
     def address(self) -> tuple[str, int]:
         """This node's IP and a free TCP port (rank 0 hosts the rendezvous)."""
@@ -107,9 +115,13 @@ class TrainerWorker:
         import ray
 
         refs = []
+        t0, put_s = time.perf_counter(), 0.0
         for bucket in self._core().iter_weight_buckets(bucket_bytes, include_tied):
             if self.rank == 0:
+                t1 = time.perf_counter()
                 refs.append(ray.put(bucket))
+                put_s += time.perf_counter() - t1
+        self._publish_stats = {"gather_s": time.perf_counter() - t0 - put_s, "hand_off_s": put_s}
         return refs if self.rank == 0 else None
 
     def gradients(self) -> dict[str, torch.Tensor] | None:
@@ -122,11 +134,19 @@ class TrainerWorker:
     ) -> int:
         """Gather bucket by bucket and call ``sink(bucket)`` on rank 0 only; returns the bucket count."""
         count = 0
+        t0, sink_s = time.perf_counter(), 0.0
         for bucket in self._core().iter_weight_buckets(bucket_bytes, include_tied):
             if self.rank == 0:
+                t1 = time.perf_counter()
                 sink(bucket)
+                sink_s += time.perf_counter() - t1
             count += 1
+        self._publish_stats = {"gather_s": time.perf_counter() - t0 - sink_s, "hand_off_s": sink_s}
         return count
+
+    def weight_publish_stats(self) -> dict[str, float]:
+        """Seconds of the last publish on this rank: gathering full tensors, handing them off."""
+        return dict(getattr(self, "_publish_stats", {}))
 
     def save_checkpoint(self, path: str) -> str:
         return str(self._core().save_checkpoint(path))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,10 @@ class EngineActor:
         params: dict[str, Any],
         weight_update_timeout_s: float = 300.0,
         weight_update_mode: str = "keep",
+        load: bool = True,
     ) -> None:
+        """`load=False` defers loading the model to `load()`, so a caller can tell an actor that
+        waits for a node with room (`node_info` does not answer yet) from one loading its model."""
         self._name = f"EngineActor[{kind}]"
         if ray.is_initialized():  # (get_runtime_context() would start a local Ray cluster)
             try:
@@ -63,7 +67,22 @@ class EngineActor:
                 pass
         self._timeout = weight_update_timeout_s
         self._mode = PauseMode(weight_update_mode)
-        self._engine = create_engine(kind, model_path, **params)
+        self._spec = (kind, model_path, params)
+        self._engine = create_engine(kind, model_path, **params) if load else None
+
+    async def load(self) -> int:
+        """Load the model if `__init__` deferred it; returns the engine's weight version."""
+        if self._engine is None:
+            kind, model_path, params = self._spec
+            self._engine = create_engine(kind, model_path, **params)  # on the actor loop: vLLM wants it there
+        return self._engine.version
+
+    async def node_info(self) -> dict[str, Any]:
+        """Where this engine runs: `{"node_id", "node_ip", "pid"}`."""
+        import os
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+                "pid": os.getpid()}
 
     async def _resolve(self, bucket: Any) -> Any:
         return await bucket if isinstance(bucket, ray.ObjectRef) else bucket
@@ -145,6 +164,7 @@ class EngineActor:
         Returns the new version. Raises `ValueError` naming the bucket (wrong version,
         repeated index, missing buckets), `TimeoutError` naming the actor and the version.
         """
+        t0 = time.perf_counter()
         buckets = await self._resolve(buckets)
         single = isinstance(buckets, Mapping) or hasattr(buckets, "named_tensors")
         if single or (buckets and isinstance(buckets[0], tuple)):
@@ -153,8 +173,15 @@ class EngineActor:
         if not buckets:
             raise ValueError(f"{self._name}: update_weights({version}) got no buckets")
         buckets = _check_versioned(self._name, version, buckets)
+        t1 = time.perf_counter()
         update = self._engine.update_weights(version, buckets, PauseMode(mode or self._mode))
-        return await self._timed(update, "update_weights", version)
+        out = await self._timed(update, "update_weights", version)
+        self._update_stats = {"resolve_s": t1 - t0, "engine_s": time.perf_counter() - t1}
+        return out
+
+    async def weight_update_stats(self) -> dict[str, float]:
+        """Seconds of the last weight update, by phase."""
+        return dict(getattr(self, "_update_stats", {}))
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def version(self) -> int:
@@ -204,16 +231,18 @@ def start_engine_actor(
     weight_update_timeout_s: float = 300.0,
     weight_update_mode: str = "keep",
     actor_options: dict[str, Any] | None = None,
+    load: bool = True,
     **params: Any,
 ) -> ray.actor.ActorHandle:
-    """Start an `EngineActor`; `params` go to the engine constructor (see `create_engine`)."""
+    """Start an `EngineActor`; `params` go to the engine constructor (see `create_engine`).
+    `load=False`: the model loads on `load()` (see `EngineActor`)."""
     options: dict[str, Any] = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_concurrency=1000)
     if name is not None:
         options["name"] = name
     options.update(actor_options or {})
     cls = ray.remote(EngineActor)
     return cls.options(**options).remote(
-        kind, str(model_path), params, weight_update_timeout_s, weight_update_mode
+        kind, str(model_path), params, weight_update_timeout_s, weight_update_mode, load
     )
 
 

@@ -201,7 +201,7 @@ def test_malformed_unknown_failing_and_slow_tools_become_counted_error_observati
     assert "<tool_response>\nError: unknown tool" in s.response  # the model sees them
     stats = RolloutStats()
     stats.add_group([s], kept=True, reason="kept", zero_std=True, gen_s=1.0, reward_s=0.0)
-    m = stats.reduce(0, [], [])
+    m = stats.reduce(0, [])
     assert m["agent/tool_errors/timeout"] == 1 and m["agent/tool_errors/too_many_calls"] == 0
     assert m["agent/turns_mean"] == 2 and m["agent/tool_calls_mean"] == 6 and m["agent/episodes"] == 1
 

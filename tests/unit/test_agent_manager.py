@@ -196,7 +196,7 @@ def test_mode_rendering_and_per_mode_metrics(data_dir: Path, tiny_model_dir: Pat
     assert [format_violation(s) for s in group] == [False, True, False, True]
     stats = RolloutStats()
     stats.add_group(group, kept=True, reason="kept", zero_std=False, gen_s=1.0, reward_s=0.1)
-    m = stats.reduce(0, [], [])
+    m = stats.reduce(0, [])
     assert m["rollout/format_violation_frac"] == 0.5
     assert m["rollout/format_violation_frac/think"] == 0.5 == m["rollout/format_violation_frac/non_think"]
     assert m["rollout/truncated_frac/non_think"] == 0.5 and m["rollout/truncated_frac/think"] == 0.0

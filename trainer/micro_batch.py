@@ -1,0 +1,295 @@
+"""Micro-batches: some rows of a RankBatch laid out as model inputs, in one of three layouts.
+
+    rows of one mini-batch ─► units (a unit = the rows that run as one sequence)
+      │   share_prompt: the rows of a group with the same prompt_ids form one unit
+      │   [prompt | response 1 | response 2 | ...]; otherwise one row per unit
+      └─► plan_micro_batches: units longest first, under a token budget
+            ├─ padded (default): one unit per input row, right-padded
+            └─ pack: all units of the micro-batch in one input row
+
+    padded rows, no sharing   input (B, T) + attention_mask (B, T)             resp_pos per row
+    pack, no sharing          input (1, L) + position_ids restarting per row    resp_pos flat
+    share_prompt (any)        input (U, T) + position_ids + block mask          resp_pos flat
+                              (U, 1, T, T): a response sees its prompt and its own earlier
+                              tokens, never a sibling's; positions continue from the prompt
+
+Every layout gives each response token the same logits as its sample alone, up to float
+rounding (tested). Sharing the prompt computes it once per group instead of once per sample
+(GRPO's n_samples_per_prompt copies): on short responses most of the tokens of a batch.
+
+Per-token data stays response-aligned: column r of row b is response token r of sample
+``rows[b]``; ``resp_pos_BR`` gives the input position whose logits predict it, an index into
+the flattened input ``(U * T)`` when ``flat`` (packed or shared), else into the row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from slime_rl.trainer.batching import RankBatch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroBatch:
+    """Inputs of some rows of a RankBatch (see the module docstring for the layouts)."""
+
+    rows: torch.Tensor  # (B,) indices into the RankBatch
+    input_ids_BT: torch.Tensor  # (U, T) long: U = B padded; 1 packed; units when sharing prompts
+    attention_mask_BT: torch.Tensor | None  # (B, T) long, padded layout only
+    resp_pos_BR: torch.Tensor  # (B, R) long, logits position predicting response token r (flat index when ``flat``)
+    response_ids_BR: torch.Tensor  # (B, R) long (0 on padding)
+    dummy: bool = False
+    """A stand-in that only keeps collectives in step on a rank with fewer micro-batches: its loss weight is 0."""
+    position_ids_BT: torch.Tensor | None = None
+    """Packed and shared-prompt layouts: each sample's positions as if it stood alone."""
+    routed_experts_BTX: torch.Tensor | None = None
+    """(B, T, X) long, engine routing of each input position (X = MoE layers x top-k), -1 where
+    none was recorded; None when no row of the micro-batch has routing."""
+    block_mask_B1TT: torch.Tensor | None = None
+    """(U, 1, T, T) bool, shared-prompt layout only: True where query position t may attend to
+    key position s. Passed to the model as its (4D) attention mask."""
+
+    @property
+    def packed(self) -> bool:
+        """Whether ``resp_pos_BR`` indexes the flattened input (packed or shared-prompt layout)."""
+        return self.position_ids_BT is not None
+
+    @property
+    def width(self) -> int:
+        return self.resp_pos_BR.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        """Input positions the model computes (padding included)."""
+        return self.input_ids_BT.numel()
+
+    def take(self, x_NR: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's rows of a response-aligned (N, R...) tensor, cut to its width."""
+        out = x_NR[self.rows]
+        return out[:, : self.width] if out.dim() > 1 else out
+
+    def to(self, device: torch.device | str) -> MicroBatch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return dataclasses.replace(
+            self,
+            input_ids_BT=self.input_ids_BT.to(device),
+            attention_mask_BT=move(self.attention_mask_BT),
+            resp_pos_BR=self.resp_pos_BR.to(device),
+            response_ids_BR=self.response_ids_BR.to(device),
+            position_ids_BT=move(self.position_ids_BT),
+            routed_experts_BTX=move(self.routed_experts_BTX),
+            block_mask_B1TT=move(self.block_mask_B1TT),
+        )
+
+
+def _routing_tensor(rb: RankBatch, rows: list[int], B: int, T: int, starts: list[int]) -> torch.Tensor | None:
+    """(B, T, X) long: row ``rows[k]``'s routing at input positions ``starts[k]..`` of batch row
+    ``k`` (padded; B = len(rows)) or ``0`` (packed; B = 1), -1 elsewhere; None when none of
+    ``rows`` has routing."""
+    if rb.routed_experts is None or all(rb.routed_experts[i] is None for i in rows):
+        return None
+    width = next(r.shape[1] for r in rb.routed_experts if r is not None)
+    out_BTX = torch.full((B, T, width), -1, dtype=torch.long)
+    for k, i in enumerate(rows):
+        r = rb.routed_experts[i]
+        if r is not None:
+            out_BTX[0 if B == 1 else k, starts[k] : starts[k] + len(r)] = torch.from_numpy(r.astype(np.int64))
+    return out_BTX
+
+
+def _check_prompt(rb: RankBatch, i: int) -> None:
+    if not rb.prompt_ids[i]:
+        raise ValueError(f"sample row {i} has an empty prompt_ids; the first response token needs a context")
+
+
+def _response_tensors(rb: RankBatch, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    R = max(max(len(rb.response_ids[i]) for i in rows), 1)
+    resp_pos_BR = torch.zeros(len(rows), R, dtype=torch.long)
+    response_ids_BR = torch.zeros(len(rows), R, dtype=torch.long)
+    for b, i in enumerate(rows):
+        r = rb.response_ids[i]
+        if r:
+            response_ids_BR[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return resp_pos_BR, response_ids_BR
+
+
+def _build(rb: RankBatch, rows: list[int], pad_id: int, dummy: bool = False) -> MicroBatch:
+    """Padded layout: one row per sample, right-padded."""
+    seq_lens = [len(rb.prompt_ids[i]) + len(rb.response_ids[i]) for i in rows]
+    T, B = max(seq_lens), len(rows)
+    input_ids_BT = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask_BT = torch.zeros(B, T, dtype=torch.long)
+    resp_pos_BR, response_ids_BR = _response_tensors(rb, rows)
+    for b, i in enumerate(rows):
+        _check_prompt(rb, i)
+        p, r = rb.prompt_ids[i], rb.response_ids[i]
+        input_ids_BT[b, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        attention_mask_BT[b, : len(p) + len(r)] = 1
+        resp_pos_BR[b, : len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r))
+    return MicroBatch(
+        torch.tensor(rows, dtype=torch.long), input_ids_BT, attention_mask_BT, resp_pos_BR, response_ids_BR, dummy,
+        routed_experts_BTX=_routing_tensor(rb, rows, B, T, [0] * B),
+    )
+
+
+def _build_packed(rb: RankBatch, rows: list[int]) -> MicroBatch:
+    """Packed layout: all ``rows`` concatenated into one sequence; positions restart per sample."""
+    ids: list[int] = []
+    positions: list[int] = []
+    starts: list[int] = []
+    resp_pos_BR, response_ids_BR = _response_tensors(rb, rows)
+    for b, i in enumerate(rows):
+        _check_prompt(rb, i)
+        p, r = rb.prompt_ids[i], rb.response_ids[i]
+        offset = len(ids)
+        starts.append(offset)
+        ids += p + r
+        positions += list(range(len(p) + len(r)))
+        resp_pos_BR[b, : len(r)] = torch.arange(offset + len(p) - 1, offset + len(p) - 1 + len(r))
+    return MicroBatch(
+        rows=torch.tensor(rows, dtype=torch.long),
+        input_ids_BT=torch.tensor([ids], dtype=torch.long),
+        attention_mask_BT=None,
+        resp_pos_BR=resp_pos_BR,
+        response_ids_BR=response_ids_BR,
+        position_ids_BT=torch.tensor([positions], dtype=torch.long),
+        routed_experts_BTX=_routing_tensor(rb, rows, 1, len(ids), starts),
+    )
+
+
+def _build_shared(rb: RankBatch, units: list[list[int]], pad_id: int, pack: bool) -> MicroBatch:
+    """Shared-prompt layout: each unit is [prompt | response of each of its rows] (one input row
+    per unit, right-padded; with ``pack`` all units in one input row) and a block mask."""
+    rows = [i for u in units for i in u]
+    resp_pos_BR, response_ids_BR = _response_tensors(rb, rows)
+    seqs: list[list[int]] = []  # input ids of each unit
+    pos: list[list[int]] = []
+    segs: list[list[int]] = []  # per position: 0 = prompt, k > 0 = the k-th response of its unit
+    b = 0
+    for u in units:
+        _check_prompt(rb, u[0])
+        p = rb.prompt_ids[u[0]]
+        ids, ps, sg = list(p), list(range(len(p))), [0] * len(p)
+        for k, i in enumerate(u, start=1):
+            r = rb.response_ids[i]
+            # response token j is predicted at the position before it: the prompt's last, then its own
+            here = [len(p) - 1] + [len(ids) + j for j in range(len(r) - 1)]
+            resp_pos_BR[b, : len(r)] = torch.tensor(here[: len(r)], dtype=torch.long)
+            ids += r
+            ps += range(len(p), len(p) + len(r))
+            sg += [k] * len(r)
+            b += 1
+        seqs.append(ids)
+        pos.append(ps)
+        segs.append(sg)
+    if pack:  # one input row: units side by side (the mask keeps them apart)
+        starts = np.cumsum([0] + [len(s) for s in seqs[:-1]])
+        resp_pos_BR += _unit_offsets(units, starts)[:, None]
+        unit_of = [u for u, s in enumerate(seqs) for _ in s]
+        seqs, pos, segs = [sum(seqs, [])], [sum(pos, [])], [sum(segs, [])]
+        unit_keys = [unit_of]
+    else:
+        T = max(len(s) for s in seqs)
+        resp_pos_BR += _unit_offsets(units, [T * u for u in range(len(units))])[:, None]
+        unit_keys = [[0] * len(s) for s in seqs]
+    T = max(len(s) for s in seqs)
+    input_ids_BT = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    position_ids_BT = torch.zeros(len(seqs), T, dtype=torch.long)
+    seg_BT = torch.full((len(seqs), T), -1, dtype=torch.long)
+    unit_BT = torch.full((len(seqs), T), -1, dtype=torch.long)
+    for k, (ids, ps, sg, un) in enumerate(zip(seqs, pos, segs, unit_keys, strict=True)):
+        n = len(ids)
+        input_ids_BT[k, :n] = torch.tensor(ids, dtype=torch.long)
+        position_ids_BT[k, :n] = torch.tensor(ps, dtype=torch.long)
+        seg_BT[k, :n] = torch.tensor(sg, dtype=torch.long)
+        unit_BT[k, :n] = torch.tensor(un, dtype=torch.long)
+    return MicroBatch(
+        rows=torch.tensor(rows, dtype=torch.long),
+        input_ids_BT=input_ids_BT,
+        attention_mask_BT=None,
+        resp_pos_BR=resp_pos_BR,
+        response_ids_BR=response_ids_BR,
+        position_ids_BT=position_ids_BT,
+        block_mask_B1TT=block_mask(seg_BT, unit_BT),
+    )
+
+
+def _unit_offsets(units: list[list[int]], starts: list[int] | np.ndarray) -> torch.Tensor:
+    """(B,) the flat start of each row's unit."""
+    return torch.tensor([int(starts[u]) for u, unit in enumerate(units) for _ in unit], dtype=torch.long)
+
+
+def block_mask(seg_BT: torch.Tensor, unit_BT: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool: query t sees key s <= t of its own unit that is a prompt position (segment
+    0) or in t's own segment. Padding (segment -1) sees only itself, so no softmax row is empty."""
+    T = seg_BT.shape[1]
+    q_seg, k_seg = seg_BT[:, :, None], seg_BT[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    same_unit = unit_BT[:, :, None] == unit_BT[:, None, :]
+    visible = causal & same_unit & ((k_seg == 0) | (k_seg == q_seg)) & (q_seg >= 0)
+    pad_self = (seg_BT < 0)[:, :, None] & torch.eye(T, dtype=torch.bool)
+    return (visible | pad_self)[:, None]
+
+
+def prompt_units(rb: RankBatch, rows: list[int], share_prompt: bool) -> list[list[int]]:
+    """``rows`` cut into units: with ``share_prompt`` the rows of one group with identical
+    prompt_ids (in row order), else one row each. Rows with engine routing (MoE replay) are never
+    shared: their prompt positions carry per-sample routing."""
+    if not share_prompt or rb.routed_experts is not None:
+        return [[i] for i in rows]
+    units: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    for i in rows:
+        units.setdefault((int(rb.group_index_N[i]), tuple(rb.prompt_ids[i])), []).append(i)
+    return list(units.values())
+
+
+def plan_micro_batches(
+    rb: RankBatch, rows: list[int], max_tokens: int, pad_id: int, pack: bool = False, share_prompt: bool = False
+) -> list[MicroBatch]:
+    """Group ``rows`` into micro-batches within a token budget, longest units first.
+
+    A unit is one row, or with ``share_prompt`` the rows of a group that share their prompt
+    (its length: the prompt once plus every response). Padded (default): units x longest unit
+    <= max_tokens. Packed: the units' summed length <= max_tokens, in one sequence. A single unit
+    longer than the budget gets a micro-batch of its own (and a warning).
+    """
+    units = prompt_units(rb, rows, share_prompt)
+    shared = any(len(u) > 1 for u in units)
+    lens = [len(rb.prompt_ids[u[0]]) + sum(len(rb.response_ids[i]) for i in u) for u in units]
+    order = sorted(range(len(units)), key=lambda k: (-lens[k], units[k][0]))
+    plans: list[list[int]] = []
+    current: list[int] = []
+    for k in order:
+        width = max([lens[j] for j in current] + [lens[k]])
+        cost = sum(lens[j] for j in current) + lens[k] if pack else width * (len(current) + 1)
+        if current and cost > max_tokens:
+            plans.append(current)
+            current = []
+        if not current and lens[k] > max_tokens:
+            logger.warning(
+                "sample row(s) %s have %d tokens, more than trainer.batching.max_tokens_per_micro_batch=%d; "
+                "they get a micro-batch of their own", units[k], lens[k], max_tokens
+            )
+        current.append(k)
+    if current:
+        plans.append(current)
+    if shared:
+        return [_build_shared(rb, [units[k] for k in p], pad_id, pack) for p in plans]
+    flat = [[units[k][0] for k in p] for p in plans]
+    return [_build_packed(rb, p) if pack else _build(rb, p, pad_id) for p in flat]
+
+
+def dummy_micro_batch(rb: RankBatch, pad_id: int) -> MicroBatch:
+    """A one-row micro-batch with zero loss weight, to match another rank's micro-batch count."""
+    shortest = min(range(rb.num_rows), key=lambda i: len(rb.prompt_ids[i]) + len(rb.response_ids[i]))
+    return _build(rb, [shortest], pad_id, dummy=True)
