@@ -179,6 +179,8 @@ def run_case(trainer: Any, engines: list, transport: str, args: argparse.Namespa
     sync = WeightSync(transport, trainer, manager, bucket_bytes=int(args.bucket_mb * (1 << 20)), run_dir=tmp,
                       timeout_s=900.0, **kwargs)
     rank0 = trainer.worker_handles()[0]
+    uss_before = [round(_uss_mb(e)) for e in engines]
+    memcopy = min(memcopy_s(int(args.nbytes), 1, 3), memcopy_s(int(args.nbytes), args.threads, 3))
     rows = []
     for i in range(1 + args.repeats):
         version = trainer.version + 1
@@ -199,11 +201,13 @@ def run_case(trainer: Any, engines: list, transport: str, args: argparse.Namespa
             "gather_s": tstats.get("gather_s", float("nan")), "hand_off_s": tstats.get("hand_off_s", float("nan")),
             "transfer_s": max(e.get("transfer_s", e.get("resolve_s", float("nan"))) for e in estats),
             "load_s": max(e.get("load_s", e.get("engine_s", float("nan"))) for e in estats),
+            "uss_mb": [round(_uss_mb(e)) for e in engines],
         })
     ray.kill(manager)
-    out = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    out["uss_mb"] = [round(_uss_mb(e)) for e in engines]
+    out: dict[str, Any] = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "uss_mb"}
+    out |= {"uss_mb_before": uss_before, "uss_mb": rows[-1]["uss_mb"], "memcopy_s": memcopy, "rows": rows}
     out["gb_per_s"] = out["bytes"] / 1e9 / out["e2e_s"]
+    out["x_memcopy"] = out["e2e_s"] / memcopy
     return out
 
 
@@ -217,6 +221,7 @@ def bench_model(model_dir: Path, label: str, dtype: str, args: argparse.Namespac
     try:
         fp32_bytes = 4 * _checkpoint_numel(model_dir)
         nbytes = fp32_bytes // 2 if dtype == "bf16" else fp32_bytes
+        args.nbytes = nbytes
         res: dict[str, Any] = {"params": fp32_bytes // 4, "bytes": nbytes}
         res["memcopy_1t_s"] = memcopy_s(nbytes, 1)
         res["memcopy_s"] = min(res["memcopy_1t_s"], memcopy_s(nbytes, args.threads))
@@ -234,11 +239,11 @@ def bench_model(model_dir: Path, label: str, dtype: str, args: argparse.Namespac
                 for transport in args.transports:
                     key = f"{kind}/{transport}/1"
                     cases[key] = run_case(trainer, engines[:1], transport, args, publish_dtype, tmp)
-                    _print_row(key, cases[key], res["memcopy_s"])
+                    _print_row(key, cases[key])
                 for n in [n for n in args.fanout if 1 < n <= n_max]:
                     key = f"{kind}/object_store/{n}"
                     cases[key] = run_case(trainer, engines[:n], "object_store", args, publish_dtype, tmp)
-                    _print_row(key, cases[key], res["memcopy_s"])
+                    _print_row(key, cases[key])
             finally:
                 for e in engines:
                     try:
@@ -253,13 +258,14 @@ def bench_model(model_dir: Path, label: str, dtype: str, args: argparse.Namespac
 
 
 HEADER = (f"{'engine/transport/engines':<28}{'gather':>8}{'hand-off':>9}{'transfer':>9}{'load':>8}{'e2e s':>8}"
-          f"{'GB/s':>7}{'x copy':>8}{'blocked':>8}{'USS MB':>14}")
+          f"{'GB/s':>7}{'x copy':>8}{'copy ms':>7}{'blocked':>8}  engine USS MB before>after")
 
 
-def _print_row(key: str, r: dict[str, Any], memcopy: float) -> None:
+def _print_row(key: str, r: dict[str, Any]) -> None:
+    uss = ",".join(f"{b}>{a}" for b, a in zip(r["uss_mb_before"], r["uss_mb"]))
     print(f"{key:<28}{r['gather_s']:>8.3f}{r['hand_off_s']:>9.3f}{r['transfer_s']:>9.3f}{r['load_s']:>8.3f}"
-          f"{r['e2e_s']:>8.3f}{r['gb_per_s']:>7.2f}{r['e2e_s'] / memcopy:>8.1f}{r['publish_blocked_s']:>8.3f}"
-          f"{str(r['uss_mb']):>14}", flush=True)
+          f"{r['e2e_s']:>8.3f}{r['gb_per_s']:>7.2f}{r['x_memcopy']:>8.1f}{r['memcopy_s'] * 1e3:>7.0f}"
+          f"{r['publish_blocked_s']:>8.3f}  {uss}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -284,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cache.mkdir(parents=True, exist_ok=True)
     tmp = cache / f"run-{os.getpid()}"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False, object_store_memory=args_store_bytes(args))
+    ray.init(address="local", num_cpus=16, include_dashboard=False, log_to_driver=False, object_store_memory=args_store_bytes(args))
     t_start = time.time()
     results: dict[str, Any] = {}
     try:
@@ -307,9 +313,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def args_store_bytes(args: argparse.Namespace) -> int:
-    """Object store size: two versions of the biggest model in flight, at least 2 GB."""
+    """Object store size: two versions of the biggest model in flight and a margin (at least
+    1 GB); small enough that its pages are reused (touched) after a few syncs, as in a long run."""
     biggest = 0 if args.quick else max(_fp32_params(s) * 4 for s in args.sizes)
-    return int(max(2e9, 2.2 * biggest))
+    return int(max(1e9, 2.5 * biggest))
 
 
 def _checkpoint_numel(model_dir: Path) -> int:

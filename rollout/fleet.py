@@ -77,7 +77,7 @@ class EngineFleet:
         name_prefix: str,
         target: int,
         max_failures: int = 3,
-        on_lost: Callable[[EngineSlot, EngineRecord | None, bool | None], None] | None = None,
+        on_lost: Callable[[EngineSlot, EngineRecord | None], None] | None = None,
     ) -> None:
         self.pool = pool
         self.launcher = launcher
@@ -262,17 +262,27 @@ class EngineFleet:
             self._wake.set()
 
     def _lost(self, slot: EngineSlot) -> None:
+        """Called by the pool the moment an engine's actor is found gone (before any of its groups
+        has been requeued): the manager reports it; then, if Ray declares its node dead (a lost
+        machine is detected by Ray's health checks within about a minute), a second line says so."""
         record = self.records.pop(slot.name, None)
         self.lost += 1
         self.changes += 1
         task = self._draining.pop(slot.name, None)
         if task is not None:
             task.cancel()
-
-        async def report() -> None:
-            alive = await self.launcher.node_alive(record.node_id if record else None) if self.launcher else None
-            if self._on_lost is not None:
-                self._on_lost(slot, record, alive)
-
-        asyncio.get_running_loop().create_task(report())
+        if self._on_lost is not None:
+            self._on_lost(slot, record)
+        if self.launcher is not None and record is not None and record.node_id:
+            asyncio.get_running_loop().create_task(self._watch_node(record))
         self._wake.set()
+
+    async def _watch_node(self, record: EngineRecord, within_s: float = 90.0) -> None:
+        deadline = asyncio.get_running_loop().time() + within_s
+        while asyncio.get_running_loop().time() < deadline:
+            if await self.launcher.node_alive(record.node_id) is False:
+                logger.warning("node %s (%s) is gone: %s and any other engine there will not come back on it; "
+                               "%d engine(s) serving", record.node_ip, record.node_id[:12], record.name, self.pool.num_serving)
+                self.changes += 1
+                return
+            await asyncio.sleep(2.0)

@@ -219,14 +219,14 @@ class RolloutManager:
                 "engines_target": self.fleet.target, "engines_need_weights": len(self.pool.needs_weights()),
                 "engines_lost": self.fleet.lost, "fleet_changes": self.fleet.changes}
 
-    def _engine_lost(self, slot: EngineSlot, record: Any, node_alive: bool | None) -> None:
-        """An engine's actor is gone: its groups requeue themselves as their calls fail."""
+    def _engine_lost(self, slot: EngineSlot, record: Any) -> None:
+        """An engine's actor is gone (called before any of its groups is requeued: each requeues
+        itself, at the front of the queue, as its call fails)."""
         groups = [w.group_id for w in self.admission if w.engine == slot.name and w.state.value == "running"]
         where = f"node {record.node_ip} ({(record.node_id or '?')[:12]})" if record is not None else "an unknown node"
-        why = "the node is gone" if node_alive is False else "its actor died" if node_alive else "its actor is unreachable"
         logger.warning(
-            "rollout engine %s lost on %s (%s): %d group(s) go back to the queue%s; %d engine(s) serving, target %d",
-            slot.name, where, why, len(groups), f" ({', '.join(groups[:4])}{'…' if len(groups) > 4 else ''})" if groups else "",
+            "rollout engine %s lost on %s: %d group(s) go back to the queue%s; %d engine(s) serving, target %d",
+            slot.name, where, len(groups), f" ({', '.join(groups[:4])}{'…' if len(groups) > 4 else ''})" if groups else "",
             self.pool.num_serving, self.fleet.target,
         )
         self._wake.set()

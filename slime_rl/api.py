@@ -93,7 +93,26 @@ def write_run_config(cfg: Config) -> Path:
     kwargs are redacted. Returns the path."""
     from slime_rl.rewards import redacted
 
+    keep_out_of_uploads(Path(cfg.run.output_dir))
     return Path(save_config(dataclasses.replace(cfg, reward=redacted(cfg.reward)), cfg.run_dir / "config.yaml"))
+
+
+IGNORE_ALL = "# Written by slime-rl: run outputs (checkpoints, samples, weights) stay out of git and of Ray job uploads.\n*\n"
+
+
+def keep_out_of_uploads(output_dir: Path) -> None:
+    """Runs must not poison the folder they were started from: `ray job submit --working-dir .`
+    uploads it (honouring .gitignore / .rayignore files, nested ones too) and refuses bodies over
+    100 MB. So `run.output_dir` gets a `.gitignore` of `*` unless it has one, or it is the working
+    directory or one of its parents (then the user's own ignore rules decide)."""
+    out = output_dir.resolve()
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    ignore = out / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text(IGNORE_ALL)
 
 
 def run(cfg: Config) -> RunResult:

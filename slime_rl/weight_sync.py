@@ -18,16 +18,23 @@ were sent against the buckets' version before committing.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import shutil
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
+
+from slime_rl.weight_transports import (  # noqa: F401  (the transports' handles, re-exported)
+    CollectiveBucket,
+    CollectiveSender,
+    CollectiveSpec,
+    DiskBucket,
+    DiskWriter,
+    _Groups,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,110 +45,6 @@ class WeightSyncError(RuntimeError):
     """A weight sync failed or timed out; the message names the transport, version and side."""
 
 
-# ---- disk ------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class DiskBucket:
-    """A bucket written as one safetensors file; `named_tensors()` reads it where it is called."""
-
-    path: str
-    version: int
-    index: int
-    num_buckets: int
-
-    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
-        from safetensors.torch import load_file
-
-        return list(load_file(self.path).items())
-
-
-@dataclasses.dataclass(frozen=True)
-class DiskWriter:
-    """Sink run inside trainer rank 0: writes each bucket to `<folder>/bucket-<i>.safetensors`."""
-
-    folder: str
-
-    def __call__(self, bucket: Any) -> None:
-        from safetensors.torch import save_file
-
-        Path(self.folder).mkdir(parents=True, exist_ok=True)
-        tmp = Path(self.folder) / f".bucket-{bucket.index}.tmp"
-        save_file({n: t.contiguous() for n, t in bucket.named_tensors()}, str(tmp))
-        tmp.rename(Path(self.folder) / f"bucket-{bucket.index}.safetensors")
-
-
-# ---- collective ------------------------------------------------------------------------------
-class _Groups:
-    """Weight-sync process groups of this process, by rendezvous address (one per run)."""
-
-    _lock = threading.Lock()
-    _groups: dict[tuple[str, int], Any] = {}
-
-    @classmethod
-    def get(cls, host: str, port: int, rank: int, world: int, timeout_s: float, backend: str) -> Any:
-        key = (host, port)
-        with cls._lock:
-            if key not in cls._groups:
-                timeout = datetime.timedelta(seconds=timeout_s)
-                store = torch.distributed.TCPStore(host, port, world, rank == 0, timeout=timeout)
-                if backend == "nccl":
-                    group = torch.distributed.ProcessGroupNCCL(store, rank, world)
-                else:
-                    group = torch.distributed.ProcessGroupGloo(store, rank, world, timeout)
-                cls._groups[key] = group
-            return cls._groups[key]
-
-
-@dataclasses.dataclass(frozen=True)
-class CollectiveSpec:
-    host: str
-    port: int
-    world: int
-    timeout_s: float
-    backend: str = "gloo"
-
-
-@dataclasses.dataclass(frozen=True)
-class CollectiveSender:
-    """Sink run inside trainer rank 0: broadcasts each bucket's tensors to the engines (rank 0)."""
-
-    spec: CollectiveSpec
-
-    def __call__(self, bucket: Any) -> None:
-        s = self.spec
-        group = _Groups.get(s.host, s.port, 0, s.world, s.timeout_s, s.backend)
-        for _, t in bucket.named_tensors():
-            t = t.contiguous()
-            if s.backend == "nccl":
-                t = t.cuda()
-            group.broadcast(t, 0).wait()
-
-
-@dataclasses.dataclass(frozen=True)
-class CollectiveBucket:
-    """A bucket that arrives by broadcast: `named_tensors()` (called inside engine `rank`) joins the
-    group on first use and receives the tensors described by `names`/`shapes`/`dtypes`."""
-
-    spec: CollectiveSpec
-    rank: int
-    version: int
-    index: int
-    num_buckets: int
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[str, ...]
-
-    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
-        s = self.spec
-        group = _Groups.get(s.host, s.port, self.rank, s.world, s.timeout_s, s.backend)
-        device = "cuda" if s.backend == "nccl" else "cpu"
-        out = []
-        for name, shape, dtype in zip(self.names, self.shapes, self.dtypes):
-            t = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
-            group.broadcast(t, 0).wait()
-            out.append((name, t))
-        return out
-
-
 # ---- the driver side ---------------------------------------------------------------------------
 @dataclasses.dataclass
 class PendingSync:
@@ -150,42 +53,65 @@ class PendingSync:
     version: int
     transport: str
     refs: list[Any]
+    """The engines' side: the manager's `update_weights` call."""
     nbytes: int
     started: float
     timeout_s: float
     cleanup: Any = None
     prep_s: float = 0.0
-    """Seconds the trainer side took before the engines' part began (gather, put or write)."""
+    """Seconds of the trainer's side (rank 0's gather + hand-off); known once `wait()` returned."""
+    trainer_refs: list[Any] = dataclasses.field(default_factory=list)
+    """Each rank's publish stats (rank 0 first): done when that rank gathered and handed off."""
+    overlapped: bool = False
+    """The trainer's hand-off and the engines' load run at the same time (collective)."""
     _result: dict[str, float] | None = None
 
     def done(self) -> bool:
         if self._result is not None:
             return True
-        ready, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=0)
-        return len(ready) == len(self.refs)
+        refs = [*self.trainer_refs, *self.refs]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        return len(ready) == len(refs)
+
+    def _fail(self, side: str, e: BaseException) -> WeightSyncError:
+        return WeightSyncError(f"weight sync of version {self.version} over {self.transport} failed on {side}: {e}")
 
     def wait(self) -> dict[str, float]:
         if self._result is not None:
             return self._result
         left = self.timeout_s - (time.monotonic() - self.started)
-        ready, pending = ray.wait(self.refs, num_returns=len(self.refs), timeout=max(left, 0.0))
+        refs = [*self.trainer_refs, *self.refs]
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=max(left, 0.0))
         if pending:
+            side = "trainer rank 0 (gather or hand-off)" if set(pending) & set(self.trainer_refs) else "the rollout engines"
             raise WeightSyncError(
                 f"weight sync of version {self.version} over {self.transport} did not finish within "
-                f"{self.timeout_s:.0f} s (weight_sync.timeout_s); the rollout engines or trainer rank 0 are stuck"
+                f"{self.timeout_s:.0f} s (weight_sync.timeout_s); {side} is stuck"
             )
+        try:  # the trainer's side first: when it failed, the engines' call fails with the same cause
+            stats = ray.get(self.trainer_refs)
+        except Exception as e:
+            raise self._fail("the trainer side (gather or hand-off)", e) from e
         try:
             results = ray.get(self.refs)
         except Exception as e:
-            raise WeightSyncError(f"weight sync of version {self.version} over {self.transport} failed: {e}") from e
+            raise self._fail("the engine side (transfer or load)", e) from e
         waited = time.monotonic() - self.started
+        rank0 = stats[0] if stats else {}
+        self.prep_s = float(rank0.get("gather_s", 0.0)) + float(rank0.get("hand_off_s", 0.0))
+        self.nbytes = int(rank0.get("bytes", 0)) or self.nbytes
         engine_s = max((float(r.get("rollout/weight_update_s", 0.0)) for r in results if isinstance(r, dict)), default=0.0)
-        # The sync's own duration: trainer-side preparation + the engines' load. (`waited` also
-        # counts however long the driver took to come back and ask, e.g. a whole train step.)
-        seconds = self.prep_s + engine_s if engine_s else waited
+        # The sync's own duration: the trainer's side, then (or, collective: during) the engines'
+        # load. (`waited` also counts however long the driver took to come back and ask.)
+        if not engine_s:
+            seconds = waited
+        else:
+            seconds = max(self.prep_s, engine_s) if self.overlapped else self.prep_s + engine_s
         out = {
             "weight_sync/seconds": seconds,
             "weight_sync/prep_s": self.prep_s,
+            "weight_sync/gather_s": float(rank0.get("gather_s", 0.0)),
+            "weight_sync/hand_off_s": float(rank0.get("hand_off_s", 0.0)),
             "weight_sync/bytes": float(self.nbytes),
             "weight_sync/gb_per_s": self.nbytes / 1e9 / max(seconds, 1e-9),
             "weight_sync/version": float(self.version),
@@ -205,6 +131,12 @@ class PendingSync:
         return out
 
 
+def put_bucket(bucket: Any) -> ray.ObjectRef:
+    """Sink of the object_store transport (run inside trainer rank 0): one `ray.put` per bucket
+    (a `WeightBucket` pickles its tensors out of band: one copy into the store, none out)."""
+    return ray.put(bucket)
+
+
 class WeightSync:
     """Publishes the trainer's weights to the rollout manager's engines (see module docstring)."""
 
@@ -218,15 +150,22 @@ class WeightSync:
         run_dir: Path,
         timeout_s: float,
         use_gpu: bool = False,
+        dtype: str | None = None,
     ) -> None:
+        """`dtype`: cast the published weights to it (e.g. `"bfloat16"` for engines serving bf16:
+        half the bytes to move); None publishes the trainer's own (fp32) weights."""
         if transport not in TRANSPORTS:
             raise ValueError(f"weight_sync.transport={transport!r}; choose one of {TRANSPORTS}")
+        from slime_rl.trainer.weights import resolve_dtype
+
+        resolve_dtype(dtype)  # refuses a bad name now, not at the first publish
         self.transport = transport
         self.trainer = trainer
         self.manager = manager
         self.bucket_bytes = bucket_bytes
         self.run_dir = Path(run_dir)
         self.timeout_s = timeout_s
+        self.dtype = dtype
         self._layout: list[list[tuple[str, tuple[int, ...], str]]] | None = None
         self._spec: CollectiveSpec | None = None
         self._members: tuple[str, ...] = ()
@@ -235,55 +174,57 @@ class WeightSync:
         self._backend = "nccl" if use_gpu else "gloo"
 
     def _layout_of(self) -> list[list[tuple[str, tuple[int, ...], str]]]:
-        """Names, shapes and dtypes of every bucket (fixed for a run; read once from rank 0)."""
+        """Names, shapes and dtypes of every bucket (fixed for a run; read once from rank 0,
+        from the shapes alone: no tensor moves)."""
         if self._layout is None:
-            buckets = self.trainer.weight_buckets(self.bucket_bytes)
-            self._layout = [
-                [(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in b.named_tensors()] for b in buckets
-            ]
+            self._layout = self.trainer.weight_layout(self.bucket_bytes, False, self.dtype)
         return self._layout
 
     def publish(self, version: int) -> PendingSync:
-        """Publish the trainer's current weights as `version` to every engine.
+        """Publish the trainer's current weights as `version` to every engine; returns at once.
 
-        Blocks while trainer rank 0 gathers the buckets and hands them to the transport
-        (object_store: `ray.put`; disk: files written; collective: the broadcast is started
-        and runs while this returns); the engines' load runs in the background until
-        `PendingSync.wait()`.
+        The trainer ranks gather bucket by bucket and rank 0 hands each bucket to the transport
+        (object_store: `ray.put`; disk: a file; collective: a broadcast) as one call queued on
+        the trainer actors: it runs after the train steps already submitted and before the
+        next one, so the trainer spends the gather and hand-off on it, never the engines'
+        load. The engines start loading when rank 0 is done (object_store, disk) or receive
+        while it sends (collective); `PendingSync.wait()` waits for both sides.
 
         Raises:
-            WeightSyncError: the gather or hand-off failed (names transport and version).
+            WeightSyncError: the sync could not be started (names transport and version).
         """
         t0 = time.monotonic()
         try:
-            refs, nbytes, cleanup = getattr(self, f"_start_{self.transport}")(version)
+            refs, trainer_refs, nbytes, cleanup = getattr(self, f"_start_{self.transport}")(version)
         except Exception as e:
             raise WeightSyncError(f"weight sync of version {version} over {self.transport} could not start: {e}") from e
-        return PendingSync(version, self.transport, refs, nbytes, t0, self.timeout_s, cleanup, time.monotonic() - t0)
+        return PendingSync(version, self.transport, refs, nbytes, t0, self.timeout_s, cleanup,
+                           trainer_refs=trainer_refs, overlapped=self.transport == "collective")
 
     def nbytes(self) -> int:
         """Bytes of one full publish (from the layout)."""
         return sum(
-            torch.tensor([], dtype=getattr(torch, d)).element_size() * torch.Size(s).numel()
+            torch.empty((), dtype=getattr(torch, d)).element_size() * torch.Size(s).numel()
             for b in self._layout_of() for _, s, d in b
         )
 
-    def _start_object_store(self, version: int) -> tuple[list[Any], int, Any]:
-        refs = self.trainer.put_weight_buckets(self.bucket_bytes)
-        return [self.manager.update_weights.remote(version, refs)], self.nbytes(), None
+    def _start_object_store(self, version: int) -> tuple[list[Any], list[Any], int, Any]:
+        handles, stats = self.trainer.publish_weight_buckets_async(self.bucket_bytes, put_bucket, False, self.dtype)
+        # `handles` (rank 0's list of refs) is resolved by Ray when rank 0 is done: nothing blocks here.
+        return [self.manager.update_weights.remote(version, handles)], stats, 0, None
 
-    def _start_disk(self, version: int) -> tuple[list[Any], int, Any]:
+    def _start_disk(self, version: int) -> tuple[list[Any], list[Any], int, Any]:
         folder = self.run_dir / "weights" / f"v{version:06d}"
-        count = self.trainer.publish_weights(self.bucket_bytes, DiskWriter(str(folder)))
-        buckets = [DiskBucket(str(folder / f"bucket-{i}.safetensors"), version, i, count) for i in range(count)]
-        nbytes = sum(p.stat().st_size for p in folder.glob("bucket-*.safetensors"))
+        handles, stats = self.trainer.publish_weight_buckets_async(
+            self.bucket_bytes, DiskWriter(str(folder)), False, self.dtype
+        )
 
         def cleanup() -> None:  # keep only the newest version on disk
             for old in (self.run_dir / "weights").glob("v*"):
                 if old.name < folder.name:
                     shutil.rmtree(old, ignore_errors=True)
 
-        return [self.manager.update_weights.remote(version, buckets)], nbytes, cleanup
+        return [self.manager.update_weights.remote(version, handles)], stats, 0, cleanup
 
     def _collective_group(self) -> tuple[CollectiveSpec | None, tuple[str, ...]]:
         """The group for the engines a sync must reach now: the same as last time, or a new one
@@ -295,11 +236,11 @@ class WeightSync:
             self._members = members
         return self._spec, members
 
-    def _start_collective(self, version: int) -> tuple[list[Any], int, Any]:
+    def _start_collective(self, version: int) -> tuple[list[Any], list[Any], int, Any]:
         layout = self._layout_of()
         spec, members = self._collective_group()
         if spec is None:  # no engine to send to
-            return [self.manager.update_weights.remote(version, [], {})], 0, None
+            return [self.manager.update_weights.remote(version, [], {})], [], 0, None
         per_engine = {
             name: [
                 CollectiveBucket(
@@ -310,7 +251,6 @@ class WeightSync:
             ]
             for rank, name in enumerate(members, start=1)
         }
-        sender = CollectiveSender(spec)
-        send = [w.publish_weights.remote(self.bucket_bytes, sender, False) for w in self.trainer.worker_handles()]
+        _, stats = self.trainer.publish_weight_buckets_async(self.bucket_bytes, CollectiveSender(spec), False, self.dtype)
         recv = self.manager.update_weights.remote(version, [], per_engine)
-        return [*send, recv], self.nbytes(), None
+        return [recv], stats, self.nbytes(), None

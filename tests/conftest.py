@@ -36,6 +36,7 @@ def ray_cluster():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never a cluster some other test (or the user) started on this machine
             num_cpus=int(os.environ.get("SLIME_RL_TEST_RAY_CPUS", "8")),
             include_dashboard=False,
             log_to_driver=False,

@@ -430,17 +430,18 @@ class TrainerCore:
         return float(loss.detach())
 
 
-def _share_prompt(setting: str, device: torch.device, models: list[torch.nn.Module | None]) -> bool:
-    """``trainer.batching.share_prompt`` resolved: auto = on CPU; on needs block-mask attention."""
-    want = setting == "on" or (setting == "auto" and device.type == "cpu")
+def _share_prompt(setting: bool | None, device: torch.device, models: list[torch.nn.Module | None]) -> bool:
+    """``trainer.batching.share_prompt`` resolved: None (auto) = on CPU when the attention takes a
+    block mask; true needs it."""
+    want = setting if setting is not None else device.type == "cpu"
     unsupported = [type(m).__name__ for m in models if m is not None and not model_lib.supports_block_mask(m)]
     if want and unsupported:
-        if setting == "on":
+        if setting:
             raise ValueError(
-                f"trainer.batching.share_prompt=on needs sdpa or eager attention; {unsupported} use another "
-                "attn_implementation; set share_prompt=auto or off"
+                f"trainer.batching.share_prompt=true needs sdpa or eager attention; {unsupported} use another "
+                "attn_implementation; set share_prompt=null (auto) or false"
             )
-        logger.info("trainer.batching.share_prompt=auto: off (%s attention takes no 4D block mask)", unsupported)
+        logger.info("trainer.batching.share_prompt=null (auto): off, %s attention takes no 4D block mask", unsupported)
         return False
     return want
 

@@ -7,6 +7,8 @@
       │   (train_step_async(...) ─► PendingStep ─► .result(): the same, without blocking)
       ├─ weight_buckets(bytes) / publish_weights(bytes, sink) ─► versioned named-tensor buckets
       ├─ put_weight_buckets(bytes) ─► [ObjectRef[WeightBucket]] put by rank 0 (object store)
+      ├─ publish_weight_buckets_async(bytes, sink) ─► (ObjectRef of rank 0's handles, stats refs),
+      │   without blocking (what WeightSync.publish uses)
       ├─ save_checkpoint / load_checkpoint / export_hf ─► run on all ranks (collectives)
       └─ worker_handles() / call_rank0(method, *args) ─► direct access for the driver
 
@@ -166,6 +168,26 @@ class TrainerGroup:
     ) -> int:
         """Stream buckets into ``sink`` (a picklable callable run inside rank 0); returns the count."""
         return self._call_all("publish_weights", bucket_bytes, sink, include_tied)[0]
+
+    def publish_weight_buckets_async(
+        self, bucket_bytes: int, sink: Callable[[WeightBucket], Any], include_tied: bool = False, dtype: str | None = None
+    ) -> tuple[ray.ObjectRef, list[ray.ObjectRef]]:
+        """Start a publish on every rank (``TrainerWorker.publish_weight_buckets``) and return at
+        once: ``(handles, stats)``, an ObjectRef of rank 0's list of sink results (pass it as a
+        task argument: Ray hands the list to the task when rank 0 is done, the driver never
+        blocks on the gather) and one ObjectRef of stats per rank (rank 0 first). Runs after
+        the train steps already submitted and before the ones submitted later."""
+        refs = [
+            a.publish_weight_buckets.options(num_returns=2).remote(bucket_bytes, sink, include_tied, dtype)
+            for a in self.actors
+        ]
+        return refs[0][0], [stats for _, stats in refs]
+
+    def weight_layout(
+        self, bucket_bytes: int, include_tied: bool = False, dtype: str | None = None
+    ) -> list[list[tuple[str, tuple[int, ...], str]]]:
+        """``(name, shape, dtype)`` per tensor per bucket of a publish, from rank 0 (no data moved)."""
+        return self._call_one(0, "weight_layout", bucket_bytes, include_tied, dtype)
 
     def save_checkpoint(self, path: str) -> str:
         return self._call_all("save_checkpoint", str(path))[0]

@@ -1,25 +1,26 @@
-"""Micro-batches: some rows of a RankBatch laid out as model inputs, in one of three layouts.
+"""Micro-batches: some rows of a RankBatch laid out as model inputs.
 
-    rows of one mini-batch ─► units (a unit = the rows that run as one sequence)
+    rows of one mini-batch ─► units (a unit = samples that run as one sequence)
       │   share_prompt: the rows of a group with the same prompt_ids form one unit
       │   [prompt | response 1 | response 2 | ...]; otherwise one row per unit
-      └─► plan_micro_batches: units longest first, under a token budget
-            ├─ padded (default): one unit per input row, right-padded
-            └─ pack: all units of the micro-batch in one input row
+      └─► plan_micro_batches: units longest first, under a token budget, into input rows
 
-    padded rows, no sharing   input (B, T) + attention_mask (B, T)             resp_pos per row
-    pack, no sharing          input (1, L) + position_ids restarting per row    resp_pos flat
-    share_prompt (any)        input (U, T) + position_ids + block mask          resp_pos flat
-                              (U, 1, T, T): a response sees its prompt and its own earlier
-                              tokens, never a sibling's; positions continue from the prompt
+    layout                    model inputs                                    resp_pos
+    padded (no sharing)       (B, T) ids + (B, T) padding mask                 per row
+    pack (no sharing)         (1, L) ids + position_ids restarting per row     flat
+    share_prompt              (U, T) ids + position_ids + (U, 1, T, T) block   flat
+                              mask; rows as long as the longest unit, shorter
+                              units first-fit side by side (one row with pack)
 
-Every layout gives each response token the same logits as its sample alone, up to float
-rounding (tested). Sharing the prompt computes it once per group instead of once per sample
-(GRPO's n_samples_per_prompt copies): on short responses most of the tokens of a batch.
+The block mask lets a position see earlier positions of its own unit that are prompt or in
+its own response, never a sibling response or another unit; positions continue from the
+prompt as if each sample stood alone. So every layout gives each response token the same
+logits as its sample alone, up to float rounding (tested). Sharing computes a group's prompt
+once instead of n_samples_per_prompt times, and first-fit rows leave little padding.
 
 Per-token data stays response-aligned: column r of row b is response token r of sample
-``rows[b]``; ``resp_pos_BR`` gives the input position whose logits predict it, an index into
-the flattened input ``(U * T)`` when ``flat`` (packed or shared), else into the row.
+``rows[b]``; ``resp_pos_BR`` gives the input position whose logits predict it: an index into
+the flattened input (U * T) when ``packed`` (pack or share_prompt), else into the row.
 """
 
 from __future__ import annotations
@@ -167,52 +168,44 @@ def _build_packed(rb: RankBatch, rows: list[int]) -> MicroBatch:
     )
 
 
-def _build_shared(rb: RankBatch, units: list[list[int]], pad_id: int, pack: bool) -> MicroBatch:
-    """Shared-prompt layout: each unit is [prompt | response of each of its rows] (one input row
-    per unit, right-padded; with ``pack`` all units in one input row) and a block mask."""
-    rows = [i for u in units for i in u]
+def _build_shared(rb: RankBatch, bins: list[list[list[int]]], pad_id: int) -> MicroBatch:
+    """Shared-prompt layout: each unit is [prompt | response of each of its rows]; ``bins`` are
+    the input rows, each holding one or more units side by side (the block mask keeps units
+    apart), right-padded to the longest."""
+    rows = [i for units in bins for u in units for i in u]
     resp_pos_BR, response_ids_BR = _response_tensors(rb, rows)
-    seqs: list[list[int]] = []  # input ids of each unit
-    pos: list[list[int]] = []
-    segs: list[list[int]] = []  # per position: 0 = prompt, k > 0 = the k-th response of its unit
+    T = max(sum(_unit_len(rb, u) for u in units) for units in bins)
+    input_ids_BT = torch.full((len(bins), T), pad_id, dtype=torch.long)
+    position_ids_BT = torch.zeros(len(bins), T, dtype=torch.long)
+    seg_BT = torch.full((len(bins), T), -1, dtype=torch.long)  # 0 = prompt, k = k-th response of its unit
+    unit_BT = torch.full((len(bins), T), -1, dtype=torch.long)
     b = 0
-    for u in units:
-        _check_prompt(rb, u[0])
-        p = rb.prompt_ids[u[0]]
-        ids, ps, sg = list(p), list(range(len(p))), [0] * len(p)
-        for k, i in enumerate(u, start=1):
-            r = rb.response_ids[i]
-            # response token j is predicted at the position before it: the prompt's last, then its own
-            here = [len(p) - 1] + [len(ids) + j for j in range(len(r) - 1)]
-            resp_pos_BR[b, : len(r)] = torch.tensor(here[: len(r)], dtype=torch.long)
-            ids += r
-            ps += range(len(p), len(p) + len(r))
-            sg += [k] * len(r)
-            b += 1
-        seqs.append(ids)
-        pos.append(ps)
-        segs.append(sg)
-    if pack:  # one input row: units side by side (the mask keeps them apart)
-        starts = np.cumsum([0] + [len(s) for s in seqs[:-1]])
-        resp_pos_BR += _unit_offsets(units, starts)[:, None]
-        unit_of = [u for u, s in enumerate(seqs) for _ in s]
-        seqs, pos, segs = [sum(seqs, [])], [sum(pos, [])], [sum(segs, [])]
-        unit_keys = [unit_of]
-    else:
-        T = max(len(s) for s in seqs)
-        resp_pos_BR += _unit_offsets(units, [T * u for u in range(len(units))])[:, None]
-        unit_keys = [[0] * len(s) for s in seqs]
-    T = max(len(s) for s in seqs)
-    input_ids_BT = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    position_ids_BT = torch.zeros(len(seqs), T, dtype=torch.long)
-    seg_BT = torch.full((len(seqs), T), -1, dtype=torch.long)
-    unit_BT = torch.full((len(seqs), T), -1, dtype=torch.long)
-    for k, (ids, ps, sg, un) in enumerate(zip(seqs, pos, segs, unit_keys, strict=True)):
-        n = len(ids)
-        input_ids_BT[k, :n] = torch.tensor(ids, dtype=torch.long)
-        position_ids_BT[k, :n] = torch.tensor(ps, dtype=torch.long)
-        seg_BT[k, :n] = torch.tensor(sg, dtype=torch.long)
-        unit_BT[k, :n] = torch.tensor(un, dtype=torch.long)
+    for row, units in enumerate(bins):
+        ids: list[int] = []
+        pos: list[int] = []
+        seg: list[int] = []
+        unit: list[int] = []
+        for n, u in enumerate(units):
+            _check_prompt(rb, u[0])
+            p = rb.prompt_ids[u[0]]
+            start = row * T + len(ids)  # flat index of the unit's first position
+            ids += p
+            pos += range(len(p))
+            seg += [0] * len(p)
+            for k, i in enumerate(u, start=1):
+                r = rb.response_ids[i]
+                # token 0 is predicted at the prompt's last position, token j at response token j - 1
+                here = [start + len(p) - 1] + [row * T + len(ids) + j for j in range(len(r) - 1)]
+                resp_pos_BR[b, : len(r)] = torch.tensor(here[: len(r)], dtype=torch.long)
+                ids += r
+                pos += range(len(p), len(p) + len(r))
+                seg += [k] * len(r)
+                b += 1
+            unit += [n] * (len(ids) - len(unit))
+        input_ids_BT[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        position_ids_BT[row, : len(ids)] = torch.tensor(pos, dtype=torch.long)
+        seg_BT[row, : len(ids)] = torch.tensor(seg, dtype=torch.long)
+        unit_BT[row, : len(ids)] = torch.tensor(unit, dtype=torch.long)
     return MicroBatch(
         rows=torch.tensor(rows, dtype=torch.long),
         input_ids_BT=input_ids_BT,
@@ -224,9 +217,9 @@ def _build_shared(rb: RankBatch, units: list[list[int]], pad_id: int, pack: bool
     )
 
 
-def _unit_offsets(units: list[list[int]], starts: list[int] | np.ndarray) -> torch.Tensor:
-    """(B,) the flat start of each row's unit."""
-    return torch.tensor([int(starts[u]) for u, unit in enumerate(units) for _ in unit], dtype=torch.long)
+def _unit_len(rb: RankBatch, unit: list[int]) -> int:
+    """Input positions of a unit: its prompt once plus every response."""
+    return len(rb.prompt_ids[unit[0]]) + sum(len(rb.response_ids[i]) for i in unit)
 
 
 def block_mask(seg_BT: torch.Tensor, unit_BT: torch.Tensor) -> torch.Tensor:
@@ -243,9 +236,8 @@ def block_mask(seg_BT: torch.Tensor, unit_BT: torch.Tensor) -> torch.Tensor:
 
 def prompt_units(rb: RankBatch, rows: list[int], share_prompt: bool) -> list[list[int]]:
     """``rows`` cut into units: with ``share_prompt`` the rows of one group with identical
-    prompt_ids (in row order), else one row each. Rows with engine routing (MoE replay) are never
-    shared: their prompt positions carry per-sample routing."""
-    if not share_prompt or rb.routed_experts is not None:
+    prompt_ids (in row order), else one row each."""
+    if not share_prompt:
         return [[i] for i in rows]
     units: dict[tuple[int, tuple[int, ...]], list[int]] = {}
     for i in rows:
@@ -256,23 +248,23 @@ def prompt_units(rb: RankBatch, rows: list[int], share_prompt: bool) -> list[lis
 def plan_micro_batches(
     rb: RankBatch, rows: list[int], max_tokens: int, pad_id: int, pack: bool = False, share_prompt: bool = False
 ) -> list[MicroBatch]:
-    """Group ``rows`` into micro-batches within a token budget, longest units first.
+    """Group ``rows`` into micro-batches within a token budget, longest first.
 
-    A unit is one row, or with ``share_prompt`` the rows of a group that share their prompt
-    (its length: the prompt once plus every response). Padded (default): units x longest unit
-    <= max_tokens. Packed: the units' summed length <= max_tokens, in one sequence. A single unit
-    longer than the budget gets a micro-batch of its own (and a warning).
+    Without ``share_prompt``: padded (default), rows x longest row <= max_tokens; packed, the
+    rows' summed length <= max_tokens, in one sequence. With ``share_prompt`` the units (the rows
+    of a group that share their prompt: the prompt once plus every response) go into input rows
+    first-fit, each row as long as the longest unit (one row when ``pack``), under the same
+    budget. A single row or unit longer than the budget gets a micro-batch of its own (and a
+    warning).
     """
+    share_prompt = share_prompt and rb.routed_experts is None  # routing is per sample, prompt included
     units = prompt_units(rb, rows, share_prompt)
-    shared = any(len(u) > 1 for u in units)
-    lens = [len(rb.prompt_ids[u[0]]) + sum(len(rb.response_ids[i]) for i in u) for u in units]
+    lens = [_unit_len(rb, u) for u in units]
     order = sorted(range(len(units)), key=lambda k: (-lens[k], units[k][0]))
-    plans: list[list[int]] = []
-    current: list[int] = []
+    plans: list[list[list[int]]] = []  # micro-batch -> input rows -> units (indices into `units`)
+    current: list[list[int]] = []
     for k in order:
-        width = max([lens[j] for j in current] + [lens[k]])
-        cost = sum(lens[j] for j in current) + lens[k] if pack else width * (len(current) + 1)
-        if current and cost > max_tokens:
+        if current and _cost(current, k, lens, pack, share_prompt) > max_tokens:
             plans.append(current)
             current = []
         if not current and lens[k] > max_tokens:
@@ -280,13 +272,36 @@ def plan_micro_batches(
                 "sample row(s) %s have %d tokens, more than trainer.batching.max_tokens_per_micro_batch=%d; "
                 "they get a micro-batch of their own", units[k], lens[k], max_tokens
             )
-        current.append(k)
+        _place(current, k, lens, pack, share_prompt)
     if current:
         plans.append(current)
-    if shared:
-        return [_build_shared(rb, [units[k] for k in p], pad_id, pack) for p in plans]
-    flat = [[units[k][0] for k in p] for p in plans]
+    if share_prompt:
+        return [_build_shared(rb, [[units[k] for k in row] for row in plan], pad_id) for plan in plans]
+    flat = [[units[k][0] for row in plan for k in row] for plan in plans]
     return [_build_packed(rb, p) if pack else _build(rb, p, pad_id) for p in flat]
+
+
+def _place(plan: list[list[int]], k: int, lens: list[int], pack: bool, share_prompt: bool) -> None:
+    """Put unit ``k`` into the micro-batch ``plan`` (a list of input rows): packed, into its one
+    row; sharing prompts, into the first row with room (rows as long as the first, longest unit);
+    else into a new row."""
+    if plan and pack:
+        plan[0].append(k)
+        return
+    if plan and share_prompt:
+        width = lens[plan[0][0]]
+        for row in plan:
+            if sum(lens[j] for j in row) + lens[k] <= width:
+                row.append(k)
+                return
+    plan.append([k])
+
+
+def _cost(plan: list[list[int]], k: int, lens: list[int], pack: bool, share_prompt: bool) -> int:
+    """Input positions of ``plan`` once unit ``k`` is placed (padding included)."""
+    trial = [list(row) for row in plan]
+    _place(trial, k, lens, pack, share_prompt)
+    return len(trial) * max(sum(lens[j] for j in row) for row in trial)
 
 
 def dummy_micro_batch(rb: RankBatch, pad_id: int) -> MicroBatch:

@@ -8,6 +8,9 @@
                                         (split_batch(table, M, updates)[rank]) ─► metrics
                  ──weight_buckets / put_weight_buckets / publish_weights / save_checkpoint /
                    export_hf──► collectives on all ranks (rank 0 holds the result)
+                 ──publish_weight_buckets(bytes, sink, dtype)──► gather bucket by bucket; rank 0
+                                        hands each to sink (ray.put, a file, a broadcast) ─►
+                                        (handles, stats): 2 returns, handles go to the engines
 
 Errors raised here name the rank and the step; the group adds the actor.
 """
@@ -28,7 +31,7 @@ import torch
 import torch.distributed as dist
 from slime_rl.trainer.config import TrainerConfig
 from slime_rl.trainer.core import TrainerCore, set_torch_threads
-from slime_rl.trainer.weights import WeightBucket
+from slime_rl.trainer.weights import WeightBucket, iter_weight_buckets, weight_layout
 
 if TYPE_CHECKING:
     import ray
@@ -114,15 +117,7 @@ class TrainerWorker:
         called). The tensors reach engines through the object store, never the driver."""
         import ray
 
-        refs = []
-        t0, put_s = time.perf_counter(), 0.0
-        for bucket in self._core().iter_weight_buckets(bucket_bytes, include_tied):
-            if self.rank == 0:
-                t1 = time.perf_counter()
-                refs.append(ray.put(bucket))
-                put_s += time.perf_counter() - t1
-        self._publish_stats = {"gather_s": time.perf_counter() - t0 - put_s, "hand_off_s": put_s}
-        return refs if self.rank == 0 else None
+        return self.publish_weight_buckets(bucket_bytes, ray.put, include_tied)[0]
 
     def gradients(self) -> dict[str, torch.Tensor] | None:
         """Full gradients of the last update on rank 0 (None elsewhere; every rank must be called)."""
@@ -133,19 +128,45 @@ class TrainerWorker:
         self, bucket_bytes: int, sink: Callable[[WeightBucket], Any], include_tied: bool = False
     ) -> int:
         """Gather bucket by bucket and call ``sink(bucket)`` on rank 0 only; returns the bucket count."""
-        count = 0
-        t0, sink_s = time.perf_counter(), 0.0
-        for bucket in self._core().iter_weight_buckets(bucket_bytes, include_tied):
+        return int(self.publish_weight_buckets(bucket_bytes, sink, include_tied)[1]["buckets"])
+
+    def publish_weight_buckets(
+        self,
+        bucket_bytes: int,
+        sink: Callable[[WeightBucket], Any],
+        include_tied: bool = False,
+        dtype: str | None = None,
+    ) -> tuple[list[Any] | None, dict[str, float]]:
+        """Gather bucket by bucket (cast to ``dtype`` when given) and hand each to ``sink`` on
+        rank 0 as soon as it is complete (every rank must be called: the gathers are
+        collectives). Returns ``(handles, stats)``: what ``sink`` returned per bucket, in bucket
+        order, on rank 0 (None elsewhere), and seconds gathering (``gather_s``) and in the sink
+        (``hand_off_s``), ``bytes`` and ``buckets``. Call it with ``num_returns=2`` so the
+        handles can go to the engines while the stats go to the driver."""
+        core = self._core()
+        handles: list[Any] = []
+        t0, sink_s, nbytes, count = time.perf_counter(), 0.0, 0, 0
+        for bucket in iter_weight_buckets(core.policy, core.version, bucket_bytes, include_tied, dtype):
+            count += 1
             if self.rank == 0:
                 t1 = time.perf_counter()
-                sink(bucket)
+                handles.append(sink(bucket))
                 sink_s += time.perf_counter() - t1
-            count += 1
-        self._publish_stats = {"gather_s": time.perf_counter() - t0 - sink_s, "hand_off_s": sink_s}
-        return count
+                nbytes += bucket.nbytes
+            del bucket  # (a gathered bucket is freed before the next one is made)
+        stats = {"gather_s": time.perf_counter() - t0 - sink_s, "hand_off_s": sink_s, "bytes": float(nbytes),
+                 "buckets": float(count)}
+        self._publish_stats = stats
+        return (handles if self.rank == 0 else None), stats
+
+    def weight_layout(
+        self, bucket_bytes: int, include_tied: bool = False, dtype: str | None = None
+    ) -> list[list[tuple[str, tuple[int, ...], str]]]:
+        """``(name, shape, dtype)`` per tensor per bucket of a publish, without gathering (any rank)."""
+        return weight_layout(self._core().policy, bucket_bytes, include_tied, dtype)
 
     def weight_publish_stats(self) -> dict[str, float]:
-        """Seconds of the last publish on this rank: gathering full tensors, handing them off."""
+        """Stats of the last publish on this rank (see ``publish_weight_buckets``)."""
         return dict(getattr(self, "_publish_stats", {}))
 
     def save_checkpoint(self, path: str) -> str:

@@ -19,6 +19,7 @@ from datasets import Dataset
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 _ANSWER = re.compile(r"answer is\s*(-?\d+)", re.IGNORECASE)
+SCHEMA = {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}
 
 
 def calculator(expression: str) -> str:
@@ -43,7 +44,7 @@ def extract_answer(text: str) -> str | None:
 
 
 def load_environment(data_path: str = "artifacts/tiny_agent/data/calc_train.jsonl", max_turns: int = 4,
-                     num_examples: int = -1) -> vf.Environment:
+                     num_examples: int = -1, builtin_schema: bool = True) -> vf.Environment:
     rows = [json.loads(line) for line in Path(data_path).read_text().splitlines() if line.strip()]
     if num_examples > 0:
         rows = rows[:num_examples]
@@ -55,4 +56,10 @@ def load_environment(data_path: str = "artifacts/tiny_agent/data/calc_train.json
         return 1.0 if parser.parse_answer(completion) == answer else 0.0
 
     rubric = vf.Rubric(funcs=[correct], parser=parser)
-    return vf.ToolEnv(dataset=dataset, tools=[calculator], max_turns=max_turns, parser=parser, rubric=rubric)
+    env = vf.ToolEnv(dataset=dataset, tools=[calculator], max_turns=max_turns, parser=parser, rubric=rubric)
+    if builtin_schema:
+        # The tiny model's tokenizer learned the exact text of slime-rl's built-in calculator schema
+        # (one token per piece); verifiers' own schema adds titles, and with it the model calls the
+        # tool about half as often. Any environment may state its tools' schemas itself.
+        env.tool_defs = [vf.Tool(name="calculator", description="Evaluate an arithmetic expression.", parameters=SCHEMA)]
+    return env

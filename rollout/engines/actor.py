@@ -4,8 +4,9 @@
                     ──tokenizer_info()──────────►     (per-request results: a bad request is
                                                        an error result, not an exception)
                     ──update_weights(v, buckets)►     resolve ObjectRefs ─► check versions and
-                                                      indices ─► engine.update_weights (pause →
-                                                      load full state dict → resume)
+                                                      indices ─► read the buckets off the event
+                                                      loop (files, broadcasts) ─► engine.update_weights
+                                                      (pause → load full state dict → resume)
 
 A bucket is `list[tuple[str, Tensor]]` or `dict[str, Tensor]` (HF parameter names), or a
 versioned handle (`version`, `index`, `num_buckets`, `named_tensors()`: the trainer's
@@ -37,6 +38,7 @@ from slime_rl.rollout.engines.base import (
     GenerateRequest,
     GenerateResult,
     PauseMode,
+    collect_buckets,
     generate_each,
 )
 from slime_rl.rollout.engines.registry import create_engine, engine_params_from_config
@@ -173,14 +175,27 @@ class EngineActor:
         if not buckets:
             raise ValueError(f"{self._name}: update_weights({version}) got no buckets")
         buckets = _check_versioned(self._name, version, buckets)
-        t1 = time.perf_counter()
-        update = self._engine.update_weights(version, buckets, PauseMode(mode or self._mode))
-        out = await self._timed(update, "update_weights", version)
-        self._update_stats = {"resolve_s": t1 - t0, "engine_s": time.perf_counter() - t1}
-        return out
+        pause = PauseMode(mode or self._mode)
+
+        async def stage_and_load() -> int:
+            # Reading the buckets blocks (disk reads, collective receives; object-store buckets
+            # are mapped, not copied): off the event loop, so generation goes on meanwhile. The
+            # tensors come back through `staged`, not as the future's result: executor futures
+            # sit in reference cycles, which would keep a whole state dict alive until Python's
+            # cycle collector happens to run.
+            staged: list[Any] = []
+            await asyncio.get_running_loop().run_in_executor(None, lambda: staged.extend(collect_buckets(buckets)))
+            named, staged = staged, []
+            t1 = time.perf_counter()
+            got = await self._engine.update_weights(version, named, pause)
+            self._update_stats = {"transfer_s": t1 - t0, "load_s": time.perf_counter() - t1}
+            return got
+
+        return await self._timed(stage_and_load(), "update_weights", version)
 
     async def weight_update_stats(self) -> dict[str, float]:
-        """Seconds of the last weight update, by phase."""
+        """Seconds of the last weight update: `transfer_s` (resolving refs, reading or receiving
+        the buckets; generation goes on) and `load_s` (pause, load, cache reset, resume)."""
         return dict(getattr(self, "_update_stats", {}))
 
     # ---- lifecycle ----------------------------------------------------------------------------

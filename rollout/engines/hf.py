@@ -198,7 +198,7 @@ class HFEngine(SteppedEngine):
                     raise ValueError(
                         f"hf engine: weight {name!r} has shape {tuple(tensor.shape)}, model has {tuple(param.shape)}"
                     )
-                param.data.copy_(tensor.to(device=param.device, dtype=param.dtype))
+                param.data.copy_(tensor)  # casts and moves in the one copy (no temporary)
                 covered.add(id(param))
         missing = sorted({n for n, p in targets.items() if id(p) not in covered})
         if missing:

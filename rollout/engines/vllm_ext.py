@@ -340,6 +340,28 @@ class RoutingCapture:
         return out
 
 
+def _input_embeddings(model: torch.nn.Module) -> torch.nn.Module | None:
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except Exception:  # (some vLLM models do not implement it)
+        return None
+
+
+def share_tied_packing(lm_head: Any, embed: Any, packed_before: Any) -> bool:
+    """Give a tied `lm_head` the embedding's CPU GEMM packing when the reload just re-made it
+    (vLLM packs the vocabulary matrix for each of the two modules; one packing of the same
+    weight serves both). False when it cannot: not CPU, not the same weight, not re-packed."""
+    packed = getattr(embed, "cpu_linear", None)
+    weight, embed_weight = getattr(lm_head, "weight", None), getattr(embed, "weight", None)
+    if packed is None or packed is packed_before or not hasattr(lm_head, "cpu_linear"):
+        return False
+    if weight is None or embed_weight is None or weight.data_ptr() != embed_weight.data_ptr():
+        return False
+    lm_head.cpu_linear = packed
+    return True
+
+
 class WeightSyncExtension:
     """Mixed into vLLM's worker class; `self` is the worker (has `model_runner`, `reload_weights`)."""
 
@@ -352,13 +374,17 @@ class WeightSyncExtension:
         tied = bool(getattr(config, "tie_word_embeddings", False))
         if tied:  # vLLM ties lm_head to embed_tokens itself and ignores a separate copy
             weights = [(n, t) for n, t in weights if n != "lm_head.weight"]
-        self.reload_weights(weights_iterator=((n, t.to(device)) for n, t in weights))
         lm_head = getattr(model, "lm_head", None)
+        embed = _input_embeddings(model)
+        packed_before = getattr(embed, "cpu_linear", None)
+        self.reload_weights(weights_iterator=((n, t.to(device)) for n, t in weights))
         method = getattr(lm_head, "quant_method", None)
         if tied and method is not None and hasattr(method, "process_weights_after_loading"):
-            # On CPU the logits GEMM uses a packed copy made at load time; re-pack it from the
-            # freshly loaded (shared) embedding, or log-probs come from the old weights.
-            method.process_weights_after_loading(lm_head)
+            # On CPU the logits GEMM uses a packed copy made at load time; the reload re-packs
+            # the embedding but not the tied lm_head, whose log-probs would come from the old
+            # weights. Take the embedding's fresh packing (same weight, same kernel) or re-pack.
+            if not share_tied_packing(lm_head, embed, packed_before):
+                method.process_weights_after_loading(lm_head)
         repack_cpu_experts(model)
         return len(weights)
 

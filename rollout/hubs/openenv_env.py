@@ -165,7 +165,10 @@ class OpenEnvHub:
             if text:
                 messages.append({"role": "user", "content": text})
             for _ in range(self.max_turns):
-                message, finish = await _chat(http, url, messages, prompt.mode == "think", sampling)
+                message, finish = await _chat(http, url, messages, prompt.tools, prompt.mode == "think", sampling)
+                if finish == "context":  # the conversation fills the model's context
+                    out.stop, out.truncated = "context", True
+                    return
                 messages.append(message)  # as returned, so the next call extends the recorded tokens
                 reply = _message_text(message)
                 action, problem = self._action(reply)
@@ -180,11 +183,10 @@ class OpenEnvHub:
                     messages.append({"role": "user", "content": f"Error: {e}"})
                     continue
                 out.turn_rewards.append(0.0 if reward is None else float(reward))
+                if finish == "length":  # the cut message was still the action; the environment decides
+                    out.info["length_stops"] = out.info.get("length_stops", 0) + 1
                 if done:
                     out.stop = "done"
-                    return
-                if finish == "length":
-                    out.stop, out.truncated = "length", True
                     return
                 messages.append({"role": "user", "content": self._observation_text(obs)})
             out.stop, out.truncated = "max_turns", True
@@ -324,12 +326,16 @@ def _obs(obs: Any) -> tuple[dict[str, Any], float | None, bool]:
     return data, reward, bool(data.get("done"))
 
 
-async def _chat(http: aiohttp.ClientSession, url: str, messages: list[dict[str, Any]], think: bool,
-                sampling: SamplingParams) -> tuple[str, str]:
-    body = {"model": "slime-rl", "messages": messages, "max_tokens": sampling.max_new_tokens,
-            "chat_template_kwargs": {"enable_thinking": think}}
+async def _chat(http: aiohttp.ClientSession, url: str, messages: list[dict[str, Any]], tools: Any, think: bool,
+                sampling: SamplingParams) -> tuple[dict[str, Any], str]:
+    body: dict[str, Any] = {"model": "slime-rl", "messages": messages, "max_tokens": sampling.max_new_tokens,
+                            "chat_template_kwargs": {"enable_thinking": think}}
+    if tools:  # the row's tools (data.tools_key) are rendered into the prompt, as for any episode
+        body["tools"] = list(tools)
     async with http.post(f"{url}/chat/completions", json=body) as r:
         data = await r.json(content_type=None)
+        if r.status == 400 and "fills the model's context" in str(data):
+            return {}, "context"
         if r.status != 200:
             raise _ModelCallFailed(f"the model call failed ({r.status}): {(data.get('error') or {}).get('message', data)}")
     choice = data["choices"][0]

@@ -24,6 +24,7 @@ import inspect
 import json
 import logging
 import math
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,8 @@ TESTED_VERSIONS = ("0.1.14",)
 _MODEL_FAULTS = ("InvalidModelResponseError", "EmptyModelResponseError", "OverlongPromptError", "ToolError",
                  "ToolParseError", "ToolCallError")
 """verifiers errors caused by what the model wrote: the rollout is kept and scored, not failed."""
+_CONTEXT_FULL = "fills the model's context"
+"""How the endpoint's refusal of a call whose conversation fills the context reads."""
 _ROW_SKIP = ("prompt_uid", "temperature", "pieces", "finish_reason", "data_source")
 
 
@@ -71,6 +74,7 @@ class VerifiersHub:
         if not hasattr(vf, "Environment"):
             raise HubLoadError(f"rollout.environment={ref!r}: verifiers {getattr(vf, '__version__', '?')} has no classic API "
                                f"(vf.Environment, load_environment); tested: {', '.join(TESTED_VERSIONS)} (pip install 'slime-rl[envs]')")
+        _keep_signals()
         fn, where = _loader(ref, target, base_dir)
         try:
             inspect.signature(fn).bind(**kwargs)
@@ -183,6 +187,9 @@ class VerifiersHub:
         err = state.get("error")
         if err is not None:
             names = {c.__name__ for c in type(err).__mro__}
+            if _CONTEXT_FULL in str(getattr(err, "__cause__", "") or ""):  # the endpoint's 400 for a full context
+                names.add("OverlongPromptError")
+                out.truncated = True
             if names.isdisjoint(_MODEL_FAULTS):
                 out.error = f"the rollout stopped with {type(err).__name__}: {_one_line(err)}"
                 return None, out
@@ -212,6 +219,26 @@ class VerifiersHub:
                 await self.env.rubric.cleanup(state)
             except Exception as e:  # cleanup handlers are the environment's; the score stands
                 logger.debug("rubric cleanup of %s failed: %s", self.ref, e)
+
+
+class _NoSignalHandlers:
+    """Stands in for `signal` inside verifiers' environment module: a verifiers Environment installs
+    SIGINT/SIGTERM handlers when built, which fails off the main thread (the rollout actor builds it
+    there) and would take the process's shutdown from Ray; slime-rl tears the environment down itself."""
+
+    SIGINT, SIGTERM = signal.SIGINT, signal.SIGTERM
+    default_int_handler = staticmethod(signal.default_int_handler)
+
+    @staticmethod
+    def signal(signalnum: int, handler: Any) -> Any:
+        return None
+
+
+def _keep_signals() -> None:
+    import verifiers.envs.environment as environment_module
+
+    if getattr(environment_module, "signal", None) is signal:
+        environment_module.signal = _NoSignalHandlers  # type: ignore[attr-defined]
 
 
 def _loader(ref: str, target: str, base_dir: str | Path | None) -> tuple[Any, str]:

@@ -166,3 +166,36 @@ def test_plain_ray_job_submit_with_the_working_dir(head: dict, project: Path) ->
     assert _steps(out_dir / "plain") == [1, 2]
     for pkg in _packages(head["temp"]):
         _check_package(pkg)
+
+
+def test_submissions_in_a_row_do_not_upload_earlier_runs(head: dict, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A project folder without any .gitignore: the first run leaves checkpoints and samples in
+    `runs/` (the default output_dir, inside the folder); the next submissions, both ways, must not
+    upload them (the run writes runs/.gitignore, which Ray honours)."""
+    proj = tmp_path / "bare"
+    proj.mkdir()
+    rows = [{"prompt": f"What is {i} + 1?", "label": str(i + 1)} for i in range(16)]
+    (proj / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (proj / "my_reward.py").write_text(REWARD)
+    (proj / "run.yaml").write_text(
+        f"model:\n  path: {tiny_model_dir}\ndata:\n  train_path: train.jsonl\nreward:\n  fn: my_reward.py:score\n"
+        "run:\n  num_steps: 2\nrollout:\n  engine: hf\n  n_samples_per_prompt: 2\n  max_new_tokens: 8\n  cpu_threads: 1\n"
+        "trainer:\n  global_batch_groups: 2\nlogging:\n  progress: false\n  wandb_mode: disabled\n  save_samples: true\n"
+    )
+    for name in ("first", "second"):
+        submit = [str(BIN / "slime-rl"), "submit", "run.yaml", f"run.name={name}", "--address", head["url"], "--follow"]
+        out = subprocess.run(submit, cwd=proj, capture_output=True, text=True, timeout=600,
+                             env=_env(head["token"], auth_mode=False))
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+        assert _steps(proj / "runs" / name) == [1, 2]
+    assert (proj / "runs" / ".gitignore").read_text().strip().endswith("*")
+    out = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", head["url"], "--working-dir", ".", "--",
+         "slime-rl", "train", "run.yaml", "run.name=plain", f"run.output_dir={proj / 'runs'}"],
+        cwd=proj, capture_output=True, text=True, timeout=600, env=_env(head["token"]),
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert _steps(proj / "runs" / "plain") == [1, 2]
+    # Ray keys packages by content: an upload with runs/ in it would be a new package holding it.
+    for pkg in _packages(head["temp"]):
+        _check_package(pkg)

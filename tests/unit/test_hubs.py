@@ -70,12 +70,13 @@ class Flaky(vf.SingleTurnEnv):
     calls = 0
     async def rollout(self, input, client, model, sampling_args=None):
         Flaky.calls += 1
-        if self.mode == "raise" and Flaky.calls == 1:
+        first = Flaky.calls == 1
+        if self.mode == "raise" and first:
             raise RuntimeError("the judge is down")
-        if self.mode == "hang" and Flaky.calls == 1:
+        if self.mode == "hang" and first:
             await asyncio.sleep(60)
         state = await super().rollout(input, client, model, sampling_args)
-        if self.mode == "malformed" and Flaky.calls == 1:
+        if self.mode == "malformed" and first:
             return ["not", "a", "state"]
         return state
 
@@ -163,10 +164,11 @@ def _prompt(tok: Any, messages: list[dict[str, Any]], label: str | None, mode: s
     return Prompt(1, "train-1", tuple(tok(text, add_special_tokens=False)["input_ids"]), text, tuple(messages), label, mode, None, meta, None)
 
 
-def _run(tok: Any, engine: ScriptedEngine, ref: str, kwargs: dict[str, Any], prompt: Prompt, n: int = 2, **limits: Any):
+def _run(tok: Any, engine: ScriptedEngine, ref: str, kwargs: dict[str, Any], prompt: Prompt, n: int = 2,
+         max_model_len: int = 0, **limits: Any):
     async def main():
         pool = EnginePool([engine], max_in_flight=8, weight_timeout_s=10)
-        ep = AgentEndpoint(pool, tok, SamplingParams(max_new_tokens=64), seed_fn=lambda k: 7)
+        ep = AgentEndpoint(pool, tok, SamplingParams(max_new_tokens=64), seed_fn=lambda k: 7, max_model_len=max_model_len)
         await ep.start()
         hub = load_hub(ref, kwargs)
         for k, v in limits.items():
@@ -200,8 +202,8 @@ def test_verifiers_single_turn_rubric_terms_and_engine_tokens(tok: Any, tmp_path
     assert len(samples) == 2
     for s in samples:
         assert s.status == "completed" and s.metadata["episode_reward"] == 1.5  # 1.0 x correct + 0.5 x info["i"]
-        assert s.metadata["reward_terms"] == {"correct": 1.0, "knows_info": 1.0}
-        assert env_reward(s) == {"score": 1.5, "correct": 1.0, "knows_info": 1.0}
+        assert s.metadata["reward_terms"] == {"correct": 1.0, "knows_info": 1.0, "num_turns": 1.0}  # + verifiers' own metric
+        assert env_reward(s) == {"score": 1.5, "correct": 1.0, "knows_info": 1.0, "num_turns": 1.0}
         assert s.loss_mask == [1] * len(s.response_ids) and s.response_ids == engine.outputs[0]  # exactly the engine's tokens
     sent = tok.decode(list(engine.requests[0].prompt_token_ids), skip_special_tokens=False)
     assert sent.endswith("<|im_start|>assistant\n") and "<think>\n\n</think>" not in sent  # think mode: enable_thinking=True
@@ -291,7 +293,7 @@ def test_start_up_errors_are_one_line(tmp_path: Path, monkeypatch: pytest.Monkey
     import slime_rl.rollout.hubs as hubs
 
     monkeypatch.setitem(hubs._PACKAGES, "verifiers", ("verifiers_not_installed_xyz", "verifiers"))
-    with pytest.raises(HubLoadError, match=r"needs the 'verifiers' package .* pip install 'slime-rl\[envs\]'"):
+    with pytest.raises(HubLoadError, match=r"needs the 'verifiers' package, .* install it with `pip install 'slime-rl\[envs\]'`"):
         load_hub("verifiers:anything", {})
 
 
@@ -314,3 +316,29 @@ def test_preflight_writes_the_env_dataset_and_adds_env_reward(tmp_path: Path, ti
     assert "typo" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(Exception, match="data.train_path is required"):
         load_config(None, [f"model.path={tiny_model_dir}", "rollout.environment=calculator"])
+
+
+def test_verifiers_env_loads_off_the_main_thread_and_keeps_signals(tmp_path: Path) -> None:
+    """The rollout actor builds environments off the main thread; verifiers' SIGINT/SIGTERM handlers
+    would fail there (and take the process's shutdown from Ray), so they are not installed."""
+    import signal
+    import threading
+
+    (tmp_path / "single_env.py").write_text(SINGLE)
+    before = signal.getsignal(signal.SIGTERM)
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.update(hub=load_hub(f"verifiers:{tmp_path / 'single_env.py'}", {})))
+    t.start()
+    t.join(60)
+    assert type(out["hub"].env).__name__ == "SingleTurnEnv" and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_openenv_episode_that_fills_the_context_is_truncated_not_failed(tok: Any, tmp_path: Path) -> None:
+    (tmp_path / "echo_env.py").write_text(ECHO)
+    prompt = _prompt(tok, [{"role": "user", "content": "Play."}], "7")
+    first = tok.apply_chat_template([{"role": "user", "content": "Play."}, {"role": "user", "content": "Say something (label 7)."}],
+                                    tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    limit = len(tok(first, add_special_tokens=False)["input_ids"]) + 5  # room for the first reply only
+    (s,) = _run(tok, ScriptedEngine(tok, ["hello " * 10 + EOS]), f"openenv:{tmp_path / 'echo_env.py'}:EchoEnv",
+                {"steps": 3}, prompt, n=1, max_model_len=limit)
+    assert s.status == "truncated" and s.metadata["hub"]["stop"] == "context" and s.metadata["episode_reward"] == 0.25

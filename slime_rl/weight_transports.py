@@ -1,0 +1,209 @@
+"""Bucket handles and sinks of the `disk` and `collective` weight transports (`weight_sync.py`).
+
+    disk:       trainer rank 0 ─ DiskWriter(bucket) ─► <folder>/bucket-<i>.safetensors ─► DiskBucket
+                engine ─ DiskBucket.named_tensors() ─► tensors over a private mmap of the file
+                (no read copy: the engine's load copies straight from the page cache)
+    collective: trainer rank 0 ─ CollectiveSender(bucket) ─► the bucket packed into one flat
+                byte buffer ─► broadcast in 8 MiB pieces (gloo on CPU, NCCL on GPU)
+                engine rank r ─ CollectiveBucket.named_tensors() ─► receive into one flat buffer
+                ─► typed views of it (the layout is known on both sides: names, shapes, dtypes)
+
+A collective group is made per `CollectiveSpec` (rendezvous host and port, world size, epoch)
+and cached per process in `_Groups`; a new membership (an engine added or restarted) gets a
+new spec (a new port or epoch) and so a new group, and `_Groups.drop` frees an old one.
+`named_tensors()` blocks (file reads, receives): engines call it off their event loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import mmap
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_ALIGN = 64
+"""Byte alignment of each tensor inside a flat collective buffer (any dtype view is valid)."""
+_CHUNK = 8 << 20
+"""Bytes per broadcast call: gloo moved 8 MiB pieces of a bucket ~10 % faster than one piece
+here, and per-tensor calls cost a round trip per small tensor (norms, biases)."""
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+# ---- disk ------------------------------------------------------------------------------------
+def read_safetensors(path: str) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of a safetensors file as views of a private (copy-on-write) mmap of it: no
+    read copy. A tensor whose offset does not suit its dtype, or an unknown dtype, is copied."""
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    size = int.from_bytes(mm[:8], "little")
+    header = json.loads(mm[8 : 8 + size])
+    base = 8 + size
+    flat = torch.frombuffer(mm, dtype=torch.uint8) if len(mm) else torch.empty(0, dtype=torch.uint8)
+    out = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None or (base + start) % torch.empty((), dtype=dtype).element_size():
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as sf:
+                out.append((name, sf.get_tensor(name)))
+            continue
+        out.append((name, flat[base + start : base + end].view(dtype).reshape(info["shape"])))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskBucket:
+    """A bucket written as one safetensors file; `named_tensors()` maps it where it is called."""
+
+    path: str
+    version: int
+    index: int
+    num_buckets: int
+
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        return read_safetensors(self.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskWriter:
+    """Sink run inside trainer rank 0: writes each bucket to `<folder>/bucket-<i>.safetensors`
+    (atomically: a temporary name, then a rename) and returns its `DiskBucket`."""
+
+    folder: str
+
+    def __call__(self, bucket: Any) -> DiskBucket:
+        from safetensors.torch import save_file
+
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        tmp = Path(self.folder) / f".bucket-{bucket.index}.tmp"
+        final = Path(self.folder) / f"bucket-{bucket.index}.safetensors"
+        save_file({n: t.contiguous() for n, t in bucket.named_tensors()}, str(tmp))
+        tmp.rename(final)
+        return DiskBucket(str(final), bucket.version, bucket.index, bucket.num_buckets)
+
+
+# ---- collective ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CollectiveSpec:
+    """One weight-sync group: trainer rank 0 (rank 0, hosts the store) and `world - 1` engines."""
+
+    host: str
+    port: int
+    world: int
+    timeout_s: float
+    backend: str = "gloo"
+    epoch: int = 0
+    """Membership generation: a group re-made for other engines at the same address gets a new one."""
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.host, self.port, self.epoch)
+
+
+class _Groups:
+    """Weight-sync process groups of this process, by `CollectiveSpec.key`."""
+
+    _lock = threading.Lock()
+    _groups: dict[tuple[str, int, int], Any] = {}
+
+    @classmethod
+    def get(cls, spec: CollectiveSpec, rank: int) -> Any:
+        """Join (first call: blocks until every member joined, at most `timeout_s`) or reuse."""
+        with cls._lock:
+            if spec.key not in cls._groups:
+                timeout = datetime.timedelta(seconds=spec.timeout_s)
+                store = torch.distributed.TCPStore(spec.host, spec.port, spec.world, rank == 0, timeout=timeout)
+                if spec.backend == "nccl":
+                    group = torch.distributed.ProcessGroupNCCL(store, rank, spec.world)
+                else:
+                    group = torch.distributed.ProcessGroupGloo(store, rank, spec.world, timeout)
+                cls._groups[spec.key] = group
+            return cls._groups[spec.key]
+
+    @classmethod
+    def drop(cls, spec: CollectiveSpec) -> None:
+        """Forget (and so free) this process's group of `spec`, if any."""
+        with cls._lock:
+            cls._groups.pop(spec.key, None)
+
+
+def flat_offsets(shapes: tuple[tuple[int, ...], ...], dtypes: tuple[str, ...]) -> tuple[list[int], int]:
+    """Byte offset of each tensor in a bucket's flat buffer (each `_ALIGN`-aligned), and its size."""
+    offsets, size = [], 0
+    for shape, dtype in zip(shapes, dtypes, strict=True):
+        size = -(-size // _ALIGN) * _ALIGN
+        offsets.append(size)
+        size += torch.Size(shape).numel() * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return offsets, size
+
+
+def _views(flat: torch.Tensor, shapes, dtypes, offsets: list[int]) -> list[torch.Tensor]:
+    out = []
+    for shape, dtype, off in zip(shapes, dtypes, offsets, strict=True):
+        dt = getattr(torch, dtype)
+        n = torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
+        out.append(flat[off : off + n].view(dt).reshape(shape))
+    return out
+
+
+def _broadcast(group: Any, flat: torch.Tensor) -> None:
+    """Broadcast `flat` from rank 0 in `_CHUNK` pieces (all started, then waited in order)."""
+    works = [group.broadcast(flat[i : i + _CHUNK], 0) for i in range(0, flat.numel(), _CHUNK)]
+    for work in works:
+        work.wait()
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectiveSender:
+    """Sink run inside trainer rank 0: packs each bucket into one flat buffer and broadcasts it."""
+
+    spec: CollectiveSpec
+
+    def __call__(self, bucket: Any) -> None:
+        s = self.spec
+        group = _Groups.get(s, 0)
+        tensors = [t.detach() for t in bucket.tensors]
+        shapes = tuple(tuple(t.shape) for t in tensors)
+        dtypes = tuple(str(t.dtype).removeprefix("torch.") for t in tensors)
+        offsets, size = flat_offsets(shapes, dtypes)
+        device = "cuda" if s.backend == "nccl" else "cpu"
+        flat = torch.empty(size, dtype=torch.uint8, device=device)
+        for view, t in zip(_views(flat, shapes, dtypes, offsets), tensors, strict=True):
+            view.copy_(t)
+        _broadcast(group, flat)
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectiveBucket:
+    """A bucket that arrives by broadcast: `named_tensors()` (called inside engine `rank`) joins the
+    group on first use and receives the tensors described by `names`/`shapes`/`dtypes` (one flat
+    buffer; the tensors are views of it)."""
+
+    spec: CollectiveSpec
+    rank: int
+    version: int
+    index: int
+    num_buckets: int
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        s = self.spec
+        group = _Groups.get(s, self.rank)
+        offsets, size = flat_offsets(self.shapes, self.dtypes)
+        flat = torch.empty(size, dtype=torch.uint8, device="cuda" if s.backend == "nccl" else "cpu")
+        _broadcast(group, flat)
+        return list(zip(self.names, _views(flat, self.shapes, self.dtypes, offsets), strict=True))
