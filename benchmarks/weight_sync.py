@@ -19,6 +19,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -147,12 +148,26 @@ def start_engines(kind: str, model_dir: Path, dtype: str, n: int, threads: int) 
     if kind == "vllm":
         params |= {"kv_cache_gb": 0.25, "max_model_len": 512}
     handles = [
-        start_engine_actor(kind, model_dir, name=f"wsb-{kind}-{i}-{os.getpid()}", num_cpus=0, weight_update_timeout_s=900,
+        start_engine_actor(kind, model_dir, name=f"wsb-{kind}-{i}-{time.monotonic_ns()}", num_cpus=0, weight_update_timeout_s=900,
                            actor_options={"runtime_env": {"env_vars": ENGINE_ENV}}, **params)
         for i in range(n)
     ]
     ray.get([h.version.remote() for h in handles], timeout=900)
     return handles
+
+
+@contextlib.contextmanager
+def _engines(kind: str, model_dir: Path, dtype: str, n: int, threads: int):
+    engines = start_engines(kind, model_dir, dtype, n, threads)
+    try:
+        yield engines
+    finally:
+        for e in engines:
+            try:
+                ray.get(e.shutdown.remote(), timeout=120)
+            except Exception:
+                pass
+            ray.kill(e)
 
 
 def _uss_mb(handle: Any) -> float:
@@ -232,25 +247,20 @@ def bench_model(model_dir: Path, label: str, dtype: str, args: argparse.Namespac
               f"{(res['ray_put_torch_s'] + res['ray_get_torch_s']) * 1e3:.0f} ms\n{HEADER}", flush=True)
         publish_dtype = "bfloat16" if dtype == "bf16" and not args.publish_fp32 else None
         cases: dict[str, Any] = {}
+        fanout = [n for n in args.fanout if n > 1] if label.split("-")[0] in args.fanout_sizes else []
         for kind in args.engines:
-            n_max = max(args.fanout) if label.split("-")[0] in args.fanout_sizes else 1
-            engines = start_engines(kind, model_dir, dtype, n_max, args.threads)
-            try:
+            with _engines(kind, model_dir, dtype, 1, args.threads) as engines:
                 for transport in args.transports:
                     key = f"{kind}/{transport}/1"
-                    cases[key] = run_case(trainer, engines[:1], transport, args, publish_dtype, tmp)
+                    cases[key] = run_case(trainer, engines, transport, args, publish_dtype, tmp)
                     _print_row(key, cases[key])
-                for n in [n for n in args.fanout if 1 < n <= n_max]:
-                    key = f"{kind}/object_store/{n}"
-                    cases[key] = run_case(trainer, engines[:n], "object_store", args, publish_dtype, tmp)
-                    _print_row(key, cases[key])
-            finally:
-                for e in engines:
-                    try:
-                        ray.get(e.shutdown.remote(), timeout=120)
-                    except Exception:
-                        pass
-                    ray.kill(e)
+            if fanout:  # each engine gets its share of the cores, as a deployment would give it
+                threads = args.fanout_threads or max(1, args.threads // max(fanout))
+                with _engines(kind, model_dir, dtype, max(fanout), threads) as engines:
+                    for n in [1, *fanout]:
+                        key = f"{kind}/object_store/{n}x{threads}t"
+                        cases[key] = run_case(trainer, engines[:n], "object_store", args, publish_dtype, tmp)
+                        _print_row(key, cases[key])
         res["cases"] = cases
         return res
     finally:
@@ -276,6 +286,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--transports", nargs="+", default=["object_store", "collective", "disk"])
     p.add_argument("--fanout", nargs="+", type=int, default=[1, 2, 4], help="engines for the object_store fan-out")
     p.add_argument("--fanout-sizes", nargs="*", default=["100m", "500m"], help="sizes that get the fan-out runs")
+    p.add_argument("--fanout-threads", type=int, default=0,
+                   help="torch threads per engine in the fan-out runs (default: --threads shared among the engines)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bucket-mb", type=float, default=256.0)
     p.add_argument("--threads", type=int, default=2, help="torch threads of the trainer, engines and memory copy")

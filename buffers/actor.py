@@ -44,7 +44,9 @@ class BufferActor:
     """Ray actor body: a ``ReplayBuffer`` with the same methods (create it with ``create_buffer_actor``)."""
 
     def __init__(self, config: BufferConfig, group_size: int | None = None, recover: bool = False) -> None:
-        self._buf = ReplayBuffer(config, group_size=group_size, recover=recover)
+        # A restart by Ray (max_restarts) continues the log whatever the first start was told.
+        restarted = ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+        self._buf = ReplayBuffer(config, group_size=group_size, recover=recover or restarted)
 
     @_CONTROL
     def ready(self) -> int:

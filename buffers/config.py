@@ -17,8 +17,10 @@ class BufferConfig:
     """Largest `trainer_version - policy_version` a group may have when trained on."""
     stale_policy: str = field(default="drop", metadata={"choices": ("drop", "keep")})
     """Groups beyond `max_staleness`: `drop` them (counted) or `keep` them for off-policy use."""
-    order: str = field(default="fifo", metadata={"choices": ("fifo", "freshest")})
-    """Which eligible groups `get_batch` returns first."""
+    order: str = field(default="oldest", metadata={"choices": ("oldest", "fifo", "freshest")})
+    """Which eligible groups `get_batch` returns first: `oldest` policy version first (arrival
+    order among equals; with the trainer's wait for groups that are due, no group outlives the
+    staleness bound), `fifo` (arrival), `freshest` (newest version first)."""
     put_policy: str = field(default="block", metadata={"choices": ("block", "reject")})
     """When full: `block` the writer (backpressure, up to `put_timeout_s`) or `reject` at once."""
     put_timeout_s: float = field(default=600.0, metadata={"gt": 0})

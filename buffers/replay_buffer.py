@@ -204,7 +204,8 @@ class ReplayBuffer(BufferCheckpoint):
 
         Returns:
             A ``pa.Table`` of SAMPLE_SCHEMA, each group's rows contiguous, groups in
-            ``order`` (fifo: arrival; freshest: newest ``policy_version`` first).
+            ``order`` (oldest: lowest ``policy_version`` first, then arrival; fifo: arrival;
+            freshest: newest ``policy_version`` first).
 
         Raises:
             BufferTimeoutError: not enough eligible groups within the timeout (never polls forever).
@@ -251,6 +252,8 @@ class ReplayBuffer(BufferCheckpoint):
         groups = list(self._groups.values())
         if self.config.order == "freshest":
             groups.sort(key=lambda g: (-g.min_version, g.seq))
+        elif self.config.order == "oldest":
+            groups.sort(key=lambda g: (g.min_version, g.seq))
         return groups[:n]
 
     def _drop_stale(self, trainer_version: int, bound: int) -> None:

@@ -4,11 +4,18 @@
     runner = RewardRunner.from_config(cfg.reward)     # loads + checks every term at start-up
     outcomes = await runner.score(group)              # per group, in the rollout manager
     metrics = runner.end_step().metrics()             # per step; raises if a term always failed
+    RewardRunner.from_config(cfg.reward, faults=cfg.faults.reward)   # with injected reward faults
 
 Nothing here imports Ray, rollout or trainer code.
 """
 
-from slime_rl.rewards.config import RewardComponentConfig, RewardConfig, redacted
+from slime_rl.rewards.config import (
+    RewardComponentConfig,
+    RewardConfig,
+    RewardFaultsConfig,
+    redacted,
+)
+from slime_rl.rewards.faults import InjectedRewardFault, RewardFaults
 from slime_rl.rewards.loader import (
     RewardComponent,
     RewardLoadError,
@@ -36,9 +43,12 @@ __all__ = [
     "BUILTINS",
     "AllRewardsFailedError",
     "BatchedRewardFn",
+    "InjectedRewardFault",
     "RewardComponent",
     "RewardComponentConfig",
     "RewardConfig",
+    "RewardFaults",
+    "RewardFaultsConfig",
     "RewardFn",
     "RewardLoadError",
     "RewardOutcome",

@@ -42,9 +42,36 @@ class RewardConfig:
     max_workers: int = field(default=4, metadata={"ge": 1})
     """Threads (or processes, see `executor`) that run blocking (non-async) reward functions, so they never block the event loop."""
     executor: str = field(default="thread", metadata={"choices": ("thread", "process")})
-    """Where blocking rewards run: `thread` (cheap; a call past its timeout keeps its thread) or `process` (CPU parallelism; a call past its timeout is killed)."""
+    """Where blocking rewards run: `thread` (cheap; a call past its timeout keeps running in an abandoned thread, see `max_abandoned`) or `process` (CPU parallelism; a call past its timeout is killed)."""
+    max_abandoned: int = field(default=64, metadata={"ge": 0})
+    """Thread executor: how many calls past `timeout_s` may keep running in abandoned threads (a thread cannot be stopped); each gets a replacement thread so later samples never wait behind it. Beyond this, overdue calls keep their workers and, once every worker holds one, waiting calls fail at once. Metric `reward/abandoned_threads`."""
     failure_policy: str = field(default="raise", metadata={"choices": ("raise", "warn")})
     """When one reward term fails on every sample of a step: `raise` stops the run, `warn` logs and goes on."""
+
+
+@dataclass
+class RewardFaultsConfig:
+    """Reward fault injection (config ``faults.reward``; off by default): a deterministic
+    fraction of samples, picked by a hash of ``seed`` and the sample id, fails its reward call."""
+
+    hang_frac: float = field(default=0.0, metadata={"ge": 0, "le": 1})
+    """Fraction of samples whose reward call never returns: it times out after `reward.timeout_s` (its thread abandoned, or its worker process killed)."""
+    raise_frac: float = field(default=0.0, metadata={"ge": 0, "le": 1})
+    """Fraction of samples whose reward call raises `InjectedRewardFault`."""
+    nan_frac: float = field(default=0.0, metadata={"ge": 0, "le": 1})
+    """Fraction of samples whose reward returns NaN (counted as `reward/<term>/nonfinite`); the three fractions add up to at most 1."""
+    seed: int = 0
+    """Seed of the pick: the same seed picks the same samples on every run."""
+    terms: list[str] = field(default_factory=list)
+    """Reward terms to inject into (their metric names, e.g. `math_answer`); empty: every term."""
+
+    def validate(self) -> None:
+        total = self.hang_frac + self.raise_frac + self.nan_frac
+        if total > 1.0 + 1e-9:
+            raise ValueError(
+                f"hang_frac + raise_frac + nan_frac = {total:g}: the fractions of samples picked "
+                "for each fault must add up to at most 1"
+            )
 
 
 def _is_secret(key: str) -> bool:

@@ -15,6 +15,9 @@ from slime_rl.buffers.schema import Sample, Status
 logger = logging.getLogger(__name__)
 
 FAILURE_POLICIES = ("raise", "warn")
+FAILURE_KINDS = {"timeout": "timeouts", "error": "errors", "nonfinite": "nonfinite"}
+"""How a term failed on a sample -> its metric, ``reward/<term>/<metric>``: past ``timeout_s``
+(or blocking the reward loop), raised (or a bad return value, or no free worker), NaN/inf."""
 
 
 class AllRewardsFailedError(RuntimeError):
@@ -66,13 +69,21 @@ class RewardStepStats:
     metric_sums: dict[str, float] = dataclasses.field(default_factory=dict)
     """Sum of each per-sample metric (``<term>/<field>``) over the samples that reported it."""
     metric_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    failed_kinds: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Failures per ``<term>/<kind>`` (kinds: :data:`FAILURE_KINDS`)."""
+    abandoned_threads: int = 0
+    """Reward threads running a call abandoned past its timeout, at the end of the step."""
+    workers_killed: int = 0
+    """Reward worker processes killed for a call past its timeout during the step."""
 
-    def record_term(self, name: str, ref: str, error: str | None) -> None:
+    def record_term(self, name: str, ref: str, error: str | None, kind: str = "error") -> None:
         self.refs.setdefault(name, ref)
         self.calls[name] = self.calls.get(name, 0) + 1
         if error is not None:
             self.failed[name] = self.failed.get(name, 0) + 1
             self.first_error.setdefault(name, error)
+            key = f"{name}/{kind}"
+            self.failed_kinds[key] = self.failed_kinds.get(key, 0) + 1
 
     def record_sample(self, outcome: RewardOutcome) -> None:
         self.samples += 1
@@ -94,7 +105,12 @@ class RewardStepStats:
             refs=dict(self.refs),
             metric_sums=dict(self.metric_sums),
             metric_counts=dict(self.metric_counts),
+            failed_kinds=dict(self.failed_kinds),
+            abandoned_threads=self.abandoned_threads + other.abandoned_threads,
+            workers_killed=self.workers_killed + other.workers_killed,
         )
+        for key, n in other.failed_kinds.items():
+            out.failed_kinds[key] = out.failed_kinds.get(key, 0) + n
         for key, v in other.metric_sums.items():
             out.metric_sums[key] = out.metric_sums.get(key, 0.0) + v
             out.metric_counts[key] = out.metric_counts.get(key, 0) + other.metric_counts.get(key, 0)
@@ -117,8 +133,12 @@ class RewardStepStats:
             "reward/failed_frac": self.samples_failed / self.samples if self.samples else 0.0,
             "reward/score_mean": self.score_sum / self.samples if self.samples else 0.0,
         }
+        m["reward/abandoned_threads"] = float(self.abandoned_threads)
+        m["reward/workers_killed"] = float(self.workers_killed)
         for name in self.calls:
             m[f"reward/{name}/failed"] = float(self.failed.get(name, 0))
+            for kind, metric in FAILURE_KINDS.items():
+                m[f"reward/{name}/{metric}"] = float(self.failed_kinds.get(f"{name}/{kind}", 0))
         for key, total in self.metric_sums.items():
             m[f"reward/{key}_mean"] = total / self.metric_counts[key]
         return m

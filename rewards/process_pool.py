@@ -3,10 +3,11 @@
     RewardProcessPool(max_workers, components)   # starts every worker at once (warm pool)
       worker: load_reward(ref, kwargs) for each component ──► "ready" (or the load error)
     RewardRunner._call ── await pool.call(comp, sample, timeout_s)
-      └─ take a ready worker (waiting for one, start-up included, is not timed)
+      └─ take a ready worker, first come first served (waiting, start-up included, is not timed)
       └─ send (ref, kwargs, sample) ──► worker calls it, sends the result
-      └─ result within timeout_s ──► worker back to the idle list
-         past timeout_s ──► SIGKILL that worker only; a replacement starts at once, in the background
+      └─ result within timeout_s ──► worker handed to the oldest waiting call
+         past timeout_s ──► SIGKILL that worker only, the call fails at once; a replacement
+                            forks from a preloaded forkserver, in the background
 
 Unlike threads, processes give CPU-bound rewards real parallelism and a call that never
 returns (math-verify on a pathological expression, say) is killed instead of holding its
@@ -17,15 +18,23 @@ Workers start with ``forkserver`` (``spawn`` where unavailable) and load the rew
 reference, so the reference must be importable there: a built-in name, an installed module or
 a file path (all that ``reward.fn`` accepts). A reward that loads in the driver but not in a
 worker fails its calls at once with the worker's error, not with timeouts.
+
+Waiting calls are served in arrival order: when timeouts keep the pool busy, no group waits
+behind later ones (polling waiters used to race for each freed worker, so the samples of some
+groups lost every race and their groups went stale in the buffer). The forkserver preloads
+this module (and with it slime_rl's imports), so a replacement is ready in milliseconds plus
+the reward's own loading, not a fresh interpreter's start-up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import multiprocessing
 import multiprocessing.connection
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -113,16 +122,22 @@ class RewardProcessPool:
             raise ValueError(f"reward.max_workers={max_workers} must be >= 1")
         methods = multiprocessing.get_all_start_methods()
         self._ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        if "forkserver" in methods:
+            # Takes effect if this process has not started its forkserver yet (the default is
+            # ["__main__"]): every worker then forks with slime_rl's imports done.
+            self._ctx.set_forkserver_preload(["__main__", __name__])
         self.max_workers = max_workers
         self._preload = [(c.ref, dict(c.load_kwargs or c.kwargs)) for c in components]
         self._starting: list[_Worker] = []
         self._idle: list[_Worker] = []
         self._busy: set[_Worker] = set()
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._poller: asyncio.Task | None = None
         self._start_failures = 0
         self._load_error: str | None = None
-        self._free: asyncio.Condition | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self.killed_total = 0
+        """Workers killed for a call past its timeout since the pool started."""
         for _ in range(max_workers):
             self._spawn()
 
@@ -130,12 +145,6 @@ class RewardProcessPool:
         if self._closed:
             raise WorkerError("the reward process pool was closed")
         self._starting.append(_Worker(self._ctx, self._preload))
-
-    def _condition(self) -> asyncio.Condition:
-        loop = asyncio.get_running_loop()
-        if self._free is None or self._loop is not loop:  # a Condition is bound to one loop
-            self._free, self._loop = asyncio.Condition(), loop
-        return self._free
 
     def _check_starting(self) -> None:
         """Move workers that finished loading to the idle list; raise the load error if any."""
@@ -156,33 +165,66 @@ class RewardProcessPool:
         if self._load_error is not None:
             raise WorkerError(self._load_error)
 
-    async def _acquire(self) -> _Worker:
-        free = self._condition()
-        while True:
-            async with free:
-                self._check_starting()
-                if self._idle:
-                    worker = self._idle.pop()
-                    self._busy.add(worker)
-                    return worker
-                while len(self._busy) + len(self._starting) < self.max_workers:
-                    self._spawn()  # replaces a worker that died during start-up
-                if not self._starting:
-                    await free.wait()
-                    continue
-            await asyncio.sleep(0.02)  # a worker is still loading: poll its pipe
+    def _dispatch(self) -> None:
+        """Hand idle workers to the oldest waiting calls; start workers while calls wait and
+        the pool is short of them; poll the starting ones while anyone waits for them."""
+        try:
+            self._check_starting()
+        except WorkerError as e:
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(WorkerError(str(e)))
+            return
+        while self._idle and self._waiters:
+            waiter = self._waiters.popleft()
+            if waiter.done():  # its call was cancelled while waiting
+                continue
+            worker = self._idle.pop()
+            self._busy.add(worker)
+            waiter.set_result(worker)
+        if not self._waiters or self._closed:
+            return
+        while len(self._busy) + len(self._starting) < self.max_workers:
+            self._spawn()  # replaces a worker that died during start-up
+        if self._starting and (self._poller is None or self._poller.done()):
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
 
-    async def _release(self, worker: _Worker, healthy: bool) -> None:
+    async def _poll(self) -> None:
+        """While calls wait and workers start, check those every 20 ms (one task, not one per call)."""
+        while self._waiters and self._starting and not self._closed:
+            await asyncio.sleep(0.02)
+            self._dispatch()
+
+    async def _acquire(self) -> _Worker:
+        self._check_starting()
+        if self._idle and not self._waiters:
+            worker = self._idle.pop()
+            self._busy.add(worker)
+            return worker
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        if self._poller is not None and self._poller.get_loop() is not waiter.get_loop():
+            self._poller = None  # left behind by an event loop that has ended
+        self._dispatch()
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release(waiter.result(), healthy=True)  # handed over as we were cancelled
+            raise
+
+    def _release(self, worker: _Worker, healthy: bool) -> None:
         self._busy.discard(worker)
-        if healthy:
+        if healthy and not self._closed:
             self._idle.append(worker)
         else:
-            await asyncio.to_thread(worker.kill)
+            worker.process.kill()  # SIGKILL now; reaping it (join) happens off the event loop
+            threading.Thread(target=worker.kill, name="slime-rl-reward-reaper", daemon=True).start()
             if not self._closed:
                 self._spawn()  # the replacement warms up while other calls run
-        free = self._condition()
-        async with free:
-            free.notify()
+        if not self._closed:
+            self._dispatch()
 
     async def call(self, comp: RewardComponent, arg: Any, timeout_s: float) -> Any:
         """Run ``comp`` on ``arg`` in a ready worker; the timeout starts when the call is sent.
@@ -199,7 +241,11 @@ class RewardProcessPool:
             loop.add_reader(fd, ready.set)
             try:
                 worker.conn.send((comp.ref, dict(comp.load_kwargs or comp.kwargs), arg))
-                await asyncio.wait_for(ready.wait(), timeout_s)
+                try:
+                    await asyncio.wait_for(ready.wait(), timeout_s)
+                except asyncio.TimeoutError:
+                    self.killed_total += 1
+                    raise
             finally:
                 loop.remove_reader(fd)
             try:
@@ -211,7 +257,7 @@ class RewardProcessPool:
                 ) from None
             healthy = True
         finally:
-            await self._release(worker, healthy)
+            self._release(worker, healthy)
         if not ok:
             raise WorkerError(value)
         return value
@@ -224,3 +270,12 @@ class RewardProcessPool:
         self._starting.clear()
         self._idle.clear()
         self._busy.clear()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done() and not waiter.get_loop().is_closed():
+                waiter.get_loop().call_soon_threadsafe(_fail, waiter, WorkerError("the reward process pool was closed"))
+
+
+def _fail(waiter: asyncio.Future, error: BaseException) -> None:
+    if not waiter.done():
+        waiter.set_exception(error)

@@ -7,16 +7,21 @@
                                                                     a watchdog fails a reward that
                                                                     blocks that loop, naming it)
                                                       blocking fn -> daemon thread pool (timeout from
-                                                                    start) or warm process pool
-                                                                    (executor=process; killed past
-                                                                    the timeout)
+                                                                    start; past it the thread is
+                                                                    abandoned and replaced) or warm
+                                                                    process pool (executor=process;
+                                                                    killed past the timeout)
                        ◄── list[RewardOutcome] ────── normalise, weighted sum, failures -> default
     rollout manager ── runner.end_step() ──► RewardStepStats (metrics; all-failed guard)
 
 A term that raises, times out or returns NaN fails only its own sample: that sample gets
-``default_score``, ``status="failed"`` and the error in ``metadata["reward_error"]``. Nothing a
-reward does can stall the caller's event loop (async rewards run on a loop of their own) or keep
-the process from exiting (reward threads are daemons, worker processes are killed at close).
+``default_score``, ``status="failed"`` and the error in ``metadata["reward_error"]``, and the
+failure is counted by kind (``reward/<term>/timeouts``, ``errors``, ``nonfinite``). A call
+that overruns its timeout gives its capacity back at once (a replacement thread, or a fresh
+worker process), so one hanging input never starves the samples after it. Nothing a reward does
+can stall the caller's event loop (async rewards run on a loop of their own) or keep the
+process from exiting (reward threads are daemons, worker processes are killed at close).
+``faults`` (:class:`~slime_rl.rewards.faults.RewardFaults`) injects hangs, raises and NaNs.
 
 >>> import asyncio
 >>> from slime_rl.buffers.schema import Sample
@@ -35,20 +40,20 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from slime_rl.buffers.schema import Sample
-from slime_rl.rewards.config import RewardConfig
+from slime_rl.rewards.config import RewardConfig, RewardFaultsConfig
+from slime_rl.rewards.faults import FaultyReward, RewardFaults
 from slime_rl.rewards.loader import RewardComponent, components_from_config
-from slime_rl.rewards.outcome import FAILURE_POLICIES, RewardOutcome, RewardStepStats
+from slime_rl.rewards.outcome import FAILURE_KINDS, FAILURE_POLICIES, RewardOutcome, RewardStepStats
 from slime_rl.rewards.process_pool import RewardProcessPool, WorkerError
 from slime_rl.rewards.protocol import _WORK_STARTED, normalize_result
 from slime_rl.rewards.reward_loop import RewardLoop, RewardLoopBlocked
-from slime_rl.rewards.thread_pool import DaemonThreadPool
+from slime_rl.rewards.thread_pool import DaemonThreadPool, NoFreeWorker
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +61,11 @@ _Term = tuple[float, dict[str, float], dict[str, Any]]
 EXECUTORS = ("thread", "process")
 
 
-class _NoFreeWorker(Exception):
-    pass
+class _Failure(NamedTuple):
+    """A term's failure on one sample: its kind (``outcome.FAILURE_KINDS``) and error text."""
+
+    kind: str
+    text: str
 
 
 class RewardRunner:
@@ -72,6 +80,8 @@ class RewardRunner:
         max_workers: int = 4,
         failure_policy: str = "raise",
         executor: str = "thread",
+        max_abandoned: int = 64,
+        faults: RewardFaults | None = None,
     ) -> None:
         if not components:
             raise ValueError("RewardRunner needs at least one reward component")
@@ -85,6 +95,8 @@ class RewardRunner:
             raise ValueError(f"reward.timeout_s={timeout_s} must be > 0")
         if executor not in EXECUTORS:
             raise ValueError(f"reward.executor={executor!r}; allowed: {EXECUTORS}")
+        if max_abandoned < 0:
+            raise ValueError(f"reward.max_abandoned={max_abandoned} must be >= 0")
         for comp in components:
             own = getattr(comp.fn, "call_time_limit_s", None)
             if isinstance(own, (int, float)) and timeout_s < own:
@@ -94,18 +106,19 @@ class RewardRunner:
                     f"time out calls that are still within their limit; raise reward.timeout_s "
                     f"to at least {own:g} or lower the reward's timeout_s"
                 )
-        self.components = list(components)
+        self.faults = faults
+        self.components = faults.wrap_all(components) if faults is not None else list(components)
         self.timeout_s = float(timeout_s)
         self.default_score = float(default_score)
         self.max_workers = int(max_workers)
         self.failure_policy = failure_policy
         self.executor = executor
+        self.max_abandoned = int(max_abandoned)
         self._pool: DaemonThreadPool | None = None
         self._procs: RewardProcessPool | None = None
+        self._killed_mark = 0  # self._procs.killed_total at the last end_step
         self._rloop = RewardLoop(self.timeout_s)
         self._stats = RewardStepStats()
-        self._lock = threading.Lock()
-        self._overdue = 0  # pool threads still running a call that timed out
         if executor == "process" and self._blocking():
             # Warm pool: workers load the rewards now, so no call's timeout pays for a start-up.
             self._procs = RewardProcessPool(self.max_workers, self._blocking())
@@ -114,8 +127,16 @@ class RewardRunner:
         return [c for c in self.components if not c.is_async]
 
     @classmethod
-    def from_config(cls, cfg: RewardConfig, base_dir: str | Path | None = None) -> RewardRunner:
-        """Load and check every term of ``cfg`` (raises ``RewardLoadError``) and build a runner."""
+    def from_config(
+        cls,
+        cfg: RewardConfig,
+        base_dir: str | Path | None = None,
+        faults: RewardFaultsConfig | RewardFaults | None = None,
+    ) -> RewardRunner:
+        """Load and check every term of ``cfg`` (raises ``RewardLoadError``) and build a runner;
+        ``faults`` (config ``faults.reward``) injects reward faults when any fraction is > 0."""
+        if faults is not None and not isinstance(faults, RewardFaults):
+            faults = RewardFaults.from_config(faults)
         return cls(
             components_from_config(cfg, base_dir),
             timeout_s=cfg.timeout_s,
@@ -123,6 +144,8 @@ class RewardRunner:
             max_workers=cfg.max_workers,
             failure_policy=cfg.failure_policy,
             executor=cfg.executor,
+            max_abandoned=getattr(cfg, "max_abandoned", 64),
+            faults=faults,
         )
 
     # -- scoring -------------------------------------------------------------------------
@@ -144,7 +167,7 @@ class RewardRunner:
         return outcomes
 
     def _combine(
-        self, i: int, per_term: list[list[tuple[_Term | str, float]]], start: float
+        self, i: int, per_term: list[list[tuple[_Term | _Failure, float]]], start: float
     ) -> RewardOutcome:
         total = 0.0
         metrics: dict[str, float] = {}
@@ -154,11 +177,12 @@ class RewardRunner:
         for comp, results in zip(self.components, per_term):
             result, done_at = results[i]
             seconds = max(seconds, done_at - start)
-            if isinstance(result, str):
-                errors.append(f"{comp.name}: {result}")
-                self._stats.record_term(comp.name, comp.ref, result)
+            ref = getattr(comp.fn, "inner_ref", comp.ref)  # a fault-injecting wrapper names its term's
+            if isinstance(result, _Failure):
+                errors.append(f"{comp.name}: {result.text}")
+                self._stats.record_term(comp.name, ref, result.text, result.kind)
                 continue
-            self._stats.record_term(comp.name, comp.ref, None)
+            self._stats.record_term(comp.name, ref, None)
             score, extra, extra_info = result
             total += comp.weight * score
             metrics[f"{comp.name}/score"] = score
@@ -170,33 +194,35 @@ class RewardRunner:
 
     async def _run_term(
         self, comp: RewardComponent, samples: list[Sample]
-    ) -> list[tuple[_Term | str, float]]:
-        """One ``(normalised result or error text, finish time)`` per sample."""
+    ) -> list[tuple[_Term | _Failure, float]]:
+        """One ``(normalised result or failure, finish time)`` per sample."""
         if comp.is_batched:
             raw, err = await self._call(comp, samples)
             done = time.monotonic()
             if err is None and (not isinstance(raw, Sequence) or len(raw) != len(samples)):
                 got = len(raw) if isinstance(raw, Sequence) else type(raw).__name__
-                err = f"batched reward returned {got} results for {len(samples)} samples"
+                err = _Failure("error", f"batched reward returned {got} results for {len(samples)} samples")
             if err is not None:
                 return [(err, done)] * len(samples)
             return [(self._normalise(r), done) for r in raw]
 
-        async def one(sample: Sample) -> tuple[_Term | str, float]:
+        async def one(sample: Sample) -> tuple[_Term | _Failure, float]:
             raw, err = await self._call(comp, sample)
             return (err if err is not None else self._normalise(raw)), time.monotonic()
 
         return list(await asyncio.gather(*(one(s) for s in samples)))
 
     @staticmethod
-    def _normalise(raw: Any) -> _Term | str:
+    def _normalise(raw: Any) -> _Term | _Failure:
         try:
             return normalize_result(raw)
-        except (TypeError, ValueError) as e:
-            return str(e)
+        except TypeError as e:
+            return _Failure("error", str(e))
+        except ValueError as e:  # NaN or inf
+            return _Failure("nonfinite", str(e))
 
-    async def _call(self, comp: RewardComponent, arg: Any) -> tuple[Any, str | None]:
-        """Call one term with the timeout; return ``(result, None)`` or ``(None, error text)``."""
+    async def _call(self, comp: RewardComponent, arg: Any) -> tuple[Any, _Failure | None]:
+        """Call one term with the timeout; return ``(result, None)`` or ``(None, failure)``."""
         try:
             if comp.is_async:
                 result = await self._call_async(comp, arg)
@@ -215,21 +241,23 @@ class RewardRunner:
                 result = await asyncio.wait_for(result, self.timeout_s)
             return result, None
         except asyncio.TimeoutError:
-            return None, f"timed out after {self.timeout_s:g} s (reward.timeout_s)"
-        except RewardLoopBlocked as e:
-            return None, str(e)
-        except _NoFreeWorker:
-            return None, (
-                f"no free reward worker: all {self.max_workers} (reward.max_workers) are still "
-                "running calls that overran reward.timeout_s"
-            )
+            return None, _Failure("timeout", f"timed out after {self.timeout_s:g} s (reward.timeout_s)")
+        except RewardLoopBlocked as e:  # the blocker timed out; calls abandoned with its loop did not
+            return None, _Failure("timeout" if str(e).startswith("blocked") else "error", str(e))
+        except NoFreeWorker:
+            return None, _Failure("error", (
+                f"no free reward worker: all {self.max_workers} (reward.max_workers) threads are "
+                f"running calls past reward.timeout_s and {self.max_abandoned} (reward.max_abandoned) "
+                "more such calls run in abandoned threads; a thread cannot be stopped: use "
+                "reward.executor: process, which kills overdue calls"
+            ))
         except asyncio.CancelledError:
             raise
         except WorkerError as e:
-            return None, str(e)
+            return None, _Failure("error", str(e))
         except Exception as e:
             logger.debug("reward %s raised", comp.name, exc_info=True)
-            return None, f"{type(e).__name__}: {e}"
+            return None, _Failure("error", f"{type(e).__name__}: {e}")
 
     async def _call_async(self, comp: RewardComponent, arg: Any) -> Any:
         """Run an async term on the reward event loop (never the caller's): a reward that blocks
@@ -260,47 +288,12 @@ class RewardRunner:
         return await self._rloop.run(on_reward_loop, _label(comp, arg))
 
     async def _call_blocking(self, comp: RewardComponent, arg: Any) -> Any:
-        """Run a blocking term in the pool; its timeout starts when a worker picks it up.
-
-        A thread cannot be killed: a call that overruns its timeout keeps its worker until it
-        returns. Waiting calls fail at once when every worker is held by such a call.
-        """
+        """Run a blocking term in the thread pool (see ``DaemonThreadPool.call``)."""
         if self._pool is None:
-            self._pool = DaemonThreadPool(self.max_workers, thread_name_prefix="slime-rl-reward")
-        loop = asyncio.get_running_loop()
-        started = asyncio.Event()
-        state = {"done": False, "overdue": False}
-
-        def work() -> Any:
-            try:
-                loop.call_soon_threadsafe(started.set)
-            except RuntimeError:  # loop already closed: nobody waits for this result
-                return None
-            try:
-                return comp.fn(arg, **comp.kwargs)
-            finally:
-                with self._lock:
-                    state["done"] = True
-                    if state["overdue"]:
-                        self._overdue -= 1
-
-        fut = loop.run_in_executor(self._pool, work)
-        while not started.is_set():
-            if self._overdue >= self.max_workers:
-                fut.cancel()
-                raise _NoFreeWorker()
-            try:
-                await asyncio.wait_for(started.wait(), 0.1)
-            except asyncio.TimeoutError:
-                pass
-        try:
-            return await asyncio.wait_for(fut, self.timeout_s)
-        except asyncio.TimeoutError:
-            with self._lock:
-                if not state["done"]:
-                    state["overdue"] = True
-                    self._overdue += 1
-            raise
+            self._pool = DaemonThreadPool(
+                self.max_workers, thread_name_prefix="slime-rl-reward", max_abandoned=self.max_abandoned
+            )
+        return await self._pool.call(lambda: comp.fn(arg, **comp.kwargs), self.timeout_s, _label(comp, arg))
 
     # -- per-step accounting -------------------------------------------------------------
 
@@ -313,10 +306,21 @@ class RewardRunner:
         ``RewardStepStats.check`` on the merged stats instead.
         """
         stats, self._stats = self._stats, RewardStepStats()
+        stats.abandoned_threads = self._pool.abandoned if self._pool is not None else 0
+        if self._procs is not None:
+            stats.workers_killed = self._procs.killed_total - self._killed_mark
+            self._killed_mark = self._procs.killed_total
         if stats.samples_failed:
+            kinds = {k: 0 for k in FAILURE_KINDS}
+            for key, n in stats.failed_kinds.items():
+                kind = key.rsplit("/", 1)[1]
+                kinds[kind] = kinds.get(kind, 0) + n
             logger.warning(
-                "rewards failed on %d of %d samples this step; first errors: %s",
-                stats.samples_failed, stats.samples, stats.first_error,
+                "rewards failed on %d of %d samples this step (term failures: %d timeouts, %d "
+                "errors, %d non-finite; %d reward threads abandoned still running, %d worker "
+                "processes killed); first errors: %s",
+                stats.samples_failed, stats.samples, kinds["timeout"], kinds["error"],
+                kinds["nonfinite"], stats.abandoned_threads, stats.workers_killed, stats.first_error,
             )
         if check:
             stats.check(self.failure_policy)
@@ -349,12 +353,16 @@ class RewardRunner:
         """Shut the thread pool down without waiting for calls that overran their timeout, kill
         the reward worker processes and stop the reward event loop. The runner can be used
         again afterwards (pools and loop start anew)."""
+        for comp in self.components:  # injected hangs end (their abandoned threads with them)
+            if isinstance(comp.fn, FaultyReward):
+                comp.fn.release()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
         if self._procs is not None:
             self._procs.close()
             self._procs = None
+            self._killed_mark = 0
         self._rloop.close()
         self._rloop = RewardLoop(self.timeout_s)
 

@@ -15,6 +15,13 @@ is released, so its slot is free again. `w` advances only once every engine hold
 weights. With `S = 0` no group can start before the weights it will be trained against are
 loaded: exactly on-policy.
 
+Admission alone bounds the staleness only if groups are trained in the order they were admitted.
+Fast groups overtake slow ones, so the trainer also waits, at version `v`, for every group
+admitted at engine version `<= v - S` that is still in flight (`due`): such a group must be in
+this batch or it would be trained too stale; and the buffer hands out the oldest versions first.
+Together they replace discarding: stale drops stay at 0 unless a group is overtaken across
+several versions by more than a batch of newer ones (then `buffer/dropped_stale` says so).
+
 `Admission` is the one owner of the in-flight groups: each holds one slot from `admit` until
 `accept` or `release`, and moves through explicit states
 
@@ -69,6 +76,11 @@ class GroupWork:
     """Times it was started (more than one after an engine loss)."""
     samples: list[Any] = dataclasses.field(default_factory=list)
     """Its scored samples once FINISHED."""
+    request_ids: list[str] = dataclasses.field(default_factory=list)
+    """Engine request ids of its current generate call (for progress probes)."""
+    admitted_version: int = 0
+    """Engine version when it took its slot: the trainer must train it by version
+    `admitted_version + max_staleness` (it waits for it then)."""
 
 
 class Admission:
@@ -125,10 +137,16 @@ class Admission:
             return None
         if group_id in self._groups:
             raise AssertionError(f"group {group_id} is admitted twice")
-        work = GroupWork(group_id, ds_index, epoch, prompt)
+        work = GroupWork(group_id, ds_index, epoch, prompt, admitted_version=self.engine_version)
         self._groups[group_id] = work
         self._queue.append(work)
         return work
+
+    def due(self, trainer_version: int) -> list[GroupWork]:
+        """Groups in flight that the trainer must take at `trainer_version` (admitted at an
+        engine version `<= trainer_version - max_staleness`): it waits for them."""
+        deadline = trainer_version - self.max_staleness
+        return [w for w in self._groups.values() if w.admitted_version <= deadline]
 
     def queued(self) -> list[GroupWork]:
         """QUEUED groups in dispatch order (requeued ones first)."""
@@ -192,7 +210,7 @@ class Admission:
             "accepted": self.accepted,
             "dropped": self.dropped,
             "engine_version": self.engine_version,
-            "in_flight": [(w.group_id, w.ds_index, w.epoch) for w in self._groups.values()],
+            "in_flight": [(w.group_id, w.ds_index, w.epoch, w.admitted_version) for w in self._groups.values()],
         }
 
     def load_state_dict(self, state: dict[str, Any], prompt_of: Callable[[int], Any]) -> None:
@@ -203,7 +221,8 @@ class Admission:
         self.engine_version = int(state["engine_version"])
         self._groups.clear()
         self._queue.clear()
-        for gid, idx, epoch in state.get("in_flight", []):
-            work = GroupWork(gid, int(idx), int(epoch), prompt_of(int(idx)))
+        for gid, idx, epoch, *rest in state.get("in_flight", []):
+            admitted = int(rest[0]) if rest else self.engine_version  # (checkpoints before 4-tuples)
+            work = GroupWork(gid, int(idx), int(epoch), prompt_of(int(idx)), admitted_version=admitted)
             self._groups[gid] = work
             self._queue.append(work)

@@ -82,5 +82,8 @@ class LocalEngineClient:
     async def version(self) -> int:
         return self.engine.version
 
+    async def progress(self, request_ids: Sequence[str]) -> dict[str, int]:
+        return await self.engine.progress(request_ids)
+
     async def info(self) -> dict[str, Any]:
         return {"max_model_len": int(getattr(self.engine, "max_model_len", 0) or 0)}

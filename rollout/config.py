@@ -142,6 +142,16 @@ class RolloutConfig:
     no_engine_timeout_s: float = field(default=600.0, metadata={"gt": 0})
     """How long the run waits with no engine serving (all lost, or scaled to 0) before it stops
     with a checkpoint; resume with `checkpoint.resume=auto` once engines can run again."""
+    stall_factor: float = field(default=8.0, metadata={"gt": 1})
+    """A group in flight longer than this many times the median group time (and at least
+    `stall_min_s`) raises a warning naming the group, its prompt, engine, age and tokens so far
+    (`rollout/stalled_groups`)."""
+    stall_min_s: float = field(default=60.0, metadata={"gt": 0})
+    """Shortest age at which a group can count as stalled."""
+    engine_stall_s: float = field(default=300.0, metadata={"gt": 0})
+    """An engine with requests in flight that produces no token (or does not answer) for this
+    long is treated as lost (process stopped, deadlocked): it is killed, its groups requeued and a
+    replacement started."""
     filter_warn_after: int = field(default=32, metadata={"ge": 1})
     """Warn (once) after this many consecutive groups were all dropped by the filter."""
     # ---- episodes: multi-turn agents, custom generation, the OpenAI endpoint (docs/agents.md) ----

@@ -44,6 +44,8 @@ class EngineClient(Protocol):
 
     async def version(self) -> int: ...
 
+    async def progress(self, request_ids: Sequence[str]) -> dict[str, int]: ...
+
     async def info(self) -> dict[str, Any]: ...
 
 
@@ -64,18 +66,26 @@ class RayEngineClient:
         self.name = name
         self._timeout = call_timeout_s
 
-    async def _await(self, ref: Any, what: str, timeout: float | None = None) -> Any:
+    async def _await(self, ref: Any, what: str, timeout: float | None | bool = False) -> Any:
+        """`timeout`: seconds, None for no limit, False for the client's default."""
+        limit = self._timeout if timeout is False else timeout
         try:
-            return await asyncio.wait_for(ref, timeout or self._timeout)
+            return await asyncio.wait_for(ref, limit)
         except asyncio.TimeoutError as e:
-            raise TimeoutError(f"{self.name}: {what} did not answer within {timeout or self._timeout:.0f} s") from e
+            raise TimeoutError(f"{self.name}: {what} did not answer within {limit:.0f} s") from e
         except Exception as e:
             if is_actor_loss(e):
                 raise EngineLostError(f"{self.name}: {what} failed, the engine actor is gone: {e}") from e
             raise
 
     async def generate_group(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
-        return await self._await(self.handle.generate_group.remote(list(requests)), "generate")
+        # No time limit: generations may be long; an engine that stops is caught by the stall
+        # watch (rollout/watchdog.py), which kills it so this call fails with the actor gone.
+        return await self._await(self.handle.generate_group.remote(list(requests)), "generate", timeout=None)
+
+    async def progress(self, request_ids: Sequence[str]) -> dict[str, int]:
+        """Tokens generated so far by each of these requests still in flight."""
+        return await self._await(self.handle.progress.remote(list(request_ids)), "progress", timeout=10.0)
 
     async def update_weights(self, version: int, buckets: Sequence[Any], mode: str | None) -> int:
         return await self._await(

@@ -3,9 +3,8 @@
     dataset cursor ─► _admit_loop ──(slot free? Admission; engine with room? EnginePool)──┐
           ▲  requeue (engine lost, resumed run)                                                  │
           │                                                                                      ▼
-          │      _run_group: engine.generate_group(n requests) ─► continuations of aborted pieces
-          │                  ─► build_sample ─► RewardRunner.score ─► filter ─┬─ drop: slot freed
-          │                                                                   └─ keep: _finished
+          │      GroupRunner.run (rollout/group_runner.py): generate ─► score ─► filter
+          │                  ─┬─ drop: slot freed     └─ keep: FINISHED
           │      _put_loop: all groups finished since the last put ─► ONE buffer.put ─► accepted
     driver ─► update_weights(v, buckets): every engine loads v (mode keep|wait|abort), then slots
               for v open; evaluate(): greedy eval pinned to one weight version; metrics();
@@ -15,14 +14,13 @@ One asyncio loop owns everything (a Ray async actor in a run, `RolloutManagerAct
 loop with local clients). Many groups are in flight per engine at once; each engine batches its
 requests continuously. Reward scoring runs in the runner's workers, never on this loop.
 Any unexpected error stops the manager; `check()` re-raises it for the driver with the group
-and engine named.
+and engine named. The whole async design (every loop, what wakes it): docs/design.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -35,26 +33,22 @@ from slime_rl.rewards.runner import RewardRunner
 from slime_rl.rollout.admission import Admission, GroupWork
 from slime_rl.rollout.config import DataConfig, EvalConfig, RolloutConfig
 from slime_rl.rollout.cursor import DatasetCursor
-from slime_rl.rollout.data import Prompt, PromptDataset
-from slime_rl.rollout.engine_pool import EngineClient, EngineLostError, EnginePool, EngineSlot
+from slime_rl.rollout.data import PromptDataset
+from slime_rl.rollout.engine_pool import EngineClient, EnginePool, EngineSlot
 from slime_rl.rollout.engines.base import (
-    FinishReason,
-    GenerateRequest,
-    SamplingParams,
     sampling_from_config,
 )
 from slime_rl.rollout.evaluation import evaluate_prompts
-from slime_rl.rollout.filters import GroupFilter, reward_std
+from slime_rl.rollout.filters import GroupFilter
 from slime_rl.rollout.fleet import EngineFleet
+from slime_rl.rollout.group_runner import GroupRunner, request_seed
 from slime_rl.rollout.launcher import EngineLaunchSpec, RayLauncher
-from slime_rl.rollout.samples import build_sample, merge_results
 from slime_rl.rollout.stats import RolloutStats
+from slime_rl.rollout.watchdog import StallWatch
+
+from slime_rl.tracing import Tracer
 
 logger = logging.getLogger(__name__)
-
-_MAX_PIECES = 64
-"""Most continuations of one response (each weight update in abort mode adds one)."""
-
 
 class RolloutError(RuntimeError):
     """The rollout side stopped; the message names what failed (group, engine, cause)."""
@@ -82,12 +76,15 @@ class ManagerSpec:
     scale; None: only the engines passed in (in-process use, tests)."""
     engine_prefix: str = "engine"
     """Engine actor names are `<engine_prefix>-<k>` (a run: `<run>-engine`)."""
-
-
-def request_seed(run_seed: int, request_key: str) -> int:
-    """A per-request sampling seed: the same run seed and request give the same tokens."""
-    digest = hashlib.blake2b(f"{run_seed}:{request_key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+    trace: bool = True
+    """Record the timeline (`logging.trace`; the driver drains it once per step)."""
+    reward_faults: Any = None
+    """`faults.reward` (a `RewardFaultsConfig`): reward terms that hang / raise / return NaN."""
+    corrupt_rows: list[int] = dataclasses.field(default_factory=list)
+    """`faults.corrupt_rows`: train rows made unparsable when loaded."""
+    delay_weight_sync_s: float = 0.0
+    """`faults.delay_weight_sync_s` at version `delay_weight_sync_at_step` (0 = every version)."""
+    delay_weight_sync_at_step: int = 0
 
 
 class RolloutManager:
@@ -116,6 +113,11 @@ class RolloutManager:
         self.filter = GroupFilter(r.filter, base_dir=spec.base_dir)
         self.stats = RolloutStats()
         self.sampling = sampling_from_config(r)
+        self.tracer = Tracer("rollout-manager", enabled=spec.trace)
+        self.watch = StallWatch(self.admission, self.pool, stall_factor=r.stall_factor, stall_min_s=r.stall_min_s,
+                                engine_stall_s=r.engine_stall_s, kill=_kill_engine)
+        self.groups: GroupRunner | None = None
+        """Runs each admitted group (built in `setup`, once the tokenizer and rewards are loaded)."""
         self.tokenizer: Any = None
         self.train_data: PromptDataset | None = None
         self.eval_data: PromptDataset | None = None
@@ -123,6 +125,8 @@ class RolloutManager:
         self.runner: RewardRunner | None = None
         self.eval_runner: RewardRunner | None = None
         self._finished_event = asyncio.Event()
+        self._left_ledger = asyncio.Event()
+        """Set whenever a group was accepted, released or requeued (`wait_due` wakes on it)."""
         self._wake = asyncio.Event()
         self._put_lock = asyncio.Lock()
         self._version_lock = asyncio.Lock()
@@ -132,8 +136,6 @@ class RolloutManager:
         self._stopping = False
         self._busy_mark: dict[str, float] = {}
         self._window_start = time.monotonic()
-        self._drop_streak = 0
-        self._warned_filter = False
         self._last_update: dict[str, float] = {}
         self.max_prompt_tokens = 0
         self.episodes: Any = None
@@ -153,21 +155,34 @@ class RolloutManager:
         await self.fleet.start(wait=True, timeout_s=r.engine_start_timeout_s)
         limit = await self._model_len()
         self.max_prompt_tokens = r.max_prompt_tokens or max(0, limit - r.max_new_tokens) if limit else r.max_prompt_tokens
+        train_path = spec.data.train_path
+        if spec.corrupt_rows:
+            import tempfile
+
+            from slime_rl.rollout.faults import corrupt_jsonl
+
+            train_path = corrupt_jsonl(train_path, spec.corrupt_rows, tempfile.mkdtemp(prefix="slime-faults-"))
         self.train_data = PromptDataset.load(
-            spec.data.train_path, spec.data, self.tokenizer, max_prompt_tokens=self.max_prompt_tokens, seed=spec.seed, name="train"
+            train_path, spec.data, self.tokenizer, max_prompt_tokens=self.max_prompt_tokens, seed=spec.seed, name="train"
         )
         if spec.data.eval_path:
             self.eval_data = PromptDataset.load(
                 spec.data.eval_path, spec.data, self.tokenizer, max_prompt_tokens=self.max_prompt_tokens, seed=spec.seed, name="eval"
             )
         self.cursor = DatasetCursor(len(self.train_data), seed=spec.seed, shuffle=spec.data.shuffle)
-        self.runner = RewardRunner.from_config(spec.reward, base_dir=spec.base_dir)
+        self.runner = RewardRunner.from_config(spec.reward, base_dir=spec.base_dir, faults=spec.reward_faults)
         self.eval_runner = RewardRunner.from_config(spec.reward, base_dir=spec.base_dir)
         from slime_rl.rollout.episodes import build_episodes
 
         self.episodes = await build_episodes(
             r, self.tokenizer, self.pool, self.sampling, seed_fn=lambda key: request_seed(spec.seed, key),
             max_model_len=limit, base_dir=spec.base_dir, model_name=Path(spec.model_path).name,
+        )
+        self.groups = GroupRunner(
+            r, spec.seed, self.pool, self.admission, self.runner, self.filter, self.stats, self.tokenizer, self.sampling,
+            self.tracer, self.episodes, on_kept=self._finished_event.set, on_slot_free=self._ledger_changed,
+            on_generated=self.watch.finished,
+            stopping=lambda: self._stopping,
         )
         return {
             "train_prompts": len(self.train_data),
@@ -191,7 +206,8 @@ class RolloutManager:
         if self._loops:
             return
         loop = asyncio.get_running_loop()
-        self._loops = [loop.create_task(self._admit_loop()), loop.create_task(self._put_loop())]
+        self._loops = [loop.create_task(self._admit_loop()), loop.create_task(self._put_loop()),
+                       loop.create_task(self.watch.run())]
         for t in self._loops:
             t.add_done_callback(self._loop_done)
 
@@ -217,7 +233,9 @@ class RolloutManager:
             raise RolloutError(f"rollout side failed: {type(self._error).__name__}: {self._error}") from self._error
         return {"in_flight": self.admission.in_flight, "engines_up": self.pool.num_serving,
                 "engines_target": self.fleet.target, "engines_need_weights": len(self.pool.needs_weights()),
-                "engines_lost": self.fleet.lost, "fleet_changes": self.fleet.changes}
+                "engines_lost": self.fleet.lost, "fleet_changes": self.fleet.changes,
+                "groups_generated": self.groups.generated if self.groups else 0,
+                "groups_kept": self.groups.kept if self.groups else 0}
 
     def _engine_lost(self, slot: EngineSlot, record: Any) -> None:
         """An engine's actor is gone (called before any of its groups is requeued: each requeues
@@ -288,8 +306,11 @@ class RolloutManager:
                         w.cancel()
                 continue
             self.admission.start(work, slot.name)
+            self.tracer.instant("admit", group_id=work.group_id, prompt=work.prompt.uid, engine=slot.name,
+                                attempt=work.attempts)
+            self.tracer.counter("groups_in_flight", self.admission.in_flight)
             slot.add(n)
-            task = asyncio.get_running_loop().create_task(self._run_group(work, slot))
+            task = asyncio.get_running_loop().create_task(self.groups.run(work, slot))
             self._tasks.add(task)
             task.add_done_callback(self._group_done)
 
@@ -297,94 +318,6 @@ class RolloutManager:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             self._fail(task.exception())
-
-    # ---- one group -----------------------------------------------------------------------------
-    def _sampling_for(self, prompt: Prompt) -> SamplingParams:
-        by_mode = getattr(self.spec.rollout, "max_new_tokens_by_mode", None) or {}
-        if prompt.mode in by_mode:
-            return dataclasses.replace(self.sampling, max_new_tokens=int(by_mode[prompt.mode]))
-        return self.sampling
-
-    async def _generate(self, slot: EngineSlot, work: GroupWork, n: int, sampling: SamplingParams) -> list[Any]:
-        """Generate `n` responses; responses aborted by a weight update continue where they stopped."""
-        pieces: list[list[Any]] = [[] for _ in range(n)]
-        pending = list(range(n))
-        attempt = 0
-        while pending:
-            requests = []
-            for i in pending:
-                done = [t for p in pieces[i] for t in p.token_ids]
-                key = f"{work.group_id}/{i}/{attempt}"
-                params = dataclasses.replace(
-                    sampling, max_new_tokens=sampling.max_new_tokens - len(done), seed=request_seed(self.spec.seed, key)
-                )
-                requests.append(GenerateRequest(key, [*work.prompt.prompt_ids, *done], params))
-            results = await slot.client.generate_group(requests)
-            again = []
-            for i, res in zip(pending, results):
-                pieces[i].append(res)
-                produced = sum(len(p.token_ids) for p in pieces[i])
-                resumable = res.finish_reason is FinishReason.ABORT and produced < sampling.max_new_tokens
-                if resumable and not self._stopping and attempt + 1 < _MAX_PIECES:
-                    again.append(i)
-            pending = again
-            attempt += 1
-        return [merge_results(p) for p in pieces]
-
-    async def _run_group(self, work: GroupWork, slot: EngineSlot) -> None:
-        n = self.spec.rollout.n_samples_per_prompt
-        sampling = self._sampling_for(work.prompt)
-        t0 = time.monotonic()
-        episodes = self.episodes if self.episodes is not None and self.episodes.replaces_generation else None
-        try:
-            if episodes is not None:  # the one hook: rollout/episodes.py makes the group's samples
-                samples = await episodes.run_group(slot.client, work.prompt, work.group_id, n, sampling,
-                                                   {"engine": slot.name, "epoch": work.epoch})
-            else:
-                merged = await self._generate(slot, work, n, sampling)
-        except EngineLostError:
-            self.pool.release(slot, n)
-            self.pool.mark_down(slot)
-            self.admission.requeue(work)
-            self.stats.requeued += 1
-            self._wake.set()
-            return
-        except Exception as e:
-            self.pool.release(slot, n)
-            raise RolloutError(f"group {work.group_id} on {slot.name}: {type(e).__name__}: {e}") from e
-        self.pool.release(slot, n)
-        gen_s = time.monotonic() - t0
-        samples = samples if episodes is not None else [
-            build_sample(
-                work.prompt, m, group_id=work.group_id, index=i, tokenizer=self.tokenizer,
-                temperature=sampling.temperature, gen_seconds=gen_s,
-                extra_metadata={"engine": slot.name, "epoch": work.epoch},
-            )
-            for i, m in enumerate(merged)
-        ]
-        t1 = time.monotonic()
-        await self.runner.score(samples)
-        reward_s = time.monotonic() - t1
-        keep, reason = (True, "kept") if self.filter.is_noop else self.filter(samples)
-        self.stats.add_group(samples, kept=keep, reason=reason, zero_std=reward_std(samples) == 0.0, gen_s=gen_s, reward_s=reward_s)
-        if keep:
-            self._drop_streak = 0
-            self.admission.finish(work, samples)
-            self._finished_event.set()
-        else:
-            self.admission.release(work)
-            self._note_drop(reason)
-            self._wake.set()
-
-    def _note_drop(self, reason: str) -> None:
-        self._drop_streak += 1
-        if self._drop_streak >= self.spec.rollout.filter_warn_after and not self._warned_filter:
-            self._warned_filter = True
-            logger.warning(
-                "rollout.filter=%s dropped the last %d groups in a row (latest reason: %s): the reward is probably the "
-                "same for every sample (check the reward function and the labels), or the task is far too easy or hard "
-                "for the model; the trainer waits until enough groups pass", self.filter.ref, self._drop_streak, reason,
-            )
 
     async def _put_loop(self) -> None:
         while True:
@@ -394,9 +327,13 @@ class RolloutManager:
                 ready = self.admission.take_finished()
                 if not ready:
                     continue
-                await self.buffer.put(samples_to_batch([s for w in ready for s in w.samples]))
+                t0 = time.monotonic()
+                batch = samples_to_batch([s for w in ready for s in w.samples])
+                await self.buffer.put(batch)
+                self.tracer.complete("put", t0, time.monotonic(), track="buffer", groups=len(ready),
+                                     group_ids=[w.group_id for w in ready], samples=batch.num_rows)
                 self.admission.accept(ready)
-            self._wake.set()
+            self._ledger_changed()
 
     # ---- weights, eval, metrics --------------------------------------------------------------
     async def update_weights(
@@ -408,10 +345,17 @@ class RolloutManager:
         await self.check()
         async with self._version_lock:  # never while an evaluation pins the current version
             t0 = time.monotonic()
+            if self.spec.delay_weight_sync_s and self.spec.delay_weight_sync_at_step in (0, version):
+                logger.warning("faults.delay_weight_sync_s: holding version %d back %.1f s", version,
+                               self.spec.delay_weight_sync_s)
+                await asyncio.sleep(self.spec.delay_weight_sync_s)
             per_engine = await self.pool.update_weights(
                 version, buckets, self.spec.rollout.weight_update_mode, per_engine=per_engine
             )
             seconds = time.monotonic() - t0
+        for name, secs in per_engine.items():
+            if secs == secs:
+                self.tracer.complete("update_weights", t0, t0 + secs, track=name, version=version, engine=name)
         counts = await self.buffer.counts()
         self.admission.set_dropped(counts.dropped_groups)
         self.admission.set_engine_version(version)
@@ -423,6 +367,25 @@ class RolloutManager:
             "rollout/engine_version": float(version),
         }
         return dict(self._last_update)
+
+    def _ledger_changed(self) -> None:
+        self._left_ledger.set()
+        self._wake.set()
+
+    async def wait_due(self, trainer_version: int, timeout_s: float) -> int:
+        """Wait (at most `timeout_s`) until no group the trainer must take at `trainer_version` is
+        still in flight (`Admission.due`); returns how many still are (0: take the batch)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            due = self.admission.due(trainer_version)
+            left = deadline - time.monotonic()
+            if not due or left <= 0 or self._error is not None:
+                return len(due)
+            self._left_ledger.clear()
+            try:
+                await asyncio.wait_for(self._left_ledger.wait(), left)
+            except asyncio.TimeoutError:
+                pass
 
     def open_slots(self, version: int) -> None:
         """Advance admission as if the engines held `version` without loading weights
@@ -440,10 +403,11 @@ class RolloutManager:
             return {}
         await self.check()
         async with self._version_lock:
-            return await evaluate_prompts(
-                self.pool, self.eval_data, self.spec.eval, self.tokenizer, self.eval_runner, seed=self.spec.seed,
-                episodes=self.episodes if self.episodes is not None and self.episodes.replaces_generation else None,
-            )
+            with self.tracer.span("eval", version=self.admission.engine_version):
+                return await evaluate_prompts(
+                    self.pool, self.eval_data, self.spec.eval, self.tokenizer, self.eval_runner, seed=self.spec.seed,
+                    episodes=self.episodes if self.episodes is not None and self.episodes.replaces_generation else None,
+                )
 
     async def metrics(self) -> dict[str, float]:
         """The window's rollout and reward metrics (resets the window)."""
@@ -460,7 +424,9 @@ class RolloutManager:
             idle.append(1.0 - min(1.0, (busy[slot.name] - self._busy_mark.get(slot.name, 0.0)) / window))
         out = self.stats.reduce(self.admission.in_flight, idle)
         self._busy_mark, self._window_start = busy, now
+        out.update(self.watch.metrics())
         out["rollout/num_engines"] = float(self.pool.num_serving)
+        self.tracer.counter("engines_serving", self.pool.num_serving)
         out["rollout/engines_target"] = float(self.fleet.target)
         out["rollout/engines_lost"] = float(self.fleet.lost)
         out.update({k if k.startswith("reward/") else f"reward/{k}": v for k, v in reward.metrics().items()})
@@ -492,3 +458,14 @@ class RolloutManager:
         admission.setdefault("in_flight", state.get("in_flight", []))  # checkpoints before the ledger
         self.admission.load_state_dict(admission, self.train_data.__getitem__)
         self._wake.set()
+
+
+def _kill_engine(client: Any) -> None:
+    """End a stalled engine's actor (Ray actors); in-process engines cannot be killed."""
+    handle = getattr(client, "handle", None)
+    if handle is None:
+        logger.warning("%s is stalled but is not a Ray actor: it cannot be killed", getattr(client, "name", "?"))
+        return
+    import ray
+
+    ray.kill(handle, no_restart=True)

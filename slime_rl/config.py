@@ -23,6 +23,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from slime_rl.buffers.config import BufferConfig
+from slime_rl.faults import FaultsConfig
 from slime_rl.rewards.config import RewardConfig
 from slime_rl.rollout.config import DataConfig, EvalConfig, RolloutConfig
 from slime_rl.trainer.config import TrainerConfig
@@ -171,6 +172,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def sampling_temperature(self) -> float:
         """Temperature of the distribution the engines sample from (1.0 for greedy)."""
@@ -396,8 +398,12 @@ def _check_values(node: DictConfig, cls: type, prefix: str) -> None:
         if OmegaConf.is_missing(node, f.name):
             continue
         sub = _nested_dataclass(cls, f.name)
+        item = _list_item_dataclass(cls, f.name)
         if sub is not None:
             _check_values(node[f.name], sub, prefix=f"{full}.")
+        elif item is not None and node[f.name] is not None:
+            for i, entry in enumerate(node[f.name]):  # e.g. faults.kill[0].actor
+                _check_values(entry, item, prefix=f"{full}[{i}].")
         else:
             _check_field(full, node[f.name], f.metadata)
 

@@ -26,7 +26,6 @@ Checkpoints and resume: `slime_rl.checkpoints`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import signal
 import threading
@@ -41,16 +40,15 @@ import ray
 from slime_rl.checkpoints import RunCheckpoints, latest_checkpoint, resume_point
 from slime_rl.config import Config
 from slime_rl.errors import CALL_TIMEOUT_S, RunError, describe_error
-from slime_rl.metrics import METRICS_FILE, MetricsLogger
+from slime_rl.faults import FaultInjector
+from slime_rl.metrics import MetricsLogger
+from slime_rl.publisher import POLL_S, Publisher, eval_logged_at
 from slime_rl.run_actors import RunActors
-from slime_rl.weight_sync import PendingSync, WeightSyncError
+from slime_rl.tracing import Tracer, open_writer
 
 __all__ = ["Driver", "RunError", "latest_checkpoint"]
 
 logger = logging.getLogger(__name__)
-
-POLL_S = 2.0
-"""How often a wait on the buffer checks that the rollout side is alive."""
 
 HEADLINE = {
     "policy_version": "train/version",
@@ -91,19 +89,24 @@ class Driver:
         self.version = 0
         self.max_staleness = cfg.max_staleness()
         self.global_batch_groups = cfg.trainer.global_batch_groups
-        self._sync: PendingSync | None = None
-        self._last_sync: dict[str, float] = {}
-        self._evals: list[tuple[int, Any]] = []
-        self._eval_due: list[int] = []
-        """Steps whose eval waits for the weight sync in flight (it must evaluate those weights)."""
+        self.faults: FaultInjector | None = None
+        self.pub: Publisher | None = None
+        """Weight versions to the engines and evals on them (once the actors run)."""
         self._stop_requested = False
+        self.stop_signal: str | None = None
+        """SIGINT or SIGTERM when a signal stopped the run."""
         self._abort = False
         self._t_start = time.monotonic()
         self._wall_before = 0.0
         """Wall seconds of the sessions before a resume (from the checkpoint)."""
         self.checkpoints: RunCheckpoints | None = None
+        self.tracer = Tracer("driver", enabled=cfg.logging.trace)
+        self.trace: Any = None
+        """`TraceWriter` of `<run_dir>/trace.json` (None with logging.trace off)."""
+        self.working_on = 1
+        """The step in progress (named by failures: the step after the last one logged)."""
         self._fleet_changes: int | None = None
-        self._engines_lost_at_publish = 0
+        self._dropped_seen = 0
 
     # ---- entry ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -119,10 +122,15 @@ class Driver:
         """
         cfg = self.cfg
         in_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, self._on_sigint) if in_main else None
+        previous = self._catch_signals() if in_main else None
         try:
             self.actors = RunActors.start(cfg)
+            if in_main:
+                self._catch_signals()  # again: connecting to Ray installs its own SIGTERM handler
             self.checkpoints = RunCheckpoints(cfg, self.actors)
+            self.pub = Publisher(self.actors, self.tracer, sync_mode=cfg.run.mode == "sync", eval_path=cfg.data.eval_path,
+                                 engines_lost=self._engines_lost)
+            self.faults = FaultInjector(cfg.faults, self.actors, cfg.run.name) if cfg.faults.any_driver_faults else None
             resume_from = resume_point(cfg)
             start_step = self._restore(resume_from) if resume_from else 0
             self.log = MetricsLogger(
@@ -130,14 +138,16 @@ class Driver:
                 wandb_project=cfg.logging.wandb_project, run_name=cfg.run.name, config=_plain_config(cfg),
                 progress=cfg.logging.progress, plot_every=cfg.logging.plot_every, resume=resume_from is not None,
             )
+            self.trace = open_writer(self.run_dir, cfg.logging, run_name=cfg.run.name,
+                                     resume_step=start_step if resume_from is not None else None)
             if resume_from is not None:
                 self.checkpoints.drop_samples_after(start_step)
             self._train(start_step, resumed=resume_from is not None)
-            summary = self.log.close(exit_code=130 if self._stop_requested else 0)
+            summary = self.log.close(exit_code=(143 if self.stop_signal == "SIGTERM" else 130) if self._stop_requested else 0)
             table = self.log.summary_table()
             self.log = None
             return {"summary": summary, "table": table, "run_dir": str(self.run_dir),
-                    "interrupted": self._stop_requested, "last_step": self.step}
+                    "interrupted": self._stop_requested, "last_step": self.step, "signal": self.stop_signal}
         except KeyboardInterrupt:
             self._abort = True
             raise
@@ -146,21 +156,32 @@ class Driver:
         except RunError:
             raise
         except Exception as e:
-            raise RunError(f"step {self.step + 1}: {describe_error(e)}") from e
+            raise RunError(f"step {self.working_on}: {describe_error(e)}") from e
         finally:
+            self._close_trace()
             if self.log is not None:
                 self.log.close(exit_code=1)
             if self.actors is not None:
                 self.actors.shutdown(graceful=not self._abort)
             if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self._stop_requested:  # second Ctrl-C: stop now
+    def _catch_signals(self) -> dict[int, Any]:
+        """Ctrl-C (SIGINT) and SIGTERM (a scheduler, `kill`, `docker stop`) both stop gracefully;
+        returns the handlers they replace."""
+        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self._stop_requested:  # the second one: stop now
+            logger.warning("%s again: aborting (every actor killed, no checkpoint of this step)", name)
             self._abort = True
             raise KeyboardInterrupt
         self._stop_requested = True
-        logger.warning("Ctrl-C: finishing the current step, then checkpoint and shut down (Ctrl-C again to abort)")
+        self.stop_signal = name
+        logger.warning("%s: finishing the current step, then checkpoint and shut down (%s again to abort)",
+                       "Ctrl-C" if signum == signal.SIGINT else name, "Ctrl-C" if signum == signal.SIGINT else name)
 
     # ---- remote calls --------------------------------------------------------------------------
     def _get(self, ref: Any, actor: str, what: str, timeout: float | None = CALL_TIMEOUT_S) -> Any:
@@ -168,7 +189,7 @@ class Driver:
         try:
             return ray.get(ref, timeout=timeout)
         except Exception as e:
-            raise RunError(f"step {self.step + 1}: {what} on {actor} failed: {describe_error(e)}") from e
+            raise RunError(f"step {self.working_on}: {what} on {actor} failed: {describe_error(e)}") from e
 
     @property
     def _rollout_name(self) -> str:
@@ -188,30 +209,42 @@ class Driver:
         if start_step >= cfg.run.num_steps:
             logger.warning("the checkpoint is at step %d of run.num_steps=%d: nothing left to train (raise "
                            "run.num_steps to continue)", start_step, cfg.run.num_steps)
-        if not (resumed and self._eval_logged_at(start_step)):
-            self._queue_eval()  # the starting weights (after a resume: the restored ones)
+        if not (resumed and eval_logged_at(self.run_dir, start_step)):
+            self.pub.queue_eval(self.step)  # the starting weights (after a resume: the restored ones)
         self._get(a.manager.start.remote(), self._rollout_name, "start")
         last_done = time.monotonic()
         for step in range(start_step + 1, cfg.run.num_steps + 1):
             if self._stop_requested:
                 break
+            self.working_on = step
             t0 = time.monotonic()
             batch = self._next_batch()
             if batch is None:  # Ctrl-C while waiting: the groups stay buffered and are checkpointed
                 break
-            waited = time.monotonic() - t0
+            t1 = time.monotonic()
+            waited = t1 - t0
+            self.tracer.complete("buffer_wait", t0, t1, step=step)
             metrics = a.trainer.train_step(batch.table_ref)
             self.step, self.version = step, a.trainer.version
+            self.tracer.complete("train_step", t1, time.monotonic(), track="trainer-rank0", step=step, version=self.version,
+                                 samples=batch.num_samples, tokens=metrics.get("train/tokens"))
             publish = step % cfg.weight_sync.interval == 0 or step == cfg.run.num_steps
             if publish:
-                self._wait_sync()  # the previous sync (the next one waits for it anyway); its metrics go in this line
-            metrics.update(self._get(a.manager.metrics.remote(), self._rollout_name, "metrics"))
+                self.pub.wait(self.step)  # the previous sync (the next one waits for it anyway); its metrics go in this line
+            rollout_metrics, events = self._get([a.manager.metrics.remote(), a.manager.drain_trace.remote()],
+                                                self._rollout_name, "metrics")
+            metrics.update(rollout_metrics)
             metrics.update(self._get(a.buffer.stats.remote(), self._buffer_name, "stats"))
+            self._warn_stale_drops(metrics.get("buffer/dropped_stale", 0.0), step)
             self._follow_fleet(a.check_rollout(step))
             now = time.monotonic()
+            self.tracer.complete("step", last_done, now, step=step, version=self.version)
+            self._add_trace(events, step)
             self._log_step(step, batch.num_samples, metrics, now - last_done, waited)
             last_done = now
-            self._drain_evals(block=False)
+            if self.faults is not None:
+                self.faults.after_step(step)
+            self.pub.drain_evals(False, self.log, self._rollout_name)
             if cfg.logging.save_samples:
                 self._save_samples(step, batch.table_ref)
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
@@ -219,24 +252,25 @@ class Driver:
                 # resume every one of them comes from the restored weights (pushed by _restore).
                 self._checkpoint()
             if publish:
-                self._publish()
+                self.pub.publish(self.step, self.version)
             if cfg.eval.interval and step % cfg.eval.interval == 0 and step != cfg.run.num_steps:
-                self._queue_eval()
-            self._submit_due_evals()
+                self.pub.queue_eval(self.step)
+            self.pub.submit_due_evals(self.step)
         if self._stop_requested:
-            logger.warning("stopped after step %d as asked (Ctrl-C); resume with checkpoint.resume=auto", self.step)
+            logger.warning("stopped after step %d as asked (%s); resume with checkpoint.resume=auto", self.step,
+                           self.stop_signal or "Ctrl-C")
         self._finish()
 
     def _finish(self) -> None:
         """Final sync, final eval (not after Ctrl-C), final checkpoint."""
-        self._wait_sync()
+        self.pub.wait(self.step)
         if self._stop_requested:
-            self._drain_evals(block=False)  # results already in; the others are not waited for
+            self.pub.drain_evals(False, self.log, self._rollout_name)  # results already in; the others are not waited for
         else:
             if self.cfg.data.eval_path:
-                self._queue_eval()  # after the final sync: the final weights
-            self._submit_due_evals()
-            self._drain_evals(block=True)
+                self.pub.queue_eval(self.step)  # after the final sync: the final weights
+            self.pub.submit_due_evals(self.step)
+            self.pub.drain_evals(True, self.log, self._rollout_name)
         if self.step:
             self._checkpoint(final=True)
 
@@ -251,16 +285,22 @@ class Driver:
         no_engines_since: float | None = None
         try:
             while True:
-                info_ref, table_ref = a.buffer.take_batch.remote(self.global_batch_groups, self.version, self.max_staleness, POLL_S)
-                try:
-                    info = ray.get(info_ref, timeout=POLL_S + CALL_TIMEOUT_S)
-                    return BatchRef(table_ref, int(info["num_samples"]), int(info["num_groups"]))
-                except BufferTimeoutError:
-                    pass
-                except Exception as e:
-                    raise RunError(f"step {self.step + 1}: get_batch on {self._buffer_name} failed: "
-                                   f"{describe_error(e)}") from e
-                status = a.check_rollout(self.step + 1)
+                # Groups that must be in this batch (admitted S versions ago) may still be generating:
+                # wait for them rather than train newer ones and drop them as stale later.
+                due = self._get(a.manager.wait_due.remote(self.version, POLL_S), self._rollout_name, "wait_due",
+                                timeout=POLL_S + CALL_TIMEOUT_S) if a.manager is not None else 0
+                if not due:
+                    info_ref, table_ref = a.buffer.take_batch.remote(self.global_batch_groups, self.version,
+                                                                     self.max_staleness, POLL_S)
+                    try:
+                        info = ray.get(info_ref, timeout=POLL_S + CALL_TIMEOUT_S)
+                        return BatchRef(table_ref, int(info["num_samples"]), int(info["num_groups"]))
+                    except BufferTimeoutError:
+                        pass
+                    except Exception as e:
+                        raise RunError(f"step {self.working_on}: get_batch on {self._buffer_name} failed: "
+                                       f"{describe_error(e)}") from e
+                status = a.check_rollout(self.working_on)
                 self._follow_fleet(status)
                 if self._stop_requested:
                     return None
@@ -271,7 +311,7 @@ class Driver:
                     self.log.set_note(f"waiting: 0 engines for {now - no_engines_since:.0f} s")
                     if now - no_engines_since > self.cfg.rollout.no_engine_timeout_s:
                         raise NoEnginesError(
-                            f"step {self.step + 1}: no rollout engine served for {now - no_engines_since:.0f} s "
+                            f"step {self.working_on}: no rollout engine served for {now - no_engines_since:.0f} s "
                             f"(rollout.no_engine_timeout_s={self.cfg.rollout.no_engine_timeout_s:.0f}); target "
                             f"{status.get('engines_target')} engine(s), the cluster has no room for one"
                         )
@@ -279,15 +319,32 @@ class Driver:
                 no_engines_since = None
                 self.log.set_note(None)
                 if now > deadline:
+                    generated, kept = status.get("groups_generated", 0), status.get("groups_kept", 0)
+                    hint = (f"; rollout.filter kept {kept} of the {generated} groups generated: the reward may be the "
+                            "same for every sample of a group (check the reward function and the labels)"
+                            if generated > kept else "")
                     raise RunError(
-                        f"step {self.step + 1}: no batch of {self.global_batch_groups} groups within staleness {self.max_staleness} of version "
-                        f"{self.version} after {self.cfg.buffer.get_timeout_s:.0f} s (buffer.get_timeout_s); rollout side: "
-                        f"{', '.join(f'{k}={v}' for k, v in status.items())}; if rollout.filter drops most groups the reward "
-                        "may be constant"
+                        f"step {self.working_on}: no batch of {self.global_batch_groups} groups within staleness "
+                        f"{self.max_staleness} of version {self.version} after {self.cfg.buffer.get_timeout_s:.0f} s "
+                        f"(buffer.get_timeout_s); {generated} groups generated, {kept} kept, "
+                        f"{status.get('in_flight', 0)} in flight, {status.get('engines_up', 0)} engine(s) serving{hint}"
                     )
         finally:
             if self.log is not None:
                 self.log.set_note(None)
+
+    def _warn_stale_drops(self, dropped: float, step: int) -> None:
+        """The buffer dropped groups as too stale: say how many and why (they are never trained)."""
+        new = int(dropped) - self._dropped_seen
+        if new <= 0:
+            return
+        self._dropped_seen = int(dropped)
+        logger.warning(
+            "step %d: the buffer dropped %d group(s) older than buffer.max_staleness=%d at trainer version %d (%d in "
+            "all); they will not be trained. Admission and the trainer's wait for due groups keep this at 0 unless a "
+            "group is overtaken by more than a batch of newer ones across several versions (very uneven generation "
+            "times) or a resumed checkpoint disagrees with its buffer; raise buffer.max_staleness to keep such groups",
+            step, new, self.max_staleness, self.version, int(dropped))
 
     def _follow_fleet(self, status: dict[str, int]) -> None:
         """Engines came or went: rewrite actors.json; an engine waiting for weights (collective
@@ -300,100 +357,18 @@ class Driver:
                 a.write_actors_json()
             except OSError as e:
                 logger.warning("could not write actors.json: %s", e)
-        if status.get("engines_need_weights") and a.weight_sync is not None and (self._sync is None or self._sync.done()):
-            self._publish()
-
-    def _publish(self) -> None:
-        """Start syncing the current weights; the previous sync must have finished first."""
-        self._wait_sync()
-        self._submit_due_evals()  # an eval waiting for the previous weights goes before the new ones
-        self._engines_lost_at_publish = self._engines_lost()
-        try:
-            self._sync = self.actors.weight_sync.publish(self.version)
-        except WeightSyncError as e:
-            raise RunError(f"step {self.step}: {e}") from e
-        if self.cfg.run.mode == "sync":
-            self._wait_sync()
+        if status.get("engines_need_weights") and a.weight_sync is not None and self.pub.idle():
+            self.pub.publish(self.step, self.version)
 
     def _engines_lost(self) -> int:
         a = self.actors
-        return int(a.check_rollout(self.step + 1).get("engines_lost", 0)) if a.manager is not None else 0
-
-    def _wait_sync(self) -> None:
-        if self._sync is None:
-            return
-        try:
-            self._last_sync = self._sync.wait()
-        except WeightSyncError as e:
-            if self._engines_lost() == self._engines_lost_at_publish:
-                raise RunError(f"step {self.step}: {e}") from e
-            # An engine went away during the sync (a collective group then breaks): once more,
-            # to the engines there are now.
-            logger.warning("weight sync of version %d failed while an engine was lost (%s); publishing it again",
-                           self.version, e)
-            self._engines_lost_at_publish = self._engines_lost()
-            try:
-                self._sync = self.actors.weight_sync.publish(self.version)
-                self._last_sync = self._sync.wait()
-            except WeightSyncError as e2:
-                raise RunError(f"step {self.step}: {e2}") from e2
-
-    # ---- eval ----------------------------------------------------------------------------------
-    def _queue_eval(self) -> None:
-        """Evaluate the weights of the current step: now, or once the sync in flight has loaded them
-        (the trainer never waits for an eval or for the sync it needs)."""
-        if not self.cfg.data.eval_path:
-            return
-        self._eval_due.append(self.step)
-        self._submit_due_evals()
-
-    def _submit_due_evals(self) -> None:
-        if not self._eval_due:
-            return
-        if self._sync is not None and not self._sync.done():
-            return
-        self._wait_sync()  # finished: record its metrics (or raise its error)
-        for step in self._eval_due:
-            self._evals.append((step, self.actors.manager.evaluate.remote()))
-        self._eval_due = []
-
-    def _drain_evals(self, block: bool) -> None:
-        keep = []
-        for step, ref in self._evals:
-            while True:
-                ready, _ = ray.wait([ref], timeout=POLL_S if block else 0)
-                if ready or not block:
-                    break
-                self.actors.check_rollout(step)  # a dead rollout side ends the wait
-            if not ready:
-                keep.append((step, ref))
-                continue
-            result = self._get(ref, self._rollout_name, f"evaluate (step {step})")
-            if result and self.log is not None:
-                self.log.log_eval(step, result)
-                logger.info("eval at step %d (version %d): accuracy %.3f", step, int(result.get("eval/version", -1)),
-                            result.get("eval/accuracy", float("nan")))
-        self._evals = keep
-
-    def _eval_logged_at(self, step: int) -> bool:
-        """Whether metrics.jsonl already holds an eval of `step` (kept from before a resume)."""
-        path = self.run_dir / METRICS_FILE
-        if not path.exists():
-            return False
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if obj.get("kind") == "eval" and obj.get("step") == step:
-                return True
-        return False
+        return int(a.check_rollout(self.working_on).get("engines_lost", 0)) if a.manager is not None else 0
 
     # ---- metrics and samples -------------------------------------------------------------------
     def _log_step(self, step: int, num_samples: int, metrics: dict[str, float], wall: float, waited: float) -> None:
         tokens = metrics.get("train/tokens", 0.0)
         out = dict(metrics)
-        out.update(self._last_sync)
+        out.update(self.pub.last)
         out.update({
             "perf/samples": float(num_samples),
             "perf/step_time_s": wall,
@@ -426,6 +401,7 @@ class Driver:
         for step in range(start_step + 1, self.cfg.run.num_steps + 1):
             if self._stop_requested:
                 break
+            self.working_on = step
             t0 = time.monotonic()
             batch = self._next_batch()
             if batch is None:
@@ -433,8 +409,10 @@ class Driver:
             self._get(a.manager.open_slots.remote(step), self._rollout_name, "open_slots")
             self.step = step
             self._save_samples(step, batch.table_ref)
-            metrics = self._get(a.manager.metrics.remote(), self._rollout_name, "metrics")
+            metrics, events = self._get([a.manager.metrics.remote(), a.manager.drain_trace.remote()], self._rollout_name, "metrics")
             metrics.update(self._get(a.buffer.stats.remote(), self._buffer_name, "stats"))
+            self.tracer.complete("step", t0, time.monotonic(), step=step, version=0)
+            self._add_trace(events, step)
             self._log_step(step, batch.num_samples, metrics, time.monotonic() - t0, 0.0)
 
     def _train_only(self, start_step: int) -> None:
@@ -447,10 +425,13 @@ class Driver:
         for step in range(start_step + 1, self.cfg.run.num_steps + 1):
             if self._stop_requested:
                 break
+            self.working_on = step
             t0 = time.monotonic()
             table = read_batch(files[(step - 1) % len(files)])
             metrics = self.actors.trainer.train_step(table)
             self.step, self.version = step, self.actors.trainer.version
+            self.tracer.complete("train_step", t0, time.monotonic(), track="trainer-rank0", step=step, version=self.version)
+            self._add_trace([], step)
             self._log_step(step, table.num_rows, metrics, time.monotonic() - t0, 0.0)
             if self.cfg.checkpoint.interval and step % self.cfg.checkpoint.interval == 0:
                 self._checkpoint()
@@ -462,7 +443,7 @@ class Driver:
         """Checkpoint the last completed step after the rollout side gave out (the trainer and
         buffer are intact); returns what to tell the user."""
         try:
-            self._wait_sync()
+            self.pub.wait(self.step)
             path = self._checkpoint()
         except Exception as e:  # noqa: BLE001 - the original error is what the user needs
             return f"no checkpoint could be written ({describe_error(e)})"
@@ -470,17 +451,44 @@ class Driver:
 
     def _checkpoint(self, final: bool = False) -> Path:
         wall = self._wall_before + time.monotonic() - self._t_start
-        return self.checkpoints.save(self.step, self.version, wall, final=final)
+        with self.tracer.span("checkpoint", step=self.step, final=final):
+            return self.checkpoints.save(self.step, self.version, wall, final=final)
+
+    # ---- timeline ------------------------------------------------------------------------------
+    def _add_trace(self, manager_events: list[dict[str, Any]], step: int) -> None:
+        if self.trace is not None:
+            self.trace.add(self.tracer.drain() + list(manager_events or []), step=step)
+            self.trace.flush()
+
+    def _close_trace(self) -> None:
+        """Last events (the manager's, if it still answers) and a final trace.json; never hides
+        the run's own error."""
+        if self.trace is None:
+            return
+        try:
+            events: list[dict[str, Any]] = []
+            if self.actors is not None and self.actors.manager is not None:
+                try:
+                    events = ray.get(self.actors.manager.drain_trace.remote(), timeout=5)
+                except Exception:  # the rollout side is gone: what the driver recorded still goes in
+                    pass
+            self.trace.add(self.tracer.drain() + events, step=self.step)
+            self.trace.close()
+        except Exception as e:  # noqa: BLE001
+            logger.warning("could not write the trace: %s", e)
+        finally:
+            self.trace = None
 
     def _restore(self, path: Path) -> int:
         """Load a run checkpoint (`RunCheckpoints.restore`), then push the restored weights to the
         engines so they serve the restored policy, not the initial one (slime #1695)."""
         state = self.checkpoints.restore(path)
         self.step, self.version, self._wall_before = state["step"], state["version"], state["wall_s"]
+        self.working_on = self.step + 1
         a = self.actors
         if self.version and a.weight_sync is not None and a.manager is not None:
-            self._sync = a.weight_sync.publish(self.version)
-            self._wait_sync()
+            self.pub.publish(self.step, self.version)
+            self.pub.wait(self.step)
         return self.step
 
 

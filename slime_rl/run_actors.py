@@ -94,8 +94,11 @@ class RunActors:
                                 *(f"{name}-engine-{i}" for i in range(cfg.rollout.num_engines))])
         # The buffer and the manager stay with the driver: a rollout node that leaves takes only engines.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        # With a log (buffer.spill_dir) a buffer that dies is restarted by Ray and rebuilds itself from
+        # the log; calls in flight are retried (its put is idempotent per group id).
+        restarts = {"max_restarts": 3, "max_task_retries": -1} if cfg.buffer.spill_dir else {}
         self.buffer = create_buffer_actor(cfg.buffer, group_size=cfg.rollout.n_samples_per_prompt,
-                                          name=f"{name}-buffer", scheduling_strategy=here)
+                                          name=f"{name}-buffer", scheduling_strategy=here, **restarts)
         ray.get(self.buffer.ready.remote())
         custom = dict(cfg.ray.engine_resources)
         launch = EngineLaunchSpec(
@@ -107,7 +110,9 @@ class RunActors:
             rollout=cfg.rollout, data=cfg.data, reward=cfg.reward, eval=cfg.eval, model_path=model_path,
             tokenizer_path=cfg.model.tokenizer_path, global_batch_groups=cfg.trainer.global_batch_groups,
             max_staleness=cfg.max_staleness(), seed=cfg.run.seed, base_dir=str(Path.cwd()), launch=launch,
-            engine_prefix=f"{name}-engine",
+            engine_prefix=f"{name}-engine", trace=cfg.logging.trace, reward_faults=cfg.faults.reward,
+            corrupt_rows=list(cfg.faults.corrupt_rows), delay_weight_sync_s=cfg.faults.delay_weight_sync_s,
+            delay_weight_sync_at_step=cfg.faults.delay_weight_sync_at_step,
         )
         self.manager = start_rollout_manager(spec, [], [], self.buffer, name=f"{name}-rollout", scheduling_strategy=here)
         self.setup_info = ray.get(self.manager.setup.remote())

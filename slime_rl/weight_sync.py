@@ -74,7 +74,10 @@ class PendingSync:
         return len(ready) == len(refs)
 
     def _fail(self, side: str, e: BaseException) -> WeightSyncError:
-        return WeightSyncError(f"weight sync of version {self.version} over {self.transport} failed on {side}: {e}")
+        from slime_rl.errors import describe_error
+
+        return WeightSyncError(f"weight sync of version {self.version} over {self.transport} failed on {side}: "
+                               f"{describe_error(e)}")
 
     def wait(self) -> dict[str, float]:
         if self._result is not None:
@@ -197,7 +200,10 @@ class WeightSync:
         try:
             refs, trainer_refs, nbytes, cleanup = getattr(self, f"_start_{self.transport}")(version)
         except Exception as e:
-            raise WeightSyncError(f"weight sync of version {version} over {self.transport} could not start: {e}") from e
+            from slime_rl.errors import describe_error
+
+            raise WeightSyncError(f"weight sync of version {version} over {self.transport} could not start: "
+                                  f"{describe_error(e)}") from e
         return PendingSync(version, self.transport, refs, nbytes, t0, self.timeout_s, cleanup,
                            trainer_refs=trainer_refs, overlapped=self.transport == "collective")
 

@@ -113,30 +113,39 @@ class CollectiveSpec:
 
 
 class _Groups:
-    """Weight-sync process groups of this process, by `CollectiveSpec.key`."""
+    """Weight-sync process groups of this process, by `CollectiveSpec.key` and rank."""
 
     _lock = threading.Lock()
-    _groups: dict[tuple[str, int, int], Any] = {}
+    _groups: dict[tuple, Any] = {}
+    _joining: dict[tuple, threading.Lock] = {}
 
     @classmethod
     def get(cls, spec: CollectiveSpec, rank: int) -> Any:
         """Join (first call: blocks until every member joined, at most `timeout_s`) or reuse."""
+        key = (*spec.key, rank)
         with cls._lock:
-            if spec.key not in cls._groups:
+            if key in cls._groups:
+                return cls._groups[key]
+            joining = cls._joining.setdefault(key, threading.Lock())
+        with joining:  # (not under `_lock`: joining waits for the other members)
+            if key not in cls._groups:
                 timeout = datetime.timedelta(seconds=spec.timeout_s)
                 store = torch.distributed.TCPStore(spec.host, spec.port, spec.world, rank == 0, timeout=timeout)
                 if spec.backend == "nccl":
                     group = torch.distributed.ProcessGroupNCCL(store, rank, spec.world)
                 else:
                     group = torch.distributed.ProcessGroupGloo(store, rank, spec.world, timeout)
-                cls._groups[spec.key] = group
-            return cls._groups[spec.key]
+                with cls._lock:
+                    cls._groups[key] = group
+        return cls._groups[key]
 
     @classmethod
     def drop(cls, spec: CollectiveSpec) -> None:
-        """Forget (and so free) this process's group of `spec`, if any."""
+        """Forget (and so free) this process's groups of `spec`, if any."""
         with cls._lock:
-            cls._groups.pop(spec.key, None)
+            for key in [k for k in cls._groups if k[:3] == spec.key]:
+                del cls._groups[key]
+                cls._joining.pop(key, None)
 
 
 def flat_offsets(shapes: tuple[tuple[int, ...], ...], dtypes: tuple[str, ...]) -> tuple[list[int], int]:

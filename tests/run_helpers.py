@@ -133,7 +133,7 @@ def _group_accounting(run_dir: Path, n_samples: int, train_path: Path, model_dir
     state = json.loads((final / "run_state.json").read_text())["rollout"]
     with ipc.open_file(str(final / "buffer" / "buffer_groups.arrow")) as f:
         buffered = set(f.read_all().column("group_id").to_pylist())
-    in_flight = {gid for gid, _, _ in state["admission"]["in_flight"]}
+    in_flight = {entry[0] for entry in state["admission"]["in_flight"]}
     handed = state["cursor"]["epoch"] * state["cursor"]["size"] + state["cursor"]["position"]
     expected = set(_cursor_group_ids(train_path, model_dir, handed))
     trained_ids = set(trained)

@@ -12,7 +12,8 @@
            └─ for each mini-batch: micro-batches ─► forward ─► loss share ─► backward
                                    ─► clip grad norm ─► AdamW step ─► LR scheduler step
                                    (skipped when no rank has a loss token)
-      version += 1 ─► metrics reduced across ranks
+      version += 1 ─► metrics reduced across ranks (with perf/train_*_s: where the step's
+                      seconds went, per phase; perf/train_positions: input positions computed)
 
 Works alone (no process group: plain module) or as one rank of a torch.distributed group
 (FSDP2 shards; each rank takes its share of the global batch with ``batching.split_batch``,
@@ -73,6 +74,26 @@ def set_torch_threads(n: int) -> None:
     torch._C.set_num_threads(int(n))
 
 
+class PhaseClock:
+    """Seconds per phase of one train step (``perf/train_<phase>_s``). On CUDA each phase ends
+    with a synchronize, so kernels are charged to the phase that launched them."""
+
+    PHASES = ("prepare", "forward", "backward", "optimizer")
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self._t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the last lap to ``phase``."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.seconds[phase] += now - self._t
+        self._t = now
+
+
 class TrainerCore:
     """Model, optimizer and scheduler of one trainer rank, and its train step."""
 
@@ -114,6 +135,7 @@ class TrainerCore:
         config = self.policy.config
         pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
         self.pad_id = int(pad if isinstance(pad, int) else (pad[0] if pad else 0))
+        self._clock = PhaseClock(self.device)
         self.step = 0
         """Train steps completed."""
         self.version = 0
@@ -214,6 +236,7 @@ class TrainerCore:
         except ValueError as e:
             raise ValueError(f"{self._tag()}: {e}") from e
         start = time.perf_counter()
+        clock = self._clock = PhaseClock(self.device)
         rb = RankBatch.from_table(share.table, cfg.exclude_status)
         dev = self.device
         keep_N = rb.kept_N.to(dev)
@@ -258,13 +281,16 @@ class TrainerCore:
 
         lrs: list[float] = []
         grad_norms: list[float] = []
-        skipped = real_micro_batches = 0
+        skipped = real_micro_batches = positions = 0
+        clock.lap("prepare")  # tensors, pre-pass, advantages
         for k, rows in enumerate(share.minibatch_rows()):
             local = torch.tensor([mask_NR[rows].sum().item(), (mask_NR[rows].sum(1) > 0).sum().item()], dtype=torch.float64)
             n_tok, n_seq = self.all_reduce_sum(local).tolist()
             norm = LossNorm(n_tok, n_seq)
             mbs = self._synced_micro_batches(rb, rows)
             real_micro_batches += sum(not mb.dummy for mb in mbs)
+            positions += sum(mb.num_tokens for mb in mbs if not mb.dummy)
+            clock.lap("prepare")
             self.optimizer.zero_grad(set_to_none=True)
             if self.critic_optimizer is not None:
                 self.critic_optimizer.zero_grad(set_to_none=True)
@@ -277,6 +303,7 @@ class TrainerCore:
             if gap is not None:
                 self._check_fresh_gap(gap)
             metrics.add_mean("train/loss", loss_share, per_rank)
+            clock.lap("prepare")
             if n_tok == 0:
                 # No loss token on any rank (all responses empty or excluded): an optimizer step
                 # would still move the weights by Adam's momentum. Skip it (on every rank alike).
@@ -290,7 +317,11 @@ class TrainerCore:
                 metrics.add_max("train/critic_grad_norm", clip_grad_norm(self.critic.parameters(), cfg.optim.grad_clip))
                 self.critic_optimizer.step()
                 self.critic_scheduler.step()
+            clock.lap("optimizer")
         metrics.add_mean("train/micro_batches", real_micro_batches, per_rank)  # summed over ranks and updates
+        metrics.add_mean("perf/train_positions", positions, per_rank)  # summed over ranks
+        for phase, secs in clock.seconds.items():  # the slowest rank's
+            metrics.add_max(f"perf/train_{phase}_s", secs)
         self.step += 1
         self.version += 1
         out = metrics.reduce(self.all_reduce_sum, self.all_reduce_max)
@@ -418,13 +449,17 @@ class TrainerCore:
         if obj.kl_BR is not None:
             metrics.add_mean("train/kl", (obj.kl_BR.detach() * mask_BR).sum(), n_tok)
         metrics.add_mean("train/logprob_mean", (logprobs_BR.detach() * mask_BR).sum(), n_tok)
+        self._clock.lap("forward")
         (loss * self.world_size).backward()
+        self._clock.lap("backward")
         if self.critic is not None:
             with model_lib.autocast(self.device, cfg.batching.precision):
                 values_BR = model_lib.response_values(self.critic, mb)
             vl_BR, vclip_BR = value_loss(values_BR, take(pre["values"]), take(adv.returns_NR), lc.value_clip)
             vloss = lc.value_coef * aggregate(vl_BR, mask_BR, lc.aggregation, norm)
+            self._clock.lap("forward")
             (vloss * self.world_size).backward()
+            self._clock.lap("backward")
             metrics.add_mean("train/value_loss", (vl_BR.detach() * mask_BR).sum(), n_tok)
             metrics.add_mean("train/value_clip_frac", (vclip_BR & (mask_BR > 0)).sum(), n_tok)
         return float(loss.detach())

@@ -36,9 +36,16 @@ class StepMetrics:
         # Values may stay device tensors until reduce(): no host sync per micro-batch.
         self._sums: dict[str, list[float | torch.Tensor]] = {}
         self._maxes: dict[str, list[float | torch.Tensor]] = {}
+        self._omit_empty: set[str] = set()
 
-    def add_mean(self, key: str, total: float | torch.Tensor, count: float | torch.Tensor) -> None:
-        """Add ``total`` over ``count`` items to the mean of ``key``."""
+    def add_mean(
+        self, key: str, total: float | torch.Tensor, count: float | torch.Tensor, omit_if_empty: bool = False
+    ) -> None:
+        """Add ``total`` over ``count`` items to the mean of ``key``. With ``omit_if_empty`` the key
+        is left out of the step's metrics when no item was counted (over all ranks): a mean of
+        nothing is not 0 (e.g. the fresh-token log-prob gap of a step with no fresh token)."""
+        if omit_if_empty:
+            self._omit_empty.add(key)
         acc = self._sums.setdefault(key, [0.0, 0.0])
         acc[0] = acc[0] + _detach(total)
         acc[1] = acc[1] + _detach(count)
@@ -55,7 +62,8 @@ class StepMetrics:
             packed = torch.tensor([[float(v) for v in self._sums[k]] for k in mean_keys], dtype=torch.float64)
             packed = all_reduce_sum(packed)
             for k, (total, count) in zip(mean_keys, packed.tolist(), strict=True):
-                out[k] = total / count if count > 0 else 0.0
+                if count > 0 or k not in self._omit_empty:
+                    out[k] = total / count if count > 0 else 0.0
         max_keys = sorted(self._maxes)
         if max_keys:
             local = [max(float(v) for v in self._maxes[k]) for k in max_keys]

@@ -68,7 +68,8 @@ def record_mismatch(
 
     train/logprob_mismatch        mean |log pi_trainer - log pi_engine|
     train/logprob_mismatch_kl     KL(pi_engine || pi_trainer), k3 estimate on engine samples
-    train/logprob_mismatch_fresh  mean |gap| on tokens of staleness 0 (pure numerics)
+    train/logprob_mismatch_fresh  mean |gap| on tokens of staleness 0 (pure numerics); left out of
+                                  a step that trained no such token
     train/staleness_mean|max      trainer version - token version
     """
     with torch.no_grad():
@@ -79,7 +80,7 @@ def record_mismatch(
         metrics.add_mean("train/logprob_mismatch", diff_BR.abs()[m_BR].sum(), n)
         metrics.add_mean("train/logprob_mismatch_kl", kl_BR[m_BR].sum(), n)
         fresh_BR = m_BR & (staleness_BR == 0)
-        metrics.add_mean("train/logprob_mismatch_fresh", diff_BR.abs()[fresh_BR].sum(), fresh_BR.sum())
+        metrics.add_mean("train/logprob_mismatch_fresh", diff_BR.abs()[fresh_BR].sum(), fresh_BR.sum(), omit_if_empty=True)
         stale_BR = staleness_BR.float()
         metrics.add_mean("train/staleness_mean", stale_BR[m_BR].sum(), n)
         metrics.add_max("train/staleness_max", stale_BR[m_BR].max() if bool(n > 0) else 0.0)

@@ -90,6 +90,10 @@ class BackendThread:
                 fut.set_exception(e)
             else:
                 fut.set_result(result)
+            # Drop this call's arguments now, not when the next call arrives: a weight update's
+            # are a whole state dict, which an idle engine would otherwise keep until the next.
+            del item, fut, fn, args
+            result = None
 
     def shutdown(self, wait: bool = True) -> None:
         """Stop after the calls already queued; later `submit`s raise."""

@@ -44,7 +44,6 @@ _MODEL_FAULTS = ("InvalidModelResponseError", "EmptyModelResponseError", "Overlo
 """verifiers errors caused by what the model wrote: the rollout is kept and scored, not failed."""
 _CONTEXT_FULL = "fills the model's context"
 """How the endpoint's refusal of a call whose conversation fills the context reads."""
-_ROW_SKIP = ("prompt_uid", "temperature", "pieces", "finish_reason", "data_source")
 
 
 class VerifiersHub:
@@ -130,7 +129,7 @@ class VerifiersHub:
 
     def rollout_input(self, prompt: Prompt, index: int) -> dict[str, Any]:
         """The verifiers `RolloutInput` of a dataset row."""
-        row = {k: v for k, v in prompt.metadata.items() if k not in _ROW_SKIP}
+        row = dict(prompt.metadata)  # every other column of the dataset row (info, task, example_id, ...)
         messages = [dict(m) for m in prompt.messages]
         system = getattr(self.env, "system_prompt", None)
         if system and not any(m.get("role") == "system" for m in messages):

@@ -1,5 +1,6 @@
 """Offline tiny model, tokenizer and `arith` task, built locally (nothing is downloaded)."""
 
+from slime_rl.tiny.longtail import LongtailSpec, build_longtail_tiny_model
 from slime_rl.tiny.model import (
     TinyModelReport,
     TinyModelSpec,
@@ -13,9 +14,11 @@ from slime_rl.tiny.tokenizer import CHAT_TEMPLATE, build_tokenizer
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "LongtailSpec",
     "TASKS",
     "TinyModelReport",
     "TinyModelSpec",
+    "build_longtail_tiny_model",
     "build_tiny_model",
     "build_tokenizer",
     "evaluate",

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from cluster_helpers import BIN, free_port
 from run_helpers import _base, _config_file, _train_lines, _write_data
+
+from slime_rl.local_cluster import BIN, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from cluster_helpers import BIN, RayCluster, cluster_env
 from run_helpers import (
     _base,
     _config_file,
@@ -25,6 +24,8 @@ from run_helpers import (
     _wait_for,
     _write_data,
 )
+
+from slime_rl.local_cluster import BIN, RayCluster, cluster_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -131,7 +131,8 @@ def test_resume_forgets_batches_trained_after_the_checkpoint(ray_cluster, tmp_pa
     _group_accounting(run_dir, 2, data / "train.jsonl", tiny_model_dir)
 
 
-def _stop_with_sigint(tmp_path: Path, model_dir: Path, name: str, times: int) -> tuple[int, float, Path, str]:
+def _stop_with_sigint(tmp_path: Path, model_dir: Path, name: str, times: int,
+                      sig: int = signal.SIGINT) -> tuple[int, float, Path, str]:
     data = _write_data(tmp_path / "data", 64)
     cfg = _config_file(tmp_path, [*_base(tmp_path, model_dir, data), f"run.name={name}", "run.num_steps=50",
                                   "rollout.max_new_tokens=16"])
@@ -140,8 +141,11 @@ def _stop_with_sigint(tmp_path: Path, model_dir: Path, name: str, times: int) ->
     proc = _start([cfg], log)
     _wait_for(lambda: len(_train_lines(run_dir)) >= 2, proc, log)
     t0 = time.monotonic()
-    for i in range(times):  # to the whole process group, as a terminal's Ctrl-C does
-        os.killpg(proc.pid, signal.SIGINT)
+    for i in range(times):  # SIGINT: to the whole process group, as a terminal's Ctrl-C does
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:  # SIGTERM: to the driver only, as `kill PID` or a scheduler's stop does
+            os.kill(proc.pid, sig)
         if i + 1 < times:
             time.sleep(0.3)
     rc = proc.wait(timeout=120)
@@ -159,6 +163,16 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_exits_130(tmp_path: Path, tiny
     assert steps == list(range(1, len(steps) + 1)) and len(steps) < 50
     assert _latest_checkpoint(run_dir) == steps[-1], "the final checkpoint is of the last step trained"
     assert took < 60, f"stopping took {took:.0f} s"
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_stops_like_ctrl_c_and_exits_143(tmp_path: Path, tiny_model_dir: Path) -> None:
+    rc, took, run_dir, err = _stop_with_sigint(tmp_path, tiny_model_dir, "term", times=1, sig=signal.SIGTERM)
+    assert rc == 143, err[-3000:]
+    assert "stopped by SIGTERM after step" in err and "Traceback" not in err
+    steps = [r["step"] for r in _train_lines(run_dir)]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) < 50
+    assert _latest_checkpoint(run_dir) == steps[-1], "the final checkpoint is of the last step trained"
 
 
 @pytest.mark.timeout(600)

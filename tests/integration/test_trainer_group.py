@@ -38,6 +38,7 @@ def _cfg(num_workers: int, groups: int, updates: int = 1) -> TrainerConfig:
     cfg = TrainerConfig(num_workers=num_workers, lr=1e-3, timeout_s=120.0, global_batch_groups=groups,
                         max_logprob_mismatch=0.0)
     cfg.batching.max_tokens_per_micro_batch = MICRO_TOKENS
+    cfg.batching.share_prompt = False  # one row per sample, as planned below (shared prompts: test_trainer_micro_batch)
     cfg.batching.updates_per_batch = updates
     return cfg
 

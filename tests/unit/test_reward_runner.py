@@ -267,7 +267,7 @@ def test_runner_rejects_bad_settings():
         RewardRunner([_comp(f)], failure_policy="stop")
 
 
-def test_waiting_calls_fail_fast_when_every_worker_is_stuck_past_its_timeout():
+def test_waiting_calls_fail_fast_when_every_worker_is_stuck_and_none_may_be_abandoned():
     release = threading.Event()
 
     def stuck_first(sample):
@@ -276,12 +276,20 @@ def test_waiting_calls_fail_fast_when_every_worker_is_stuck_past_its_timeout():
         return 1.0
 
     try:
-        outcomes = _run(RewardRunner([_comp(stuck_first)], timeout_s=0.3, max_workers=1), _samples(3))
+        runner = RewardRunner([_comp(stuck_first)], timeout_s=0.3, max_workers=1, max_abandoned=0)
+        outcomes = _run(runner, _samples(3))
     finally:
         release.set()
     assert [o.failed for o in outcomes] == [True, True, True]
     assert "timed out after 0.3 s" in outcomes[0].error
-    assert "no free reward worker: all 1 (reward.max_workers) are still running" in outcomes[1].error
+    assert "no free reward worker: all 1 (reward.max_workers) threads are running calls past" in outcomes[1].error
+    # By default the stuck thread is abandoned and replaced: the other samples score.
+    release.clear()
+    try:
+        outcomes = _run(RewardRunner([_comp(stuck_first)], timeout_s=0.3, max_workers=1), _samples(3))
+    finally:
+        release.set()
+    assert [o.failed for o in outcomes] == [True, False, False]
 
 
 def test_queued_async_reward_timeout_starts_when_it_gets_its_slot():

@@ -165,7 +165,7 @@ def test_snapshot_and_restore_redispatch_groups_in_flight(data_dir: Path, tiny_m
         state = await m.snapshot(str(tmp_path / "ck"))
         await _stop(m)
         held = set(buf.group_ids())
-        in_flight = {gid for gid, _, _ in state["admission"]["in_flight"]}
+        in_flight = {entry[0] for entry in state["admission"]["in_flight"]}
         assert len(held) + len(in_flight) == 4 and not held & in_flight
 
         m2, buf2 = await _make(_spec(data_dir, tiny_model_dir, S=1, B=2), tiny_model_dir)

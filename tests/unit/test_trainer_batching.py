@@ -132,6 +132,20 @@ def test_step_metrics_reduce_means_and_maxes():
     assert m.reduce(lambda t: 2 * t, lambda t: t)["train/a"] == 1.0
 
 
+def test_fresh_logprob_gap_is_left_out_of_a_step_without_fresh_tokens():
+    """A mean over no token is not a perfect match (0.0): the key is absent when nothing was measured."""
+    from slime_rl.trainer.off_policy import record_mismatch
+
+    trainer_BR, behaviour_BR, mask_BR = torch.zeros(2, 3), torch.full((2, 3), -0.5), torch.ones(2, 3)
+    m = StepMetrics()
+    record_mismatch(m, trainer_BR, behaviour_BR, torch.ones(2, 3, dtype=torch.long), mask_BR)  # every token stale
+    out = m.reduce()
+    assert "train/logprob_mismatch_fresh" not in out and out["train/logprob_mismatch"] == 0.5
+    m = StepMetrics()
+    record_mismatch(m, trainer_BR, behaviour_BR, torch.zeros(2, 3, dtype=torch.long), mask_BR)
+    assert m.reduce()["train/logprob_mismatch_fresh"] == 0.5
+
+
 def test_lr_schedule_warmup_then_cosine():
     f = lr_lambda(OptimConfig(warmup_steps=4, schedule="cosine", total_steps=8, min_lr_ratio=0.1))
     # warm-up (s+1)/4 ; then 0.1 + 0.9 * (1 + cos(pi * (s-4)/4)) / 2

@@ -1,9 +1,15 @@
-"""A real multi-node Ray cluster on this machine, for tests: one `ray start --block` process per node.
+"""A real multi-node Ray cluster on one machine: one `ray start --block` process per node.
 
-Each node gets its own loopback IP (127.0.0.2, 127.0.0.3, ...; the head keeps the machine's), its
-own ports, and the custom resources a test asks for. `kill_node` SIGKILLs a node's raylet (the
-abrupt loss of a machine); `stop` ends everything. Drivers (`slime-rl train ...`) run as
-subprocesses with `ray.address` pointing at the head.
+For trying multi-node placement and elastic capacity before a real cluster, and for the tests
+and the scaling benchmark. Each node gets its own loopback IP (127.0.0.2, 127.0.0.3, ...; the
+head keeps the machine's), its own ports and the custom resources asked for. `kill_node`
+SIGKILLs a node's raylet (a machine lost without warning); `stop` ends everything. Drivers
+(`slime-rl train ... ray.address=<cluster.address>`) run as separate processes with
+`cluster_env()`.
+
+>>> c = RayCluster(num_cpus=1, resources={"trainer": 1})        # doctest: +SKIP
+>>> node = c.add_node(resources={"rollout": 1})                  # doctest: +SKIP
+>>> c.kill_node(node); c.stop()                                  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ def _descendants(pid: int) -> list[int]:
 class Node:
     def __init__(self, proc: subprocess.Popen, ip: str, resources: dict[str, float], log: Path) -> None:
         self.proc, self.ip, self.resources, self.log = proc, ip, resources, log
+        self.killed = False
 
     def raylet_pid(self) -> int | None:
         for pid in _descendants(self.proc.pid):
@@ -94,7 +101,7 @@ class RayCluster:
         self._next_ip += 1
         node = self._start([f"--address={self.address}"], ip, num_cpus, resources or {})
         if wait:
-            self.wait_nodes(sum(1 for n in self.nodes if n.proc.poll() is None))
+            self.wait_nodes(sum(1 for n in self.nodes if n.proc.poll() is None and not n.killed))
         return node
 
     def alive_nodes(self) -> int:
@@ -116,6 +123,7 @@ class RayCluster:
         pid = node.raylet_pid()
         assert pid is not None, f"no raylet under node {node.ip}"
         os.kill(pid, signal.SIGKILL)
+        node.killed = True
 
     def stop(self) -> None:
         for node in reversed(self.nodes):
