@@ -28,7 +28,8 @@ from slime_rl.rollout.engine_pool import EnginePool
 logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 10.0
-"""Longest a progress probe may take before it counts as no answer."""
+"""Longest a progress probe may take before it counts as no answer (at most half of
+`engine_stall_s`, so a stopped engine is caught within about 1.5x `engine_stall_s`)."""
 
 
 class StallWatch:
@@ -48,6 +49,8 @@ class StallWatch:
         self._warned: set[str] = set()
         self._tokens: dict[str, int] = {}
         self._progress_at: dict[str, float] = {}
+        self._killed: set[str] = set()
+        """Engines killed and not yet gone from the pool (killed once, counted once)."""
         self.stalled_groups = 0
         """Groups in flight now that are past the stall age."""
         self.warnings = 0
@@ -103,12 +106,15 @@ class StallWatch:
         if slot is None or not hasattr(slot.client, "progress"):
             return name, None
         try:
-            return name, await asyncio.wait_for(slot.client.progress(ids), PROBE_TIMEOUT_S)
+            return name, await asyncio.wait_for(slot.client.progress(ids), min(PROBE_TIMEOUT_S, max(1.0, self.engine_stall_s / 2)))
         except Exception:  # no answer (stopped process) or already gone: counts as no progress
             return name, None
 
     def _check_engines(self, tokens: dict[str, tuple[str, dict[str, int] | None]], now: float) -> None:
+        self._killed &= {slot.name for slot in self.pool.slots}
         for slot in self.pool.slots:
+            if slot.name in self._killed:
+                continue
             if not slot.in_flight or slot.name not in tokens:
                 self._progress_at[slot.name] = now
                 continue
@@ -127,6 +133,7 @@ class StallWatch:
                     self.engine_stall_s,
                 )
                 self.engines_killed += 1
+                self._killed.add(slot.name)
                 self._progress_at.pop(slot.name, None)
                 self.kill(slot.client)
 

@@ -45,6 +45,10 @@ class RunConfig:
     """`async`: rollout keeps generating while the trainer trains; `sync`: the baseline that alternates."""
     num_steps: int = field(default=20, metadata={"ge": 1})
     """Trainer steps (optimizer updates) to run."""
+    max_minutes: float | None = field(default=None, metadata={"gt": 0})
+    """Wall-clock budget of the training loop in minutes (from its first step, start-up and the
+    final eval not counted): when it is spent the run finishes as at `num_steps` (final sync,
+    eval, checkpoint, summary), so a run takes about as long on any machine. None: no budget."""
     rollout_only: bool = False
     """Debug: generate, score and save `num_steps` batches to `<run_dir>/samples/` (Parquet), no trainer."""
     train_only: str | None = None

@@ -212,7 +212,7 @@ class Driver:
         if not (resumed and eval_logged_at(self.run_dir, start_step)):
             self.pub.queue_eval(self.step)  # the starting weights (after a resume: the restored ones)
         self._get(a.manager.start.remote(), self._rollout_name, "start")
-        last_done = time.monotonic()
+        last_done = loop_start = time.monotonic()
         for step in range(start_step + 1, cfg.run.num_steps + 1):
             if self._stop_requested:
                 break
@@ -228,7 +228,8 @@ class Driver:
             self.step, self.version = step, a.trainer.version
             self.tracer.complete("train_step", t1, time.monotonic(), track="trainer-rank0", step=step, version=self.version,
                                  samples=batch.num_samples, tokens=metrics.get("train/tokens"))
-            publish = step % cfg.weight_sync.interval == 0 or step == cfg.run.num_steps
+            time_up = cfg.run.max_minutes is not None and time.monotonic() - loop_start >= 60 * cfg.run.max_minutes
+            publish = step % cfg.weight_sync.interval == 0 or step == cfg.run.num_steps or time_up
             if publish:
                 self.pub.wait(self.step)  # the previous sync (the next one waits for it anyway); its metrics go in this line
             rollout_metrics, events = self._get([a.manager.metrics.remote(), a.manager.drain_trace.remote()],
@@ -253,6 +254,9 @@ class Driver:
                 self._checkpoint()
             if publish:
                 self.pub.publish(self.step, self.version)
+            if time_up:
+                logger.info("run.max_minutes=%g spent after step %d: finishing the run", cfg.run.max_minutes, step)
+                break
             if cfg.eval.interval and step % cfg.eval.interval == 0 and step != cfg.run.num_steps:
                 self.pub.queue_eval(self.step)
             self.pub.submit_due_evals(self.step)

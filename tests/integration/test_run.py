@@ -89,6 +89,22 @@ def test_run_writes_metrics_and_keeps_staleness_within_the_bound(
     assert saved.num_rows == 16 and {"group_id", "response_text", "reward", "policy_version"} <= set(saved.schema.names)
     if mode == "sync":
         assert all(r["staleness_mean"] == 0 for r in steps)
+    # the run's timeline: every group's life on its engine's track, every step's phases
+    trace = json.loads((run_dir / "trace.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"admit", "generate", "score", "put", "buffer_wait", "train_step", "weight_sync", "update_weights",
+            "eval", "checkpoint"} <= names, names
+
+
+def test_max_minutes_finishes_the_run_as_num_steps_would(ray_cluster, tmp_path: Path, tiny_model_dir: Path, data_dir: Path) -> None:
+    """run.max_minutes spent: final sync, eval of the last weights, checkpoint, exit 0."""
+    cfg = _config(tmp_path, tiny_model_dir, data_dir, "run.name=budget", "run.num_steps=1000", "run.max_minutes=0.001",
+                  "eval.interval=0")
+    result = Driver(cfg).run()
+    steps, evals = _lines(tmp_path / "budget")
+    assert result["last_step"] == 1 and not result["interrupted"] and [r["step"] for r in steps] == [1]
+    assert sorted(int(e["eval/version"]) for e in evals) == [0, 1]
+    assert [p.name for p in (tmp_path / "budget" / "checkpoints").iterdir()] == ["step_000001"]
 
 
 @pytest.mark.parametrize("transport", ["collective", "disk"])

@@ -79,6 +79,7 @@ def test_sigkill_then_resume_trains_every_group_once(tmp_path: Path, tiny_model_
     evals = [r for r in rows if r.get("kind") == "eval"]
     assert [(e["step"], e["eval/version"]) for e in evals] == [(0, 0), (ckpt, ckpt), (8, 8)]
     assert all(r["staleness_max"] <= staleness for r in steps), "the staleness bound holds across the resume"
+    assert all(r["buffer/dropped_stale"] == 0 for r in steps), "no group dropped as stale, before or after the resume"
     if staleness == 0:  # the engines serve the restored policy: engine log-probs match the trainer's
         fresh = [r["train/logprob_mismatch_fresh"] for r in steps[ckpt:]]
         assert max(fresh) < 1e-3 and all(r["train/logprob_mismatch"] == r["train/logprob_mismatch_fresh"]
