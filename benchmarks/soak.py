@@ -117,6 +117,9 @@ class Sampler:
                 info = json.loads((self.run_dir / "actors.json").read_text())
                 from ray._private.internal_api import get_state_from_address
 
+                from slime_rl.cluster import use_token_if_available
+
+                use_token_if_available()  # a cluster with token auth refuses a client without it
                 self._state = get_state_from_address(info["ray_address"])
             from ray._private.internal_api import get_memory_info_reply
 
@@ -179,7 +182,7 @@ def run(config: str, overrides: list[str], minutes: float, interval_s: float, ou
     """Train for `minutes` of wall clock while sampling; returns (samples, run info)."""
     name = f"soak-{int(time.time())}"
     run_dir = out_dir / name
-    cmd = [sys.executable, "-m", "slime_rl.cli", "train", config, *overrides, "run.num_steps=1000000",
+    cmd = [sys.executable, "-m", "slime_rl.cli", "train", config, *overrides, "run.num_steps=1000000", "run.max_minutes=null",
            f"run.name={name}", f"run.output_dir={out_dir}", "logging.progress=false"]
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / f"{name}.log"

@@ -34,6 +34,6 @@ class BufferConfig:
     compact_min_mb: float = field(default=64.0, metadata={"ge": 0})
     """Compact the log once it exceeds this size (MiB) and at least half of its groups have left."""
     keep_history: bool = True
-    """Keep consumed/dropped groups (in `spill_dir/history`, or in memory without a spill_dir) so `export` writes every sample seen (up to `history_max_mb`)."""
+    """Keep consumed/dropped groups (in `spill_dir/history`, or in memory without a spill_dir) so `export` writes every sample seen (up to `history_max_mb`). A `slime-rl train` run without a spill_dir keeps none (nothing there exports it; `samples/` holds what was trained)."""
     history_max_mb: float = field(default=1024.0, metadata={"ge": 0})
     """Most history kept (MiB of Arrow data, on disk or in memory); beyond it the oldest is deleted, so `export` covers the newest part of the run."""

@@ -122,6 +122,8 @@ class EngineSlot:
         self.state = SlotState.STARTING
         self.in_flight = 0
         """Requests (samples) sent and not answered."""
+        self.updating = False
+        """A weight update to it is pending (the stall watch then wants an answer from it)."""
         self.busy_s = 0.0
         """Seconds with at least one request in flight (for `rollout/engine_idle_frac`)."""
         self._busy_since: float | None = None
@@ -288,6 +290,7 @@ class EnginePool:
         async def one(slot: EngineSlot) -> float:
             t0 = time.monotonic()
             mine = per_engine[slot.name] if per_engine is not None else buckets
+            slot.updating = True
             try:
                 got = await asyncio.wait_for(slot.client.update_weights(version, mine, mode), self.weight_timeout_s)
             except asyncio.TimeoutError as e:
@@ -298,6 +301,8 @@ class EnginePool:
             except EngineLostError:
                 self.mark_down(slot)
                 return float("nan")
+            finally:
+                slot.updating = False
             if int(got) != int(version):
                 raise RuntimeError(f"{slot.name}: asked for weight version {version}, the engine reports {got}")
             if slot.state is SlotState.WAITING:

@@ -7,6 +7,10 @@
             tokens went up since the last look ─► alive
             no new token (or no answer) for engine_stall_s ─► treated as lost: killed, so every
             call on it fails at once, its groups requeue and the fleet starts a replacement
+        each engine with a weight update pending (and nothing in flight):
+            it answers the probe ─► alive (a slow load is bounded by weight_update_timeout_s)
+            no answer for engine_stall_s ─► treated as lost as above: its update fails with the
+            actor gone, the sync goes on without it, the replacement loads the kept weights
 
 A stopped process (SIGSTOP), a deadlocked engine loop or a wedged device never answer a
 generate call; without this the trainer would wait for their groups until the buffer's timeout.
@@ -82,6 +86,9 @@ class StallWatch:
         by_engine: dict[str, list[Any]] = collections.defaultdict(list)
         for w in running:
             by_engine[w.engine].append(w)
+        for slot in self.pool.slots:
+            if slot.updating:  # a stopped engine never finishes its weight update either
+                by_engine.setdefault(slot.name, [])
         probes = {name: self._probe(name, works) for name, works in by_engine.items()}
         tokens = dict(zip(probes, await asyncio.gather(*probes.values()), strict=True))
         for w in stalled:
@@ -115,7 +122,7 @@ class StallWatch:
         for slot in self.pool.slots:
             if slot.name in self._killed:
                 continue
-            if not slot.in_flight or slot.name not in tokens:
+            if not (slot.in_flight or slot.updating) or slot.name not in tokens:
                 self._progress_at[slot.name] = now
                 continue
             got = tokens[slot.name][1]
@@ -126,11 +133,11 @@ class StallWatch:
                 continue
             quiet = now - self._progress_at.setdefault(slot.name, now)
             if quiet > self.engine_stall_s:
+                busy = f"{slot.in_flight} request(s) in flight" + (" and a weight update pending" if slot.updating else "")
                 logger.warning(
-                    "%s made no progress for %.0f s with %d request(s) in flight (%s): treated as lost (its actor is "
-                    "killed, its groups requeued, a replacement started; rollout.engine_stall_s=%.0f)",
-                    slot.name, quiet, slot.in_flight, "it did not answer" if got is None else "no new token",
-                    self.engine_stall_s,
+                    "%s made no progress for %.0f s with %s (%s): treated as lost (its actor is killed, its groups "
+                    "requeued, a replacement started; rollout.engine_stall_s=%.0f)",
+                    slot.name, quiet, busy, "it did not answer" if got is None else "no new token", self.engine_stall_s,
                 )
                 self.engines_killed += 1
                 self._killed.add(slot.name)

@@ -97,7 +97,10 @@ class RunActors:
         # With a log (buffer.spill_dir) a buffer that dies is restarted by Ray and rebuilds itself from
         # the log; calls in flight are retried (its put is idempotent per group id).
         restarts = {"max_restarts": 3, "max_task_retries": -1} if cfg.buffer.spill_dir else {}
-        self.buffer = create_buffer_actor(cfg.buffer, group_size=cfg.rollout.n_samples_per_prompt,
+        # Without a log, the buffer's history could only live in its memory, and nothing in a run
+        # exports it (samples/ has every trained sample): keep none, or the actor grows for hours.
+        buffer_cfg = cfg.buffer if cfg.buffer.spill_dir else dataclasses.replace(cfg.buffer, keep_history=False)
+        self.buffer = create_buffer_actor(buffer_cfg, group_size=cfg.rollout.n_samples_per_prompt,
                                           name=f"{name}-buffer", scheduling_strategy=here, **restarts)
         ray.get(self.buffer.ready.remote())
         custom = dict(cfg.ray.engine_resources)

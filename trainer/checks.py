@@ -4,9 +4,10 @@ training on garbage.
     pa.Table ─► validate_batch (buffers.validation: columns, types, nulls, per-token lengths,
       │          finite rewards, known status/mode; names the column and row)
       ├─► check_global_batch     exactly trainer.global_batch_groups groups
-      ├─► check_behaviour_filled response_logprobs not all 0.0 (never filled by the engine)
+      ├─► behaviour_all_zero     response_logprobs all 0.0 (never filled, or a certain policy)
       └─ (during the step)  check_fresh_gap: mean |trainer - engine| log-prob over loss tokens
-                             of staleness 0, before any update, <= trainer.max_logprob_mismatch
+                             of staleness 0, before any update, <= trainer.max_logprob_mismatch;
+                             all zero: check_all_zero_behaviour over every loss token instead
 
 Every check runs on the whole global batch (or on all-reduced numbers) so all ranks of a
 trainer group refuse the same batch together and none is left waiting in a collective.
@@ -25,18 +26,20 @@ _DISABLE = "set trainer.max_logprob_mismatch=0 to disable this check"
 
 def check_batch(
     table: pa.Table, global_batch_groups: int, exclude_status: list[str] | tuple[str, ...], max_logprob_mismatch: float
-) -> None:
+) -> bool:
     """Everything that can be checked on the table alone, before any forward pass: the sample
-    schema (``buffers.validation.validate_batch``), the group count, and (unless
-    ``max_logprob_mismatch`` is 0) filled behaviour log-probs.
+    schema (``buffers.validation.validate_batch``) and the group count.
+
+    Returns whether the behaviour log-probs are exactly 0.0 on every loss token
+    (``behaviour_all_zero``; only looked at while ``max_logprob_mismatch`` > 0): the step then
+    compares them with the trainer's own on every loss token (``check_all_zero_behaviour``).
 
     Raises:
         ValueError: on the first problem, naming the column (and row where it applies).
     """
     validate_batch(table)
     check_global_batch(table, global_batch_groups)
-    if max_logprob_mismatch > 0:
-        check_behaviour_filled(table, exclude_status)
+    return max_logprob_mismatch > 0 and behaviour_all_zero(table, exclude_status)
 
 
 def check_global_batch(table: pa.Table, global_batch_groups: int) -> None:
@@ -49,26 +52,43 @@ def check_global_batch(table: pa.Table, global_batch_groups: int) -> None:
         )
 
 
-def check_behaviour_filled(table: pa.Table, exclude_status: list[str] | tuple[str, ...]) -> None:
-    """Refuse a batch whose behaviour log-probs are exactly 0.0 on every loss token of its
-    non-excluded samples (the ``Sample`` default: the rollout side never filled them). A real
-    engine's log-prob of a sampled token is < 0 except for near-certain tokens, never all.
-
-    Raises:
-        ValueError: naming the column and what was expected.
-    """
+def behaviour_all_zero(table: pa.Table, exclude_status: list[str] | tuple[str, ...]) -> bool:
+    """Whether the behaviour log-probs are exactly 0.0 on every loss token of the non-excluded
+    samples: the ``Sample`` default (the rollout side never filled them), or a policy that has
+    become certain of every token it samples (float32 log-softmax rounds to 0.0 there), which
+    only the trainer's own log-probs can tell apart."""
     if exclude_status:
         table = table.filter(pc.invert(pc.is_in(table.column("status"), pa.array(list(exclude_status)))))
     if table.num_rows == 0:
-        return
+        return False
     lp = np.asarray(pc.list_flatten(table.column("response_logprobs")).to_numpy(zero_copy_only=False))
     mask = np.asarray(pc.list_flatten(table.column("loss_mask")).to_numpy(zero_copy_only=False))
     on_loss = lp[mask > 0]
-    if on_loss.size and not np.any(on_loss != 0.0):
+    return bool(on_loss.size) and not np.any(on_loss != 0.0)
+
+
+CERTAIN_NATS = 0.05
+"""All-zero behaviour log-probs are accepted when the trainer's log-probs of those tokens are
+within this many nats of 0 on average (every sampled token near-certain)."""
+
+
+def check_all_zero_behaviour(total: float, count: float) -> None:
+    """Refuse all-zero behaviour log-probs (``behaviour_all_zero``) unless the trainer agrees that
+    the sampled tokens are near-certain: mean |trainer log-prob| = ``total / count`` over every
+    loss token of the batch, fresh or stale, must be <= ``CERTAIN_NATS``.
+
+    Raises:
+        ValueError: naming the column, the trainer's mean log-prob and what was expected.
+    """
+    if count <= 0:
+        return
+    mean = total / count
+    if mean > CERTAIN_NATS:
         raise ValueError(
-            f"column 'response_logprobs' is 0.0 on all {on_loss.size} loss tokens of the batch; expected the "
-            "behaviour policy's log-prob of each sampled token (negative numbers reported by the rollout engine). "
-            f"The rollout side did not fill them, so the importance weights would be meaningless; {_DISABLE}"
+            f"column 'response_logprobs' is 0.0 on all {int(count)} loss tokens of the batch, while the trainer gives "
+            f"those tokens {-mean:.3f} nats on average; expected the behaviour policy's log-prob of each sampled token "
+            "(negative numbers reported by the rollout engine). The rollout side did not fill them, so the importance "
+            f"weights would be meaningless; {_DISABLE}"
         )
 
 

@@ -51,7 +51,7 @@ from slime_rl.trainer.batching import (
     plan_micro_batches,
     split_batch,
 )
-from slime_rl.trainer.checks import check_batch, check_fresh_gap
+from slime_rl.trainer.checks import check_all_zero_behaviour, check_batch, check_fresh_gap
 from slime_rl.trainer.config import TrainerConfig
 from slime_rl.trainer.kl import kl_estimate
 from slime_rl.trainer.losses import LossNorm, aggregate, value_loss
@@ -136,6 +136,8 @@ class TrainerCore:
         pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
         self.pad_id = int(pad if isinstance(pad, int) else (pad[0] if pad else 0))
         self._clock = PhaseClock(self.device)
+        self._all_zero = False
+        """This step's behaviour log-probs are 0.0 on every loss token (checks.behaviour_all_zero)."""
         self.step = 0
         """Train steps completed."""
         self.version = 0
@@ -229,7 +231,7 @@ class TrainerCore:
         """
         cfg = self.cfg
         try:
-            check_batch(table, cfg.global_batch_groups, cfg.exclude_status, cfg.max_logprob_mismatch)
+            self._all_zero = check_batch(table, cfg.global_batch_groups, cfg.exclude_status, cfg.max_logprob_mismatch)
             if self.moe is not None:
                 self.moe.check_table(table, cfg.routing_replay, cfg.exclude_status)
             share = split_batch(table, self.world_size, cfg.batching.updates_per_batch)[self.rank]
@@ -247,7 +249,7 @@ class TrainerCore:
         pre = self._pre_pass(rb)
         check_gap = cfg.max_logprob_mismatch > 0
         if check_gap and "proximal" in pre:  # the pre-update log-probs of every row are at hand
-            self._check_fresh_gap(_fresh_gap(pre["proximal"], behaviour_NR, staleness_NR, mask_NR))
+            self._check_fresh_gap(_fresh_gap(pre["proximal"], behaviour_NR, self._gap_staleness(staleness_NR), mask_NR))
 
         # Rewards -> advantages (the KL-in-reward penalty uses the pre-update policy).
         rewards_N = rb.rewards_N.to(dev)
@@ -343,11 +345,19 @@ class TrainerCore:
         )
         return dict(sorted(out.items()))
 
+    def _gap_staleness(self, staleness: torch.Tensor) -> torch.Tensor:
+        """The staleness the gap check sees: all zero (every loss token compared) when the batch's
+        behaviour log-probs are all 0.0, so only a certain policy passes."""
+        return torch.zeros_like(staleness) if self._all_zero else staleness
+
     def _check_fresh_gap(self, gap: torch.Tensor) -> None:
         """All-reduce this rank's (sum |gap|, count) over fresh loss tokens and refuse an
         implausible mean (every rank raises alike)."""
         total, count = self.all_reduce_sum(gap.double().cpu()).tolist()
         try:
+            if self._all_zero:
+                check_all_zero_behaviour(total, count)
+                return
             check_fresh_gap(total, count, self.cfg.max_logprob_mismatch, self.cfg.batching.temperature)
         except ValueError as e:
             raise ValueError(f"{self._tag()}: {e}") from e
@@ -441,7 +451,7 @@ class TrainerCore:
         mismatch_BR = logprobs_BR.detach() if cfg.off_policy.proximal == "engine" else obj.anchor_BR
         record_mismatch(metrics, mismatch_BR, inp.behaviour_BR, take(staleness_NR), mask_BR)
         if fresh_gap is not None:
-            fresh_gap += _fresh_gap(mismatch_BR, inp.behaviour_BR, take(staleness_NR), mask_BR)
+            fresh_gap += _fresh_gap(mismatch_BR, inp.behaviour_BR, self._gap_staleness(take(staleness_NR)), mask_BR)
         record_ratios(metrics, obj.pg.ratio_BR, obj.weight_BR, obj.pg.clipped_BR, obj.pg.dual_clipped_BR, mask_BR)
         n_tok = mask_BR.sum()
         metrics.add_mean("train/pg_loss", (obj.pg.loss_BR * obj.weight_BR * mask_BR).sum().detach(), n_tok)

@@ -32,11 +32,11 @@ def test_engine_killed_run_goes_on(ray_cluster, tmp_path: Path, tiny_model_dir: 
 
 def test_engine_stopped_is_treated_as_lost(ray_cluster, tmp_path: Path, tiny_model_dir: Path) -> None:
     """SIGSTOP for longer than rollout.engine_stall_s: killed as stalled, its groups requeued, replaced."""
-    result, run_dir, data = _run(tmp_path, tiny_model_dir, "fs", "rollout.num_engines=2", "run.num_steps=40",
+    result, run_dir, data = _run(tmp_path, tiny_model_dir, "fs", "rollout.num_engines=2", "run.num_steps=120",
                                  "faults.stop_engine=[{index: 0, at_step: 2, seconds: 120}]", "rollout.engine_stall_s=4",
                                  "rollout.max_new_tokens=16", "buffer.max_staleness=2")
     steps = _train_lines(run_dir)
-    assert result["last_step"] == 40
+    assert result["last_step"] == 120
     assert steps[-1]["rollout/engines_killed_stalled"] == 1.0 and steps[-1]["rollout/engines_lost"] == 1.0
     # the step that waited on the stopped engine: caught within ~1.5x engine_stall_s (+ a probe period)
     assert max(r["step_time_s"] for r in steps) < 15, [round(r["step_time_s"], 1) for r in steps]

@@ -127,6 +127,16 @@ def test_unfilled_behaviour_logprobs_are_refused(tiny_model_dir):
     assert _moved(before, core) == 0.0 and core.step == 0
 
 
+def test_all_zero_behaviour_logprobs_pass_only_when_the_trainer_is_certain_too():
+    """A policy certain of every token it samples has float32 log-probs of exactly 0.0: trained
+    on; all zero while the trainer gives the tokens real log-probs: refused as never filled."""
+    from slime_rl.trainer.checks import CERTAIN_NATS, check_all_zero_behaviour
+
+    check_all_zero_behaviour(total=0.5 * CERTAIN_NATS * 64, count=64)
+    with pytest.raises(ValueError, match=r"0\.0 on all 64 loss tokens .* trainer gives those tokens -2\.000 nats"):
+        check_all_zero_behaviour(total=2.0 * 64, count=64)
+
+
 @pytest.mark.parametrize("offset", [1.5, -2.0])
 def test_implausible_fresh_mismatch_is_refused(tiny_model_dir, offset):
     core = TrainerCore(_cfg(), tiny_model_dir)

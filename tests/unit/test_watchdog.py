@@ -38,7 +38,7 @@ class _Client:
 
 class _Pool:
     def __init__(self, *clients: _Client) -> None:
-        self.slots = [SimpleNamespace(name=c.name, client=c, in_flight=0) for c in clients]
+        self.slots = [SimpleNamespace(name=c.name, client=c, in_flight=0, updating=False) for c in clients]
 
     def get(self, name: str):
         return next((s for s in self.slots if s.name == name), None)
@@ -122,3 +122,27 @@ def test_idle_engines_are_never_killed() -> None:
     for _ in range(3):
         asyncio.run(watch.check())
     assert not killed
+
+
+def test_an_engine_stopped_during_a_weight_update_is_killed_a_slow_loader_that_answers_is_not(monkeypatch) -> None:
+    """Nothing in flight, a weight update pending: only the engine that stops answering is lost
+    (a SIGSTOP after a step otherwise holds the sync until weight_update_timeout_s)."""
+    import slime_rl.rollout.watchdog as wd
+
+    monkeypatch.setattr(wd, "PROBE_TIMEOUT_S", 0.05)
+    frozen, loading = _Client("engine-0"), _Client("engine-1")
+    frozen.answers = False
+    pool = _Pool(frozen, loading)
+    for s in pool.slots:
+        s.updating = True
+    killed: list = []
+    watch = _watch([], pool, killed, stall_min_s=1000, engine_stall_s=0.1)
+
+    async def go() -> None:
+        for _ in range(5):
+            await watch.check()
+            await asyncio.sleep(0.05)
+
+    asyncio.run(go())
+    assert killed == [frozen]
+    assert watch.metrics()["rollout/engines_killed_stalled"] == 1.0
