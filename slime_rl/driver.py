@@ -300,7 +300,7 @@ class Driver:
                         info = ray.get(info_ref, timeout=POLL_S + CALL_TIMEOUT_S)
                         return BatchRef(table_ref, int(info["num_samples"]), int(info["num_groups"]))
                     except BufferTimeoutError:
-                        pass
+                        _retrieve(table_ref)  # the second return holds the same error: read it, or Ray prints it
                     except Exception as e:
                         raise RunError(f"step {self.working_on}: get_batch on {self._buffer_name} failed: "
                                        f"{describe_error(e)}") from e
@@ -518,3 +518,12 @@ def _plain_config(cfg: Config) -> dict[str, Any]:
     from slime_rl.rewards import redacted
 
     return OmegaConf.to_container(OmegaConf.structured(dataclasses.replace(cfg, reward=redacted(cfg.reward))))
+
+
+def _retrieve(ref: ray.ObjectRef) -> None:
+    """Read an object ref whose task failed in a way already handled, so that Ray does not log
+    the error as unhandled ("Unhandled error ... BufferTimeoutError") when the ref is dropped."""
+    try:
+        ray.get(ref, timeout=CALL_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - the failure is the one already handled
+        pass

@@ -67,6 +67,7 @@ def test_sigkill_then_resume_trains_every_group_once(tmp_path: Path, tiny_model_
     _assert_nothing_left(resumed.pid)
     err = log2.read_text()
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{ckpt:06d}'} at step {ckpt}" in err
+    assert "Unhandled error" not in err, "a failed Ray call left unread (Ray prints its traceback)"
 
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r.get("kind") != "eval"]
