@@ -20,7 +20,8 @@ Checking a batch against this schema (naming the bad row and column) is ``buffer
 Schema v2 added ``routed_experts`` (MoE routing recorded by the engine, for rollout routing
 replay). It is *optional*: data of schema v1 (without it) still validates, and
 ``conform_batch`` adds it as empty lists, the value that means "not recorded" (dense models,
-engines that do not record).
+engines that do not record). Schema v3 added ``teacher_logprobs`` (on-policy distillation: the
+teacher's log-prob of each sampled response token), optional the same way: empty = not scored.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
-"""Bumped whenever a column is added, removed or changes type (v2: ``routed_experts``)."""
+SCHEMA_VERSION = 3
+"""Bumped whenever a column is added, removed or changes type (v2: ``routed_experts``, v3:
+``teacher_logprobs``)."""
 
-READABLE_SCHEMA_VERSIONS = (1, 2)
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 """Versions whose data this code still loads (through ``conform_batch``)."""
 
 
@@ -80,6 +82,7 @@ SAMPLE_SCHEMA = pa.schema(
         pa.field("gen_seconds", pa.float32(), nullable=False),
         pa.field("reward_seconds", pa.float32(), nullable=False),
         pa.field("routed_experts", _ROUTING, nullable=False),
+        pa.field("teacher_logprobs", _FLOATS, nullable=False),
     ],
     metadata={"slime_rl.schema_version": str(SCHEMA_VERSION)},
 )
@@ -88,7 +91,7 @@ SAMPLE_SCHEMA = pa.schema(
 PER_TOKEN_COLUMNS = ("response_logprobs", "loss_mask", "token_versions")
 """Columns that carry one entry per response token."""
 
-OPTIONAL_COLUMNS = ("routed_experts",)
+OPTIONAL_COLUMNS = ("routed_experts", "teacher_logprobs")
 """Columns a batch may lack (data written before they existed); ``conform_batch`` adds them
 as empty lists."""
 
@@ -127,6 +130,9 @@ class Sample:
     response tokens except the last: ``len(prompt_ids) + len(response_ids) - 1`` entries),
     each the experts chosen at every MoE layer, layer-major (``[l0k0, l0k1, l1k0, ...]``).
     Empty (the default) = not recorded."""
+    teacher_logprobs: list[float] | None = None
+    """On-policy distillation: the teacher's log-prob of each response token (``rollout/teacher.py``),
+    one per response token. Empty (the default) = not scored."""
     # Decoded views, not stored as columns.
     prompt: str = ""
     response: str = ""
@@ -145,6 +151,8 @@ class Sample:
             self.policy_version_end = self.policy_version
         if self.routed_experts is None:
             self.routed_experts = []
+        if self.teacher_logprobs is None:
+            self.teacher_logprobs = []
         if isinstance(self.status, Status):
             self.status = self.status.value
         if isinstance(self.mode, Mode):

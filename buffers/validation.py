@@ -92,6 +92,23 @@ def validate_batch(data: pa.RecordBatch | pa.Table) -> None:
     _check_metadata(data.column("metadata"))
     if "routed_experts" in names:
         _check_routed_experts(data, resp_len)
+    if "teacher_logprobs" in names:
+        _check_teacher_logprobs(data.column("teacher_logprobs"), resp_len)
+
+
+def _check_teacher_logprobs(col: pa.ChunkedArray | pa.Array, resp_len: np.ndarray) -> None:
+    """``teacher_logprobs``: per row empty (not scored) or one finite entry per response token."""
+    lens = _list_lengths(col)
+    bad = np.flatnonzero((lens != 0) & (lens != resp_len))
+    if bad.size:
+        row = int(bad[0])
+        raise ValueError(f"column 'teacher_logprobs' row {row} has {lens[row]} entries, expected 0 (not scored) or "
+                         f"{resp_len[row]} (one per response token)")
+    flat = _flat_values(col) if pc.list_flatten(col).null_count == 0 else None
+    if flat is None or not np.isfinite(flat).all():
+        rows = [i for i, v in enumerate(col.to_pylist()) if any(x is None or not np.isfinite(x) for x in v)]
+        raise ValueError(f"column 'teacher_logprobs' row {rows[0]} holds a null or non-finite entry; teacher log-probs "
+                         "must be finite numbers")
 
 
 def _list_lengths(col: pa.ChunkedArray | pa.Array) -> np.ndarray:

@@ -3,6 +3,8 @@
     GroupRunner.run(work, slot):
         engine.generate_group(n requests) ─► responses aborted by a weight update continue as new
         pieces (same seed stream) ─► build_sample ─► RewardRunner.score ─► filter
+            (trainer.distill: the teacher scores the tokens beside the reward, or after the filter
+             kept the group when a filter is set: rollout/teacher.py)
             ─┬─ keep: admission.finish (FINISHED; the put loop takes it)
              ├─ drop: admission.release (slot freed; a replacement is admitted)
              └─ engine lost: admission.requeue (QUEUED at the front, same id, same slot)
@@ -14,6 +16,7 @@ score and filter on the manager's.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import logging
@@ -68,6 +71,8 @@ class GroupRunner:
     on_kept: Callable[[], None] = lambda: None
     on_slot_free: Callable[[], None] = lambda: None
     stopping: Callable[[], bool] = lambda: False
+    teacher: Any = None
+    """`TeacherClient` of on-policy distillation (rollout/teacher.py): fills `teacher_logprobs`."""
     generated: int = 0
     """Groups generated and scored (whole run)."""
     kept: int = 0
@@ -146,11 +151,17 @@ class GroupRunner:
                 for i, m in enumerate(merged)
             ]
         t1 = time.monotonic()
-        await self.reward.score(samples)
+        teach_now = self.teacher is not None and self.filter.is_noop  # no filter: nothing is scored in vain
+        if teach_now:
+            await asyncio.gather(self.reward.score(samples), self._teach(samples, work))
+        else:
+            await self.reward.score(samples)
         t2 = time.monotonic()
         self.tracer.complete("score", t1, t2, group_id=work.group_id, samples=len(samples))
         keep, reason = (True, "kept") if self.filter.is_noop else self.filter(samples)
         self.tracer.complete("filter", t2, time.monotonic(), group_id=work.group_id, kept=keep, reason=reason)
+        if keep and self.teacher is not None and not teach_now:
+            await self._teach(samples, work)
         self.stats.add_group(samples, kept=keep, reason=reason, zero_std=reward_std(samples) == 0.0, gen_s=gen_s,
                              reward_s=t2 - t1)
         self.generated += 1
@@ -163,6 +174,11 @@ class GroupRunner:
             self.admission.release(work)
             self._note_drop(reason)
             self.on_slot_free()
+
+    async def _teach(self, samples: list[Any], work: GroupWork) -> None:
+        t0 = time.monotonic()
+        await self.teacher.fill(samples, work.group_id)
+        self.tracer.complete("teacher", t0, time.monotonic(), group_id=work.group_id, samples=len(samples))
 
     def _note_drop(self, reason: str) -> None:
         self._drop_streak += 1

@@ -85,6 +85,8 @@ class ManagerSpec:
     delay_weight_sync_s: float = 0.0
     """`faults.delay_weight_sync_s` at version `delay_weight_sync_at_step` (0 = every version)."""
     delay_weight_sync_at_step: int = 0
+    teacher: Any = None
+    """`TeacherSpec` of on-policy distillation (`trainer.distill`; rollout/teacher.py), None = off."""
 
 
 class RolloutManager:
@@ -140,6 +142,8 @@ class RolloutManager:
         self.max_prompt_tokens = 0
         self.episodes: Any = None
         """Agent loop / `rollout.generate_fn` / `rollout.agent_fn` runner (rollout/episodes.py), if configured."""
+        self.teacher: Any = None
+        """`TeacherClient` (on-policy distillation), started in `setup` when `spec.teacher` is set."""
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def setup(self) -> dict[str, Any]:
@@ -152,6 +156,13 @@ class RolloutManager:
 
         spec, r = self.spec, self.spec.rollout
         self.tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer_path or spec.model_path)
+        if spec.teacher is not None:  # before the engines: a wrong teacher fails the start-up at once
+            from slime_rl.rollout.teacher import check_same_tokenizer, start_teacher
+
+            check_same_tokenizer(spec.teacher.path, spec.tokenizer_path or spec.model_path)
+            self.teacher = start_teacher(spec.teacher, name=f"{spec.engine_prefix.removesuffix('-engine')}-teacher"
+                                         if spec.launch is not None else None, use_ray=spec.launch is not None)
+            await self.teacher.load()
         await self.fleet.start(wait=True, timeout_s=r.engine_start_timeout_s)
         limit = await self._model_len()
         self.max_prompt_tokens = r.max_prompt_tokens or max(0, limit - r.max_new_tokens) if limit else r.max_prompt_tokens
@@ -182,7 +193,7 @@ class RolloutManager:
             r, spec.seed, self.pool, self.admission, self.runner, self.filter, self.stats, self.tokenizer, self.sampling,
             self.tracer, self.episodes, on_kept=self._finished_event.set, on_slot_free=self._ledger_changed,
             on_generated=self.watch.finished,
-            stopping=lambda: self._stopping,
+            stopping=lambda: self._stopping, teacher=self.teacher,
         )
         return {
             "train_prompts": len(self.train_data),
@@ -273,6 +284,8 @@ class RolloutManager:
         await self.fleet.stop(graceful=True)
         if self.episodes is not None:
             await self.episodes.close()
+        if self.teacher is not None:
+            await self.teacher.close()
         for runner in (self.runner, self.eval_runner):
             if runner is not None:
                 await runner.aclose()
@@ -431,6 +444,8 @@ class RolloutManager:
         out["rollout/engines_lost"] = float(self.fleet.lost)
         out.update({k if k.startswith("reward/") else f"reward/{k}": v for k, v in reward.metrics().items()})
         out.update(self._last_update)
+        if self.teacher is not None:
+            out.update(self.teacher.metrics())
         out["data/skipped_rows"] = float(sum(self.train_data.skipped.values()))
         out["data/epoch"] = float(self.cursor.epoch)
         out["rollout/admission_limit"] = float(self.admission.limit)

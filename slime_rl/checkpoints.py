@@ -120,7 +120,9 @@ class RunCheckpoints:
 
     def export_final_hf(self) -> None:
         if self.cfg.checkpoint.save_hf and self.actors.trainer is not None:
-            self.actors.trainer.export_hf(str(self.run_dir / "final_hf"))
+            # LoRA: final_hf/ is the PEFT adapter folder, final_hf/merged/ the merged model
+            merged = self.cfg.checkpoint.save_hf_merged and self.cfg.trainer.lora.rank > 0
+            self.actors.trainer.export_hf(str(self.run_dir / "final_hf"), merged)
 
     def restore(self, path: Path) -> dict[str, Any]:
         """Load a run checkpoint into the actors: trainer (weights, optimizer, LR schedule, RNG,

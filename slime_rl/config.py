@@ -132,6 +132,8 @@ class CheckpointConfig:
     """`auto` (latest in the run directory), a checkpoint folder, or None for a fresh run."""
     save_hf: bool = True
     """Also export the final policy as an HF model folder (loadable by transformers and vLLM)."""
+    save_hf_merged: bool = False
+    """With LoRA (`trainer.lora.rank` > 0): besides the PEFT adapter folder `final_hf/`, write the base with the adapter merged in to `final_hf/merged/` (a plain HF model that vLLM serves). Ignored without LoRA."""
 
 
 @dataclass
@@ -247,7 +249,7 @@ _TRAINER_TEMPERATURE = "trainer.batching.temperature"
 
 REQUIRED_PATHS = ("model.path", "data.train_path")
 """Keys that must name an existing file or folder when `check_paths` is on."""
-OPTIONAL_PATHS = ("model.tokenizer_path", "data.eval_path")
+OPTIONAL_PATHS = ("model.tokenizer_path", "data.eval_path", "trainer.distill.teacher_path")
 """Keys that, when set, must name an existing file or folder."""
 
 
@@ -450,4 +452,4 @@ def _check_paths(cfg: Config) -> None:
     for key in REQUIRED_PATHS + OPTIONAL_PATHS:
         value = _lookup(cfg, key)
         if value is not None and not Path(value).exists():
-            raise ConfigError(f"{key}={value!r} does not exist; point it at an existing {'folder' if key.startswith('model') else 'file'}")
+            raise ConfigError(f"{key}={value!r} does not exist; point it at an existing {'file' if key.startswith('data') else 'folder'}")

@@ -29,6 +29,7 @@ PLOTS: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "response_length.png": ("rollout/response_len_mean",),
         "throughput.png": ("perf/samples_per_s", "perf/tokens_per_s", *IDLE_KEYS),
         "engines.png": ("rollout/num_engines", "rollout/engines_target"),
+        "distill.png": ("distill/reverse_kl", "distill/teacher_logprob", "distill/student_logprob"),
     }
 )
 """Plot file name (under run_dir/plots) -> the metric keys it draws, in order of preference for
@@ -165,12 +166,29 @@ def _plot_throughput(data: PlotData) -> Any:
     return fig
 
 
+def _plot_distill(data: PlotData) -> Any:
+    """On-policy distillation (trainer.distill): reverse KL to the teacher, and the two log-probs."""
+    if "distill/reverse_kl" not in data.train:
+        return None
+    fig, (ax, lp) = _figure(2)
+    x, y = data.train["distill/reverse_kl"]
+    ax.plot(x, y, color="tab:red", alpha=0.3, lw=1, label="distill/reverse_kl")
+    ax.plot(x, _ema(y), color="tab:red", lw=2, label="smoothed (EMA 0.9)")
+    _decorate(ax, "reverse KL to the teacher (per token)", "nats")
+    for key, label in (("distill/teacher_logprob", "teacher"), ("distill/student_logprob", "student")):
+        if key in data.train:
+            lp.plot(*data.train[key], lw=1, label=label)
+    _decorate(lp, "log-prob of the sampled tokens", "mean log-prob")
+    return fig
+
+
 DRAW = {
     "reward.png": _plot_reward,
     "eval_accuracy.png": _plot_eval,
     "response_length.png": _plot_response_length,
     "throughput.png": _plot_throughput,
     "engines.png": _plot_engines,
+    "distill.png": _plot_distill,
 }
 assert set(DRAW) == set(PLOTS)
 

@@ -63,12 +63,15 @@ class RunActors:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
         name = cfg.run.name
         model_path = str(Path(cfg.model.path).resolve())
+        from slime_rl.weight_sync import lora_sync_plan
+
+        trainer_cfg, engine_lora = lora_sync_plan(cfg)  # LoRA: adapter-only syncs, or merged weights
         if not cfg.run.train_only:
-            self._start_rollout(name, model_path)
+            self._start_rollout(name, model_path, engine_lora)
         if not cfg.run.rollout_only:
             from slime_rl.trainer.group import TrainerGroup
 
-            self.trainer = TrainerGroup(cfg.trainer, model_path, actor_options=self.placement.trainer_options, name=f"{name}-trainer")
+            self.trainer = TrainerGroup(trainer_cfg, model_path, actor_options=self.placement.trainer_options, name=f"{name}-trainer")
         self.connection.track()  # the actors' processes die with this driver, also on SIGKILL
         if self.trainer is not None and self.manager is not None:
             from slime_rl.weight_sync import WeightSync
@@ -77,10 +80,11 @@ class RunActors:
                 cfg.weight_sync.transport, self.trainer, self.manager,
                 bucket_bytes=int(cfg.weight_sync.bucket_mb * (1 << 20)),
                 run_dir=cfg.run_dir, timeout_s=cfg.weight_sync.timeout_s, use_gpu=cfg.trainer.num_gpus_per_worker > 0,
+                lora_adapter_only=(engine_lora is not None) if cfg.trainer.lora.rank > 0 else None,
             )
         self.write_actors_json()
 
-    def _start_rollout(self, name: str, model_path: str) -> None:
+    def _start_rollout(self, name: str, model_path: str, engine_lora: dict[str, Any] | None = None) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from slime_rl.buffers import create_buffer_actor
@@ -104,8 +108,11 @@ class RunActors:
                                           name=f"{name}-buffer", scheduling_strategy=here, **restarts)
         ray.get(self.buffer.ready.remote())
         custom = dict(cfg.ray.engine_resources)
+        rollout = cfg.rollout  # engines serving a LoRA adapter get its config as engine_kwargs["lora"]
+        if engine_lora is not None:
+            rollout = dataclasses.replace(rollout, engine_kwargs={**rollout.engine_kwargs, "lora": engine_lora})
         launch = EngineLaunchSpec(
-            rollout=cfg.rollout, model_path=model_path, bundle_options=self.placement.engine_bundle_options(),
+            rollout=rollout, model_path=model_path, bundle_options=self.placement.engine_bundle_options(),
             elastic_options=self.placement.elastic_options(), runtime_env=dict(cfg.ray.runtime_env),
             elastic_resource=next(iter(custom), None), elastic_amount=float(next(iter(custom.values()), 1.0)),
         )
@@ -115,7 +122,7 @@ class RunActors:
             max_staleness=cfg.max_staleness(), seed=cfg.run.seed, base_dir=str(Path.cwd()), launch=launch,
             engine_prefix=f"{name}-engine", trace=cfg.logging.trace, reward_faults=cfg.faults.reward,
             corrupt_rows=list(cfg.faults.corrupt_rows), delay_weight_sync_s=cfg.faults.delay_weight_sync_s,
-            delay_weight_sync_at_step=cfg.faults.delay_weight_sync_at_step,
+            delay_weight_sync_at_step=cfg.faults.delay_weight_sync_at_step, teacher=teacher_spec(cfg),
         )
         self.manager = start_rollout_manager(spec, [], [], self.buffer, name=f"{name}-rollout", scheduling_strategy=here)
         self.setup_info = ray.get(self.manager.setup.remote())
@@ -245,3 +252,15 @@ def _claim_names(run: str, names: list[str]) -> None:
             f"actor name(s) {', '.join(taken)} are taken on this Ray cluster: another run named {run!r} is active; "
             "stop it or set another run.name"
         )
+
+
+def teacher_spec(cfg: Any) -> Any:
+    """The rollout side's `TeacherSpec` from `trainer.distill` (None while `teacher_path` is null)."""
+    d = cfg.trainer.distill
+    if not d.enabled:
+        return None
+    from slime_rl.rollout.teacher import TeacherSpec
+
+    return TeacherSpec(path=str(Path(d.teacher_path).resolve()), device=d.device, dtype=d.dtype,
+                       temperature=cfg.sampling_temperature(), num_threads=d.num_threads, num_cpus=d.num_cpus,
+                       num_gpus=d.num_gpus, max_tokens_per_batch=d.max_tokens_per_batch, timeout_s=d.timeout_s)

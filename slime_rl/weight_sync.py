@@ -10,6 +10,10 @@
                       them inside `CollectiveBucket.named_tensors()`
     PendingSync.wait() ─► {"weight_sync/seconds", "weight_sync/bytes", "weight_sync/gb_per_s", ...}
 
+A LoRA policy (`trainer.lora.rank` > 0) publishes through the same path: its buckets hold the
+adapter tensors only where the engine serves adapters (vllm, hf), else merged full weights
+(`lora_sync_plan`; metric `weight_sync/lora_adapter_only`).
+
 Every wait has a timeout (`weight_sync.timeout_s`) and a failure names the transport, the
 version and the side that failed; a sync never waits forever. Engines check the version they
 were sent against the buckets' version before committing.
@@ -40,6 +44,42 @@ logger = logging.getLogger(__name__)
 
 TRANSPORTS = ("object_store", "collective", "disk")
 
+ADAPTER_ENGINES = ("vllm", "hf")
+"""Engines that serve a LoRA adapter, so a LoRA policy's sync can ship the adapter only."""
+
+
+def resolve_lora_publish(publish: str, engine: str) -> str:
+    """`trainer.lora.publish` for `rollout.engine`: `auto` -> `adapter` where the engine serves
+    adapters, else `merged`; `adapter` on an engine that cannot serve one is refused."""
+    if publish == "auto":
+        return "adapter" if engine in ADAPTER_ENGINES else "merged"
+    if publish == "adapter" and engine not in ADAPTER_ENGINES:
+        raise ValueError(
+            f"trainer.lora.publish=adapter but rollout.engine={engine!r} cannot serve a LoRA adapter (engines that "
+            f"can: {list(ADAPTER_ENGINES)}); set trainer.lora.publish=merged (or auto) to ship merged full weights"
+        )
+    return publish
+
+
+def lora_sync_plan(cfg: Any) -> tuple[Any, dict[str, Any] | None]:
+    """For a run config with `trainer.lora.rank` > 0: the trainer config with `lora.publish`
+    resolved against the engine, and the engines' `lora` argument (None when they get merged
+    weights). Without LoRA: `(cfg.trainer, None)`."""
+    lora = cfg.trainer.lora
+    if lora.rank <= 0:
+        return cfg.trainer, None
+    publish = resolve_lora_publish(lora.publish, cfg.rollout.engine)
+    trainer = dataclasses.replace(cfg.trainer, lora=dataclasses.replace(lora, publish=publish))
+    if publish == "adapter":
+        from slime_rl.trainer.lora import engine_adapter_config
+
+        logger.info("trainer.lora: rank %d; weight syncs ship the adapter only (rollout.engine=%s serves it)",
+                    lora.rank, cfg.rollout.engine)
+        return trainer, engine_adapter_config(lora)
+    logger.info("trainer.lora: rank %d; weight syncs ship merged full weights (rollout.engine=%s, "
+                "trainer.lora.publish=%s)", lora.rank, cfg.rollout.engine, lora.publish)
+    return trainer, None
+
 
 class WeightSyncError(RuntimeError):
     """A weight sync failed or timed out; the message names the transport, version and side."""
@@ -64,6 +104,8 @@ class PendingSync:
     """Each rank's publish stats (rank 0 first): done when that rank gathered and handed off."""
     overlapped: bool = False
     """The trainer's hand-off and the engines' load run at the same time (collective)."""
+    lora_adapter_only: bool | None = None
+    """LoRA policy: True = the adapter only was shipped, False = merged full weights; None = no LoRA."""
     _result: dict[str, float] | None = None
 
     def done(self) -> bool:
@@ -119,6 +161,8 @@ class PendingSync:
             "weight_sync/gb_per_s": self.nbytes / 1e9 / max(seconds, 1e-9),
             "weight_sync/version": float(self.version),
         }
+        if self.lora_adapter_only is not None:
+            out["weight_sync/lora_adapter_only"] = float(self.lora_adapter_only)
         for r in results:
             if isinstance(r, dict):
                 out.update({k: float(v) for k, v in r.items() if isinstance(v, (int, float))})
@@ -154,9 +198,13 @@ class WeightSync:
         timeout_s: float,
         use_gpu: bool = False,
         dtype: str | None = None,
+        lora_adapter_only: bool | None = None,
     ) -> None:
         """`dtype`: cast the published weights to it (e.g. `"bfloat16"` for engines serving bf16:
-        half the bytes to move); None publishes the trainer's own (fp32) weights."""
+        half the bytes to move); None publishes the trainer's own (fp32) weights.
+        `lora_adapter_only`: with a LoRA policy, whether its publishes ship the adapter only
+        (True) or merged full weights (False), as `lora_sync_plan` decided; reported as the
+        metric `weight_sync/lora_adapter_only`. None: no LoRA."""
         if transport not in TRANSPORTS:
             raise ValueError(f"weight_sync.transport={transport!r}; choose one of {TRANSPORTS}")
         from slime_rl.trainer.weights import resolve_dtype
@@ -169,6 +217,7 @@ class WeightSync:
         self.run_dir = Path(run_dir)
         self.timeout_s = timeout_s
         self.dtype = dtype
+        self.lora_adapter_only = lora_adapter_only
         self._layout: list[list[tuple[str, tuple[int, ...], str]]] | None = None
         self._spec: CollectiveSpec | None = None
         self._members: tuple[str, ...] = ()
@@ -205,7 +254,8 @@ class WeightSync:
             raise WeightSyncError(f"weight sync of version {version} over {self.transport} could not start: "
                                   f"{describe_error(e)}") from e
         return PendingSync(version, self.transport, refs, nbytes, t0, self.timeout_s, cleanup,
-                           trainer_refs=trainer_refs, overlapped=self.transport == "collective")
+                           trainer_refs=trainer_refs, overlapped=self.transport == "collective",
+                           lora_adapter_only=self.lora_adapter_only)
 
     def nbytes(self) -> int:
         """Bytes of one full publish (from the layout)."""

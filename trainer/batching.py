@@ -151,6 +151,11 @@ class RankBatch:
     routed_experts: list[np.ndarray | None] | None = None
     """Per row: int16 (P + R - 1, X) engine routing (X = MoE layers x top-k), None where not
     recorded; None for the whole batch when no row has any (dense models)."""
+    teacher_NR: torch.Tensor | None = None
+    """(N, R) float: teacher log-probs of the sampled tokens (``teacher_logprobs``, on-policy
+    distillation); None when the column is absent or empty in every row."""
+    teacher_scored_N: torch.Tensor | None = None
+    """(N,) bool: the row has teacher log-probs (set with ``teacher_NR``)."""
 
     @property
     def kept_N(self) -> torch.Tensor:
@@ -183,6 +188,17 @@ class RankBatch:
         mask_NR = dense("loss_mask", torch.float32)
         behaviour_NR = dense("response_logprobs", torch.float32)
         token_versions_NR = dense("token_versions", torch.long)
+        teacher_NR = teacher_scored_N = None
+        if "teacher_logprobs" in table.schema.names:
+            t_lens_N = np.asarray(pc.list_value_length(table.column("teacher_logprobs")).to_numpy(zero_copy_only=False))
+            if t_lens_N.any():  # validation: each row is empty or one entry per response token
+                teacher_scored_N = torch.from_numpy(t_lens_N == lens_N) & torch.from_numpy(lens_N > 0)
+                teacher_NR = torch.zeros(n, width, dtype=torch.float32)
+                flat = torch.tensor(pc.list_flatten(table.column("teacher_logprobs")).to_numpy(zero_copy_only=False),
+                                    dtype=torch.float32)
+                t_rows = np.repeat(np.arange(n), t_lens_N)
+                t_cols = np.arange(int(t_lens_N.sum())) - np.repeat(np.cumsum(t_lens_N) - t_lens_N, t_lens_N)
+                teacher_NR[torch.from_numpy(t_rows), torch.from_numpy(t_cols)] = flat
         index = {g: j for j, g in enumerate(dict.fromkeys(cols["group_id"]))}
         keep_N = None
         if exclude_status:
@@ -199,6 +215,8 @@ class RankBatch:
             group_index_N=torch.tensor([index[g] for g in cols["group_id"]], dtype=torch.long),
             policy_version_N=torch.tensor(cols["policy_version"], dtype=torch.long),
             keep_N=keep_N,
+            teacher_NR=teacher_NR,
+            teacher_scored_N=teacher_scored_N,
         )
 
 

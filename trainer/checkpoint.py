@@ -5,7 +5,10 @@
     <dir>/rank<r>.pt      per-rank: schedulers, step, version, RNG states (torch CPU/CUDA,
                           numpy, python ``random``)
     <dir>/hf/             the policy as an HF folder (transformers / vLLM load it), unless
-                          ``trainer.checkpoint_hf=false``
+                          ``trainer.checkpoint_hf=false``; with LoRA a PEFT adapter folder
+
+With LoRA (``trainer.lora``) ``dcp/`` holds the adapter and its optimizer state only: the
+frozen base is the model folder's (``model.path``), which a resume loads again.
     <dir>/meta.json       step, version, world size (written by rank 0, last)
 
 Atomic: everything is written to ``<dir>.tmp``; rank 0 then adds meta.json and renames the
@@ -32,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 if TYPE_CHECKING:
     from slime_rl.trainer.core import TrainerCore
@@ -40,8 +43,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def _policy_options(core: TrainerCore) -> StateDictOptions:
+    """LoRA: the frozen base is left out (it is the model folder's), so the checkpoint holds the
+    adapter and its optimizer state only."""
+    from slime_rl.trainer.lora import is_lora
+
+    lora = is_lora(core.policy)
+    return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
+
+
 def _app_state(core: TrainerCore) -> dict[str, Any]:
-    model_sd, optim_sd = get_state_dict(core.policy, core.optimizer)
+    model_sd, optim_sd = get_state_dict(core.policy, core.optimizer, options=_policy_options(core))
     state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
     if core.critic is not None:
         critic_sd, critic_optim_sd = get_state_dict(core.critic, core.critic_optimizer)
@@ -84,7 +96,7 @@ def save_checkpoint(core: TrainerCore, path: str | Path, hf: bool | None = None)
 
     ``hf`` (default ``trainer.checkpoint_hf``) adds ``<path>/hf``, an HF export of the policy.
     """
-    from slime_rl.trainer.weights import export_hf
+    from slime_rl.trainer.lora import export_policy_hf
 
     out = Path(path)
     tmp = _tmp_path(out)
@@ -103,7 +115,7 @@ def save_checkpoint(core: TrainerCore, path: str | Path, hf: bool | None = None)
     }
     torch.save(extra, tmp / f"rank{core.rank}.pt")
     if core.cfg.checkpoint_hf if hf is None else hf:
-        export_hf(core.policy, tmp / "hf", core.model_path, write=core.rank == 0)  # collective
+        export_policy_hf(core.policy, tmp / "hf", core.model_path, write=core.rank == 0)  # collective
     core.barrier("save_checkpoint (written)")
     if core.rank == 0:
         meta = {"step": core.step, "version": core.version, "world_size": core.world_size}
@@ -132,7 +144,8 @@ def load_checkpoint(core: TrainerCore, path: str | Path) -> dict[str, int]:
     state = _app_state(core)
     with _quiet_single_process(core):
         dcp.load(state, checkpoint_id=str(src / "dcp"), no_dist=not core.distributed)
-    set_state_dict(core.policy, core.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(core.policy, core.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_policy_options(core))
     if core.critic is not None:
         if "critic" not in state:
             raise ValueError(f"{src} has no critic state but trainer.advantage.estimator=gae needs one")

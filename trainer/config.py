@@ -9,12 +9,15 @@ loader checks them and names the full key path on error. Sub-sections:
     trainer.off_policy  proximal policy and importance weights for stale samples
     trainer.optim       AdamW, LR schedule, gradient clipping
     trainer.batching    micro-batches by token budget, precision, gradient checkpointing
+    trainer.distill     on-policy distillation: teacher log-probs join the advantage
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+
+from slime_rl.trainer.distill_config import DistillConfig
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +134,41 @@ class BatchingConfig:
     """Logits are divided by this before log-probs; must equal the rollout sampling temperature."""
 
 
+LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+"""Attention projections of Llama/Qwen-style models: the default `trainer.lora.target_modules`."""
+LORA_FORBIDDEN_TARGETS = ("embed_tokens", "lm_head", "wte", "word_embeddings")
+"""Modules no adapter may target (see `LoraConfig.target_modules`)."""
+
+
+@dataclass
+class LoraConfig:
+    rank: int = field(default=0, metadata={"ge": 0})
+    """LoRA rank r; 0 = off (full fine-tuning). On: the base weights are frozen, only the adapters (lora_A, lora_B) train and sit in the optimizer, and weight syncs ship the adapter only (engines vllm and hf; other engines get merged full weights)."""
+    alpha: float = field(default=16.0, metadata={"gt": 0})
+    """LoRA alpha: the adapter's update is scaled by alpha / rank."""
+    dropout: float = field(default=0.0, metadata={"ge": 0, "le": 0.9})
+    """Dropout on the adapter's input during training (engines never apply it)."""
+    publish: str = field(default="auto", metadata={"choices": ("auto", "adapter", "merged")})
+    """What a weight sync ships: `adapter` = the lora_A/lora_B tensors only (the engine serves the adapter: rollout.engine vllm or hf); `merged` = full weights with the adapter merged in (any engine, full-size syncs); `auto` = adapter on vllm and hf, merged on other engines."""
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))
+    """Names of the linear layers that get adapters (the last part of the module name, e.g. q_proj, up_proj). Embeddings and lm_head are not allowed: vLLM serves no adapter on them, and with tied embeddings they are one weight."""
+
+    def validate(self) -> None:
+        """Rules that need no model (the root loader prefixes messages with ``trainer.lora.``; the
+        module names are checked against the model when the trainer wraps it, ``trainer.lora``)."""
+        if self.rank < 0:
+            raise ValueError(f"rank={self.rank} must be >= 0 (0 = LoRA off; e.g. 8 or 16 to train adapters)")
+        if self.rank > 0 and not self.target_modules:
+            raise ValueError("target_modules is empty; name the linear layers to adapt, e.g. [q_proj, v_proj]")
+        bad = [m for m in self.target_modules if m in LORA_FORBIDDEN_TARGETS]
+        if self.rank > 0 and bad:
+            raise ValueError(
+                f"target_modules={list(self.target_modules)} names {bad}: embeddings and lm_head take no adapter "
+                "(vLLM serves none there, and tied embeddings are one weight); adapt linear layers such as "
+                f"{list(LORA_DEFAULT_TARGETS)} or gate_proj, up_proj, down_proj"
+            )
+
+
 @dataclass
 class TrainerConfig:
     num_workers: int = field(default=1, metadata={"ge": 1})
@@ -167,6 +205,10 @@ class TrainerConfig:
     """Optimizer and LR schedule."""
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     """Micro-batching and precision."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters (rank 0 = off: full fine-tuning)."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """On-policy distillation from a teacher (off while `teacher_path` is null; docs/distill.md)."""
 
     def validate(self) -> None:
         """Rules across fields (the root loader prefixes messages with ``trainer.``)."""

@@ -9,6 +9,7 @@
            │    replay with trainer.routing_replay, router / expert-load metrics)
            ├─ fresh-token log-prob gap check (pre-update log-probs vs engine)
            ├─ token rewards (reward on the last loss token, minus KL penalty) ─► advantages
+           │    (+ or = the teacher's per-token term with trainer.distill: trainer/distill.py)
            └─ for each mini-batch: micro-batches ─► forward ─► loss share ─► backward
                                    ─► clip grad norm ─► AdamW step ─► LR scheduler step
                                    (skipped when no rank has a loss token)
@@ -53,6 +54,7 @@ from slime_rl.trainer.batching import (
 )
 from slime_rl.trainer.checks import check_all_zero_behaviour, check_batch, check_fresh_gap
 from slime_rl.trainer.config import TrainerConfig
+from slime_rl.trainer.distill import distill_advantages
 from slime_rl.trainer.kl import kl_estimate
 from slime_rl.trainer.losses import LossNorm, aggregate, value_loss
 from slime_rl.trainer.metrics import StepMetrics
@@ -60,7 +62,7 @@ from slime_rl.trainer.moe import MoERouting, routing_pass
 from slime_rl.trainer.objective import ObjectiveInputs, micro_batch_loss
 from slime_rl.trainer.off_policy import record_mismatch, record_ratios
 from slime_rl.trainer.optim import build_optimizer, build_scheduler, clip_grad_norm
-from slime_rl.trainer.weights import WeightBucket, export_hf, iter_weight_buckets
+from slime_rl.trainer.weights import WeightBucket, iter_weight_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +111,7 @@ class TrainerCore:
         self.timeout = datetime.timedelta(seconds=cfg.timeout_s)
         torch.manual_seed(cfg.seed)
         b = cfg.batching
-        policy = model_lib.load_policy(model_path, self.device, b.gradient_checkpointing)
+        policy = model_lib.load_policy(model_path, self.device, b.gradient_checkpointing, cfg.lora)
         self.moe = MoERouting.attach(policy)
         """Router hooks (replay, MoE metrics); None for a dense policy."""
         if cfg.routing_replay:
@@ -184,9 +186,12 @@ class TrainerCore:
                 out[name] = g.detach().to("cpu").clone()
         return out
 
-    def export_hf(self, out_dir: str | Path) -> Path | None:
-        """HF folder of the current policy (+ tokenizer from the model folder); rank 0 writes."""
-        path = export_hf(self.policy, out_dir, self.model_path, write=self.rank == 0)
+    def export_hf(self, out_dir: str | Path, merged: bool = False) -> Path | None:
+        """HF folder of the current policy (+ tokenizer from the model folder); rank 0 writes.
+        LoRA: the PEFT adapter folder, and with ``merged`` the merged model in ``<out_dir>/merged``."""
+        from slime_rl.trainer.lora import export_policy_hf
+
+        path = export_policy_hf(self.policy, out_dir, self.model_path, write=self.rank == 0, merged=merged)
         self.barrier("export_hf")
         return path
 
@@ -266,6 +271,11 @@ class TrainerCore:
             cfg.advantage,
             self.all_reduce_sum,
         )
+        if cfg.distill.enabled:  # on-policy distillation: the teacher's per-token term (trainer/distill.py)
+            try:
+                adv = distill_advantages(adv, rb, behaviour_NR, mask_NR, cfg.distill, metrics)
+            except ValueError as e:
+                raise ValueError(f"{self._tag()}: {e}") from e
         kept = keep_N.float()
         per_rank = 1.0 / self.world_size  # count of a metric summed over ranks
         metrics.add_mean("train/excluded_samples", rb.num_rows - kept.sum(), per_rank)

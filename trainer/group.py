@@ -197,8 +197,9 @@ class TrainerGroup:
         self.step, self.version = out["step"], out["version"]
         return out
 
-    def export_hf(self, out_dir: str) -> str:
-        return self._call_all("export_hf", str(out_dir))[0]
+    def export_hf(self, out_dir: str, merged: bool = False) -> str:
+        """HF export of the policy (LoRA: PEFT adapter folder, + ``<out_dir>/merged`` when ``merged``)."""
+        return self._call_all("export_hf", str(out_dir), merged)[0]
 
     def set_version(self, version: int) -> None:
         self._call_all("set_version", version)

@@ -4,7 +4,8 @@
     layer, then the root; only when torch.distributed is up) ─► response_logprobs(micro-batch)
 
 Tied embeddings (``lm_head`` = ``embed_tokens``) stay one parameter: both live in the root
-FSDP unit. Precision: fp32 parameters everywhere; bf16 autocast on GPU when
+FSDP unit. With ``trainer.lora`` the policy is a peft model (``trainer.lora``): frozen base,
+trainable adapters. Precision: fp32 parameters everywhere; bf16 autocast on GPU when
 ``trainer.batching.precision`` is ``auto`` or ``bf16``.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 from slime_rl.trainer.batching import MicroBatch
+from slime_rl.trainer.config import LoraConfig
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -29,14 +31,21 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def load_policy(path: str | Path, device: torch.device, gradient_checkpointing: bool = False) -> nn.Module:
-    """An HF causal LM in fp32 on ``device``, in train mode."""
+def load_policy(
+    path: str | Path, device: torch.device, gradient_checkpointing: bool = False, lora: LoraConfig | None = None
+) -> nn.Module:
+    """An HF causal LM in fp32 on ``device``, in train mode; with ``lora`` (rank > 0) wrapped
+    by peft: base frozen, adapters trainable (``trainer.lora.apply_lora``)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if lora is not None and lora.rank > 0:
+        from slime_rl.trainer.lora import apply_lora
+
+        model = apply_lora(model, lora)
     return model.to(device).train()
 
 

@@ -133,26 +133,39 @@ def plan_buckets(state: dict[str, torch.Tensor], bucket_bytes: int, dtype: torch
 
 
 def iter_weight_buckets(
-    model: nn.Module, version: int, bucket_bytes: int, include_tied: bool = False, dtype: str | torch.dtype | None = None
+    model: nn.Module,
+    version: int,
+    bucket_bytes: int,
+    include_tied: bool = False,
+    dtype: str | torch.dtype | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Iterator[WeightBucket]:
-    """Full tensors of ``model`` in buckets of at most ``bucket_bytes``, cast to ``dtype`` when
-    given (e.g. the engines' bfloat16: half the bytes to move); collective under FSDP2."""
+    """Full tensors of ``model`` (or of ``state``, e.g. a LoRA policy's adapter tensors, see
+    ``trainer.lora.publish_state``) in buckets of at most ``bucket_bytes``, cast to ``dtype``
+    when given (e.g. the engines' bfloat16: half the bytes to move); collective under FSDP2."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}; set weight_sync.bucket_mb to a positive size")
     dtype = resolve_dtype(dtype)
-    state = publishable_state(model, include_tied)
+    if state is None:
+        state = publishable_state(model, include_tied)
     plan = plan_buckets(state, bucket_bytes, dtype)
     for i, names in enumerate(plan):
         yield WeightBucket(version, i, len(plan), names, [_full(state[n], dtype) for n in names])
 
 
 def weight_layout(
-    model: nn.Module, bucket_bytes: int, include_tied: bool = False, dtype: str | torch.dtype | None = None
+    model: nn.Module,
+    bucket_bytes: int,
+    include_tied: bool = False,
+    dtype: str | torch.dtype | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> list[list[tuple[str, tuple[int, ...], str]]]:
-    """``(name, shape, dtype)`` of every tensor of every bucket ``iter_weight_buckets`` yields,
-    from the shapes alone (no gather, no data; any one rank can answer)."""
+    """``(name, shape, dtype)`` of every tensor of every bucket ``iter_weight_buckets`` yields
+    (for ``model``, or for ``state`` when given), from the shapes alone (no data moved; without
+    ``state`` no gather either, any one rank can answer)."""
     dtype = resolve_dtype(dtype)
-    state = publishable_state(model, include_tied)
+    if state is None:
+        state = publishable_state(model, include_tied)
     return [
         [(n, tuple(state[n].shape), str(dtype or state[n].dtype).removeprefix("torch.")) for n in names]
         for names in plan_buckets(state, bucket_bytes, dtype)
@@ -164,24 +177,37 @@ def full_state_dict(model: nn.Module, include_tied: bool = False) -> dict[str, t
     return {n: _full(t) for n, t in publishable_state(model, include_tied).items()}
 
 
-def export_hf(model: nn.Module, out_dir: str | Path, source_dir: str | Path, write: bool = True) -> Path | None:
+def copy_tokenizer_files(source_dir: str | Path, out: Path) -> None:
+    """Copy the tokenizer and other non-weight, non-model-config files of an HF folder."""
+    for f in Path(source_dir).iterdir():
+        if f.is_file() and not f.name.endswith(_WEIGHT_FILES) and f.name not in _MODEL_FILES:
+            shutil.copy2(f, out / f.name)
+
+
+def export_hf(
+    model: nn.Module,
+    out_dir: str | Path,
+    source_dir: str | Path,
+    write: bool = True,
+    state: dict[str, torch.Tensor] | None = None,
+) -> Path | None:
     """Save ``model`` as an HF folder loadable by transformers and vLLM.
 
     Writes ``model.safetensors`` (tied ``lm_head`` left out), ``config.json``,
     ``generation_config.json`` and copies the tokenizer and other non-weight files from
     ``source_dir``. Under FSDP2 every rank must call it (the gather is a collective); only the
-    rank with ``write=True`` writes.
+    rank with ``write=True`` writes. ``state``: the full HF-named tensors to write instead of
+    the model's own (a LoRA policy's merged weights, ``trainer.lora.merged_state``).
     """
     from safetensors.torch import save_file
 
-    state = full_state_dict(model)
+    if state is None:
+        state = full_state_dict(model)
     if not write:
         return None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for f in Path(source_dir).iterdir():
-        if f.is_file() and not f.name.endswith(_WEIGHT_FILES) and f.name not in _MODEL_FILES:
-            shutil.copy2(f, out / f.name)
+    copy_tokenizer_files(source_dir, out)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     model.config.save_pretrained(str(out))
     gen = getattr(model, "generation_config", None)

@@ -8,7 +8,8 @@
                                         (split_batch(table, M, updates)[rank]) ─► metrics
                  ──weight_buckets / put_weight_buckets / publish_weights / save_checkpoint /
                    export_hf──► collectives on all ranks (rank 0 holds the result)
-                 ──publish_weight_buckets(bytes, sink, dtype)──► gather bucket by bucket; rank 0
+                 ──publish_weight_buckets(bytes, sink, dtype)──► gather bucket by bucket (LoRA:
+                                        the adapter tensors, or merged weights); rank 0
                                         hands each to sink (ray.put, a file, a broadcast) ─►
                                         (handles, stats): 2 returns, handles go to the engines
 
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 from slime_rl.trainer.config import TrainerConfig
 from slime_rl.trainer.core import TrainerCore, set_torch_threads
+from slime_rl.trainer.lora import is_lora, publish_state
 from slime_rl.trainer.weights import WeightBucket, iter_weight_buckets, weight_layout
 
 if TYPE_CHECKING:
@@ -108,7 +110,9 @@ class TrainerWorker:
 
     def weight_buckets(self, bucket_bytes: int, include_tied: bool = False) -> list[WeightBucket] | None:
         """All buckets of the current weights on rank 0 (None elsewhere; every rank must be called)."""
-        buckets = list(self._core().iter_weight_buckets(bucket_bytes, include_tied))
+        core = self._core()
+        buckets = list(iter_weight_buckets(core.policy, core.version, bucket_bytes, include_tied,
+                                           state=self._lora_state()))
         return buckets if self.rank == 0 else None
 
     def put_weight_buckets(self, bucket_bytes: int, include_tied: bool = False) -> list[ray.ObjectRef] | None:
@@ -146,7 +150,8 @@ class TrainerWorker:
         core = self._core()
         handles: list[Any] = []
         t0, sink_s, nbytes, count = time.perf_counter(), 0.0, 0, 0
-        for bucket in iter_weight_buckets(core.policy, core.version, bucket_bytes, include_tied, dtype):
+        for bucket in iter_weight_buckets(core.policy, core.version, bucket_bytes, include_tied, dtype,
+                                          self._lora_state()):
             count += 1
             if self.rank == 0:
                 t1 = time.perf_counter()
@@ -163,7 +168,15 @@ class TrainerWorker:
         self, bucket_bytes: int, include_tied: bool = False, dtype: str | None = None
     ) -> list[list[tuple[str, tuple[int, ...], str]]]:
         """``(name, shape, dtype)`` per tensor per bucket of a publish, without gathering (any rank)."""
-        return weight_layout(self._core().policy, bucket_bytes, include_tied, dtype)
+        return weight_layout(self._core().policy, bucket_bytes, include_tied, dtype, self._lora_state(shapes_only=True))
+
+    def _lora_state(self, shapes_only: bool = False) -> dict[str, torch.Tensor] | None:
+        """With LoRA, what a publish ships (``trainer.lora.publish``: the adapter tensors, or the
+        merged weights); None without LoRA (the full state dict)."""
+        policy = self._core().policy
+        if not is_lora(policy):
+            return None
+        return publish_state(policy, self.cfg.lora.publish, shapes_only)
 
     def weight_publish_stats(self) -> dict[str, float]:
         """Stats of the last publish on this rank (see ``publish_weight_buckets``)."""
@@ -175,8 +188,9 @@ class TrainerWorker:
     def load_checkpoint(self, path: str) -> dict[str, int]:
         return self._core().load_checkpoint(path)
 
-    def export_hf(self, out_dir: str) -> str | None:
-        out = self._core().export_hf(out_dir)
+    def export_hf(self, out_dir: str, merged: bool = False) -> str | None:
+        """HF export of the policy (LoRA: the PEFT adapter folder, + ``<out_dir>/merged`` when ``merged``)."""
+        out = self._core().export_hf(out_dir, merged)
         return str(out) if out is not None else None
 
     def set_version(self, version: int) -> None:

@@ -8,6 +8,10 @@
 A wave admits no newcomers (static batching), which keeps the code small and the numerics
 simple; the vllm backend is the one with continuous batching. Works wherever torch works.
 
+LoRA (`lora=`, set by the driver when `trainer.lora.publish` resolves to `adapter`): the model
+is wrapped by peft (the adapter applied unmerged, base weights untouched) and each weight
+update copies the adapter's lora_A / lora_B tensors in (`set_peft_model_state_dict`).
+
 The cache is the model's own `DynamicCache(config=...)`, so each architecture gets the one it
 needs (GQA keys/values; GLM-5's compressed MLA latents plus the DSA indexer's key cache).
 With `record_routed_experts=True` an MoE model's routers are hooked (`moe.RoutingRecorder`)
@@ -69,7 +73,11 @@ class HFEngine(SteppedEngine):
         attn_implementation: str = "eager",
         num_threads: int | None = None,
         record_routed_experts: bool = False,
+        lora: dict[str, Any] | None = None,
     ) -> None:
+        """`lora`: serve a LoRA adapter (keys of a PEFT `adapter_config.json`: `r`,
+        `lora_alpha`, `target_modules`): the model is wrapped by peft with a zero adapter (=
+        the base) and weight updates carry the adapter tensors only."""
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         super().__init__()
@@ -88,6 +96,9 @@ class HFEngine(SteppedEngine):
         self.model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=torch_dtype, attn_implementation=attn_implementation
         ).to(self.device)
+        self.lora = dict(lora) if lora else None
+        if self.lora:
+            self.model = _wrap_lora(self.model, self.lora)
         self.model.eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         eos: set[int] = set()
@@ -184,6 +195,33 @@ class HFEngine(SteppedEngine):
         return deltas
 
     def backend_update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        if self.lora:
+            self._load_adapter(named_tensors)
+        else:
+            self._load_full(named_tensors)
+        if self._rows:  # rows kept across the update: recompute their cache with the new weights
+            self._cache = self._prefill(self._seq_BT[:, :-1], self._mask_BT[:, :-1])[1]
+
+    def _load_adapter(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        """Copy adapter tensors (PEFT saved names, `...q_proj.lora_A.weight`) into the model's
+        adapter; every adapter tensor must be in the update."""
+        from peft import set_peft_model_state_dict
+
+        not_lora = [n for n, _ in named_tensors if ".lora_A." not in n and ".lora_B." not in n]
+        if not_lora:
+            raise ValueError(
+                f"hf engine serves a LoRA adapter but the update holds base weights {not_lora[:3]}; "
+                "publish the adapter (trainer.lora.publish=adapter) or start the engine without lora"
+            )
+        want = {n for n in self.model.state_dict() if ".lora_" in n}
+        result = set_peft_model_state_dict(self.model, dict(named_tensors))
+        if result.unexpected_keys:
+            raise ValueError(f"hf engine: adapter tensors {list(result.unexpected_keys)[:3]} do not fit the served adapter")
+        missing = sorted(want & set(result.missing_keys))
+        if missing:
+            raise ValueError(f"hf engine: the adapter update misses {missing[:3]}; send every lora_A / lora_B tensor")
+
+    def _load_full(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         targets = self.model.state_dict(keep_vars=True)
         # per-expert names (HF checkpoints, Megatron-style trainers) -> this model's fused experts
         named_tensors = fuse_per_expert(named_tensors, targets)
@@ -206,8 +244,6 @@ class HFEngine(SteppedEngine):
                 f"hf engine: the update misses {missing[:5]}...; send the full state dict "
                 "(partial updates are refused, as on vllm)"
             )
-        if self._rows:  # rows kept across the update: recompute their cache with the new weights
-            self._cache = self._prefill(self._seq_BT[:, :-1], self._mask_BT[:, :-1])[1]
 
     def backend_close(self) -> None:
         self._rows, self._waiting, self._cache = [], collections.deque(), None
@@ -289,3 +325,14 @@ class HFEngine(SteppedEngine):
         idx = torch.tensor(keep, device=self.device)
         self._seq_BT, self._mask_BT = self._seq_BT[idx], self._mask_BT[idx]
         self._cache.batch_select_indices(idx)
+
+
+def _wrap_lora(model: torch.nn.Module, lora: dict[str, Any]) -> torch.nn.Module:
+    """`model` behind a peft LoRA adapter with lora_B = 0 (serves the base until the first update)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise ImportError("install slime-rl[lora] (peft) to serve LoRA adapters on rollout.engine=hf") from e
+    config = LoraConfig(r=int(lora["r"]), lora_alpha=float(lora["lora_alpha"]), lora_dropout=0.0,
+                        target_modules=list(lora["target_modules"]), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

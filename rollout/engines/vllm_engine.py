@@ -20,6 +20,11 @@ report the experts each computed position was routed to (`vllm_ext.RoutingCaptur
 caching is then off (a cached prefix is never routed, so its routing would be missing) and the
 engine must run eagerly (a captured graph would not call the capture function).
 
+LoRA (`lora=`): vLLM runs with `enable_lora`; an update carries the adapter tensors only and
+is loaded in memory under a new adapter id (`_load_adapter`, worker RPC `slime_load_lora`);
+version 0 is a zero adapter (lora_B = 0, like the trainer's fresh one: the base), so every
+request names an adapter id that a later update can re-point (docs/lora.md).
+
 Why not `AsyncLLM`: in vLLM 0.32 it always runs the engine core in a child process
 (`VLLM_ENABLE_V1_MULTIPROCESSING` only affects `LLMEngine`), which costs ~13 s and ~1 GiB
 more per start on CPU and turns tensors into lists on the RPC. `LLMEngine` with
@@ -42,6 +47,7 @@ from slime_rl.rollout.engines.vllm_ext import (
     EXTENSION_PATH,
     IGNORED_CHECKPOINT_SUFFIXES,
     check_full_state_dict,
+    lora_engine_args,
     pack_weights,
 )
 
@@ -146,8 +152,15 @@ class VLLMEngine(SteppedEngine):
         num_threads: int | None = None,
         engine_kwargs: dict[str, Any] | None = None,
         record_routed_experts: bool = False,
+        lora: dict[str, Any] | None = None,
     ) -> None:
+        """`lora`: serve a LoRA adapter (keys of a PEFT `adapter_config.json`: `r`,
+        `lora_alpha`, `target_modules`; also taken from `engine_kwargs["lora"]`, which is how
+        the driver passes it): vLLM runs with `enable_lora` and each weight update carries
+        the adapter tensors only (see `_load_adapter`)."""
         super().__init__()
+        engine_kwargs = dict(engine_kwargs or {})
+        lora = lora or engine_kwargs.pop("lora", None)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read by vLLM when the engine starts
         if num_threads is not None and not torch.cuda.is_available():
             # vLLM's automatic OpenMP core binding spin-waits badly on a shared, busy CPU.
@@ -174,7 +187,10 @@ class VLLMEngine(SteppedEngine):
             # engine would fail on the first seeded request whose prompt gets split. Whole-prompt
             # prefills never discard a token (measured cost of seeding then: ~5 %).
             args["enable_chunked_prefill"] = False
-        args.update(engine_kwargs or {})
+        args.update(engine_kwargs)
+        self.lora = dict(lora) if lora else None
+        if self.lora:
+            args.update(lora_engine_args(int(self.lora["r"])), **{k: v for k, v in engine_kwargs.items() if "lora" in k})
         if record_routed_experts:
             if not args["enforce_eager"]:
                 raise ValueError(
@@ -196,6 +212,17 @@ class VLLMEngine(SteppedEngine):
         self._optional: set[str] = set(expected["optional"])
         self._rpc("slime_quiet_reload_warnings")
         self._routing_pending: dict[str, list[tuple[int, Any]]] = {}
+        self._lora_request: Any = None
+        """The adapter new requests run with (None without LoRA)."""
+        self._lora_ids = 0
+        if self.lora:  # version 0: a zero adapter, so that every request names an adapter id
+            from vllm.lora.request import LoRARequest
+
+            self._lora_ids = 1
+            self._rpc("slime_add_zero_lora", 1, int(self.lora["r"]))
+            self._lora_request = LoRARequest("policy@v0", 1, "mem://policy/1")
+        self._request_lora: dict[str, int] = {}
+        """Adapter id of each request in the engine (kept requests outlive an update)."""
         self._external_ids: dict[str, str] = {}
         self._record_routing = bool(record_routed_experts) and self._rpc("slime_capture_routing")[0] > 0
         if record_routed_experts and not self._record_routing:
@@ -261,7 +288,11 @@ class VLLMEngine(SteppedEngine):
             if 0 < room < params.max_tokens:
                 params.max_tokens = room
             # A token input, not a raw prompt dict (which vLLM 0.32 warns about as deprecated).
-            internal = self._engine.add_request(r.request_id, tokens_input(list(r.prompt_token_ids)), params)
+            internal = self._engine.add_request(
+                r.request_id, tokens_input(list(r.prompt_token_ids)), params, lora_request=self._lora_request
+            )
+            if self._lora_request is not None:
+                self._request_lora[r.request_id] = self._lora_request.lora_int_id
             if self._record_routing:  # the worker sees vLLM's id (ours + a random suffix)
                 self._external_ids[internal] = r.request_id
 
@@ -288,11 +319,15 @@ class VLLMEngine(SteppedEngine):
                 routing = tuple(self._routing_pending.pop(out.request_id, ()))
                 if out.finished:
                     self._forget(out.request_id)
+            if out.finished:
+                self._request_lora.pop(out.request_id, None)
             deltas.append(StepDelta(out.request_id, toks, lps, reason, stop_reason, routing))
         return deltas
 
     def backend_abort(self, request_ids: list[str]) -> None:
         self._engine.abort_request(list(request_ids))
+        for rid in request_ids:
+            self._request_lora.pop(rid, None)
         if self._record_routing:
             for rid in request_ids:
                 self._forget(rid)
@@ -303,13 +338,42 @@ class VLLMEngine(SteppedEngine):
             del self._external_ids[internal]
 
     def backend_update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
-        check_full_state_dict(self._expected, self._optional, [n for n, _ in named_tensors])
-        payload: Any = named_tensors if self._tensors_by_reference else pack_weights(named_tensors)
-        self._engine.collective_rpc("slime_update_weights", args=(payload,))
+        if self.lora:
+            self._load_adapter(named_tensors)
+        else:
+            self._load_full(named_tensors)
         # Requests kept across the update are preempted and recomputed with the new weights;
         # the prefix cache would otherwise serve KV blocks of the old weights.
         if not self._engine.reset_prefix_cache(reset_running_requests=True):
             raise RuntimeError("vllm engine: prefix cache reset failed after a weight update")
+
+    def _load_adapter(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        """Load the adapter tensors in memory (worker RPC `slime_load_lora`) under a new adapter
+        id; new requests run with `LoRARequest("policy@v<n>", id, "mem://...")` (a new name and
+        path per version: vLLM's prefix-cache key). Requests kept across the update hold their
+        old id: the new tensors are loaded under those ids too, and the prefix-cache reset
+        recomputes them, so every token after the update comes from the new weights (exact
+        per-token versions, as with a full update)."""
+        from vllm.lora.request import LoRARequest
+
+        not_lora = [n for n, _ in named_tensors if ".lora_A." not in n and ".lora_B." not in n]
+        if not_lora:
+            raise ValueError(
+                f"vllm engine serves a LoRA adapter but the update holds base weights {not_lora[:3]}; "
+                "publish the adapter (trainer.lora.publish=adapter) or start the engine without lora"
+            )
+        self._lora_ids += 1
+        new_id = self._lora_ids
+        kept = sorted(set(self._request_lora.values()))
+        payload: Any = named_tensors if self._tensors_by_reference else pack_weights(named_tensors)
+        self._engine.collective_rpc("slime_load_lora", args=(new_id, payload, self.lora, kept))
+        version = self._loading_version if self._loading_version is not None else new_id
+        self._lora_request = LoRARequest(f"policy@v{version}", new_id, f"mem://policy/{new_id}")
+
+    def _load_full(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+        check_full_state_dict(self._expected, self._optional, [n for n, _ in named_tensors])
+        payload: Any = named_tensors if self._tensors_by_reference else pack_weights(named_tensors)
+        self._engine.collective_rpc("slime_update_weights", args=(payload,))
 
     def backend_close(self) -> None:
         engine, self._engine = self._engine, None

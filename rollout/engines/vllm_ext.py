@@ -6,6 +6,9 @@
         worker.reload_weights(weights_iterator)   # vLLM's layerwise in-place reload
         tied lm_head: repack from the new embedding (else it keeps the OLD packed weights)
 
+With LoRA, `slime_load_lora(id, payload, config, alias_ids)` builds the adapter from the
+update's tensors in memory and registers it under a new id (no folder is written).
+
 Called once after start:
 - `slime_install_logprob_sampler` switches the worker's sampler to report
   `log_softmax(logits / T)` over the full vocabulary (see `TemperatureLogprobSampler`);
@@ -362,8 +365,71 @@ def share_tied_packing(lm_head: Any, embed: Any, packed_before: Any) -> bool:
     return True
 
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""`max_lora_rank` values vLLM 0.32 accepts."""
+LORA_SLOTS = 4
+"""Adapters one batch may mix (`max_loras`): the newest version plus the ids of requests kept
+across updates; the CPU-side cache (`max_cpu_loras`) holds twice as many, so no id a request
+still names is ever evicted (vLLM would then re-read it from its fake `mem://` path)."""
+
+
+def lora_engine_args(rank: int) -> dict[str, Any]:
+    """vLLM engine arguments to serve one LoRA adapter of rank `rank` (versions swap in memory)."""
+    fits = [r for r in LORA_RANKS if r >= rank]
+    if not fits:
+        raise ValueError(f"trainer.lora.rank={rank} is above vLLM's largest max_lora_rank {LORA_RANKS[-1]}")
+    return {"enable_lora": True, "max_lora_rank": fits[0], "max_loras": LORA_SLOTS, "max_cpu_loras": 2 * LORA_SLOTS}
+
+
 class WeightSyncExtension:
     """Mixed into vLLM's worker class; `self` is the worker (has `model_runner`, `reload_weights`)."""
+
+    def slime_add_zero_lora(self, lora_id: int, rank: int) -> bool:
+        """Register a zero adapter (lora_B = 0: the base model) under `lora_id`: version 0 of a
+        LoRA policy. Every request then runs with an adapter id, which a later update can
+        point at new tensors (a request without one would keep the base weights)."""
+        from vllm.lora.request import LoRARequest
+
+        wm = self.model_runner.lora_manager
+        if wm is None:
+            raise RuntimeError("vllm worker: LoRA is not enabled (the engine was started without enable_lora)")
+        return bool(wm.add_dummy_lora(LoRARequest("policy@v0", int(lora_id), f"mem://policy/{lora_id}"), int(rank)))
+
+    def slime_load_lora(self, lora_id: int, payload: Any, config: dict[str, Any], alias_ids: Sequence[int]) -> int:
+        """Build a LoRA adapter from in-memory tensors (PEFT names) and register it under
+        `lora_id` and under each of `alias_ids` (ids that requests kept across the update still
+        name: they run with the new tensors from now on); every other adapter is removed.
+        vLLM 0.32's own `add_lora` only reads adapters from a folder; this is the same load
+        from tensors (`LoRAModel.from_lora_tensors`). Returns the number of tensors."""
+        from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.peft_helper import PEFTHelper
+
+        tensors = dict(_unpack(payload))
+        wm = self.model_runner.lora_manager
+        if wm is None:
+            raise RuntimeError("vllm worker: LoRA is not enabled (the engine was started without enable_lora)")
+        helper = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings": wm.max_position_embeddings})
+        helper.validate_legal(wm.lora_config)
+        manager = wm._adapter_manager
+        ids = [int(lora_id), *(int(i) for i in alias_ids if int(i) != int(lora_id))]
+        for old in list(manager.list_adapters()):
+            if old not in ids:
+                manager.remove_adapter(old)
+        device = str(getattr(wm, "device", "cpu"))
+        for i in ids:
+            # A copy per id: vLLM folds the scaling into lora_B in place (`optimize`), which
+            # would scale a shared tensor again for every id (and write into the sender's
+            # tensors or read-only object-store memory).
+            own = {n: t.clone() for n, t in tensors.items()}
+            lora = LoRAModel.from_lora_tensors(
+                i, own, helper, device=device, dtype=wm.lora_config.lora_dtype, model_vocab_size=wm.vocab_size
+            )
+            manager.remove_adapter(i)
+            if len(manager) + 1 > manager.capacity:
+                manager.remove_oldest_adapter()
+            manager.add_adapter(lora)
+        manager.activate_adapter(int(lora_id))
+        return len(tensors)
 
     def slime_update_weights(self, payload: Any) -> int:
         """Reload the full state dict in place; returns the number of tensors received."""

@@ -129,6 +129,7 @@ def test_vllm_step_with_unknown_finish_reason_resolves_the_request():
 
     outs = [out("a", "error"), out("b", "repetition"), out("c", None, finished=False)]
     eng._engine = types.SimpleNamespace(step=lambda: outs)
+    eng._request_lora = {}  # (LoRA bookkeeping: which adapter id each request runs with)
     deltas = {d.request_id: d for d in eng.backend_step()}
     assert deltas["a"].finish_reason is FinishReason.ABORT
     assert deltas["b"].finish_reason is FinishReason.ABORT

@@ -50,7 +50,7 @@ def _v1(batch: pa.RecordBatch) -> pa.RecordBatch:
 
 
 def test_schema_v2_has_the_column_and_round_trips() -> None:
-    assert SCHEMA_VERSION == 2 and SAMPLE_SCHEMA.field("routed_experts").type == pa.list_(pa.list_(pa.int16()))
+    assert SCHEMA_VERSION >= 2 and SAMPLE_SCHEMA.field("routed_experts").type == pa.list_(pa.list_(pa.int16()))
     batch = samples_to_batch(_samples())
     validate_batch(batch)
     back = batch_to_samples(batch)

@@ -131,7 +131,9 @@ def test_plots_written_at_close_are_valid_pngs(tmp_path: Path) -> None:
         log.log(step, {"rollout/reward_mean": step / 40, "rollout/response_len_mean": 30.0 + step,
                        "perf/samples_per_s": 8.0, "perf/tokens_per_s": 800.0,
                        "perf/trainer_idle_frac": 0.1, "rollout/engine_idle_frac": 0.3,
-                       "rollout/num_engines": 1.0 + (step > 20), "rollout/engines_target": 2.0})
+                       "rollout/num_engines": 1.0 + (step > 20), "rollout/engines_target": 2.0,
+                       "distill/reverse_kl": 3.0 - step / 20, "distill/teacher_logprob": -5.0 + step / 20,
+                       "distill/student_logprob": -2.0})
         if step % 10 == 0:
             log.log_eval(step, {"eval/accuracy": step / 50, "eval/accuracy/think": step / 60,
                                 "eval/accuracy/non_think": step / 45})
