@@ -23,6 +23,7 @@ Exceptions keep their type across Ray: ``except BufferTimeoutError`` works aroun
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,9 @@ class BufferActor:
 
     def __init__(self, config: BufferConfig, group_size: int | None = None, recover: bool = False) -> None:
         # A restart by Ray (max_restarts) continues the log whatever the first start was told.
-        restarted = ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
+        with warnings.catch_warnings():  # Ray 2.60's own property reads its deprecated `actor_id`
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
         self._buf = ReplayBuffer(config, group_size=group_size, recover=recover or restarted)
 
     @_CONTROL
