@@ -222,6 +222,8 @@ class TeacherClient:
     def _reset(self) -> None:
         self.seconds = self.wait_seconds = self.logprob_sum = 0.0
         self.tokens = self.groups = 0
+        self.kl_by_mode: dict[str, list[float]] = {}
+        """mode -> [sum of log p_student - log p_teacher, loss tokens] over the window."""
 
     def _call(self, method: str, *args: Any) -> Any:
         fn = getattr(self.scorer, method)
@@ -247,13 +249,20 @@ class TeacherClient:
             s.teacher_logprobs = [float(x) for x in lp]
             self.logprob_sum += sum(s.teacher_logprobs)
             self.tokens += len(lp)
+            acc = self.kl_by_mode.setdefault(str(getattr(s, "mode", "") or "default"), [0.0, 0.0])
+            for student, teacher, m in zip(s.response_logprobs or [], s.teacher_logprobs, s.loss_mask or [], strict=False):
+                if m:
+                    acc[0] += float(student) - teacher
+                    acc[1] += 1
         self.seconds += secs
         self.wait_seconds += time.monotonic() - t0
         self.groups += 1
 
     def metrics(self) -> dict[str, float]:
         """The window's teacher metrics (resets the window): forward seconds, per-group wait, tokens
-        scored, mean teacher log-prob of the sampled tokens (all response tokens, masked or not)."""
+        scored, mean teacher log-prob of the sampled tokens (all response tokens, masked or not),
+        and `distill/reverse_kl/<mode>`: mean log p_student - log p_teacher over the loss tokens
+        of each mode's samples scored in the window (think / non_think / ...)."""
         out = {
             "distill/teacher_seconds": self.seconds,
             "distill/teacher_wait_s_mean": self.wait_seconds / self.groups if self.groups else 0.0,
@@ -261,6 +270,9 @@ class TeacherClient:
         }
         if self.tokens:
             out["distill/teacher_logprob_sampled"] = self.logprob_sum / self.tokens
+        for mode, (kl, n) in self.kl_by_mode.items():  # the trainer's distill/reverse_kl, per mode
+            if n:
+                out[f"distill/reverse_kl/{mode}"] = kl / n
         self._reset()
         return out
 

@@ -177,6 +177,28 @@ def test_scorer_batches_concurrent_groups_and_client_fills_samples(tiny_model_di
     assert client.metrics()["distill/teacher_tokens"] == 0  # the window was reset
 
 
+def test_client_reports_the_reverse_kl_per_mode_over_loss_tokens(tiny_model_dir) -> None:
+    """`distill/reverse_kl/<mode>`: mean log p_student - log p_teacher over each mode's loss tokens
+    (tool tokens with mask 0 left out), so think and non-think distillation can be told apart."""
+    client = start_teacher(TeacherSpec(str(tiny_model_dir)), name=None, use_ray=False)
+    seqs = _seqs()[:2]
+    think = Sample(sample_id="a", group_id="g", prompt_ids=seqs[0][0], response_ids=seqs[0][1], mode="think",
+                   response_logprobs=[-0.5] * len(seqs[0][1]), loss_mask=[1] * len(seqs[0][1]))
+    masked = [1] + [0] * (len(seqs[1][1]) - 1)
+    plain = Sample(sample_id="b", group_id="g", prompt_ids=seqs[1][0], response_ids=seqs[1][1], mode="non_think",
+                   response_logprobs=[-0.25] * len(seqs[1][1]), loss_mask=masked)
+
+    async def go() -> None:
+        await client.load()
+        await client.fill([think, plain], "g")
+        await client.close()
+
+    asyncio.run(go())
+    m = client.metrics()
+    assert m["distill/reverse_kl/think"] == pytest.approx(sum(-0.5 - t for t in think.teacher_logprobs) / len(think.teacher_logprobs))
+    assert m["distill/reverse_kl/non_think"] == pytest.approx(-0.25 - plain.teacher_logprobs[0])
+
+
 # -- start-up errors -------------------------------------------------------------------------------
 def test_missing_teacher_path_is_named_at_load(tmp_path, tiny_model_dir) -> None:
     (tmp_path / "train.jsonl").write_text('{"prompt": "1+1", "label": "2"}\n')
