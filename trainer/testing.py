@@ -48,3 +48,29 @@ def synthetic_table(
                 )
             )
     return pa.Table.from_batches([samples_to_batch(samples)])
+
+
+def policy_logprobs(core, table: pa.Table, offset: float = 0.0) -> list[list[float]]:
+    """Per row of ``table``: the log-prob (temperature 1, + ``offset`` nats) that ``core``'s
+    policy (a ``TrainerCore``) gives each response token; lists of length R_i."""
+    import torch
+    from slime_rl.trainer.batching import RankBatch, plan_micro_batches
+    from slime_rl.trainer.model import response_logprobs
+
+    rb = RankBatch.from_table(table)
+    out: list[list[float]] = [[] for _ in range(rb.num_rows)]
+    with torch.no_grad():
+        for mb in plan_micro_batches(rb, list(range(rb.num_rows)), 10_000, core.pad_id):
+            lp_BR, _ = response_logprobs(core.policy, mb, 1.0)
+            for b, i in enumerate(mb.rows.tolist()):
+                out[i] = [v + offset for v in lp_BR[b, : len(rb.response_ids[i])].tolist()]
+    return out
+
+
+def on_policy(core, table: pa.Table, offset: float = 0.0) -> pa.Table:
+    """``table`` with ``response_logprobs`` = ``policy_logprobs(core, table, offset)``: behaviour
+    log-probs as an engine serving the core's weights would report them (passes the trainer's
+    mismatch check when ``offset`` is 0)."""
+    i = table.schema.get_field_index("response_logprobs")
+    values = pa.array(policy_logprobs(core, table, offset), type=pa.list_(pa.float32()))
+    return table.set_column(i, table.schema.field(i), values)

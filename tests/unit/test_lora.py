@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 
-import pyarrow as pa
 import pytest
 import torch
-from slime_rl.trainer.batching import RankBatch, plan_micro_batches
 from slime_rl.trainer.config import LoraConfig, TrainerConfig
 from slime_rl.trainer.core import TrainerCore
 from slime_rl.trainer.lora import adapter_state, merged_state, publish_state
-from slime_rl.trainer.model import response_logprobs
-from slime_rl.trainer.testing import synthetic_table
+from slime_rl.trainer.testing import on_policy, synthetic_table
 from slime_rl.trainer.weights import iter_weight_buckets
 
 from slime_rl.config import ConfigError, load_config
@@ -30,19 +27,6 @@ def _cfg(rank: int = 8, **lora) -> TrainerConfig:
     return cfg
 
 
-@torch.no_grad()
-def _on_policy(core: TrainerCore, table: pa.Table) -> pa.Table:
-    """``table`` with behaviour log-probs recomputed by ``core``'s policy (passes the mismatch check)."""
-    rb = RankBatch.from_table(table)
-    out: list[list[float]] = [[] for _ in range(rb.num_rows)]
-    for mb in plan_micro_batches(rb, list(range(rb.num_rows)), 10_000, core.pad_id):
-        lp_BR, _ = response_logprobs(core.policy, mb, 1.0)
-        for b, i in enumerate(mb.rows.tolist()):
-            out[i] = lp_BR[b, : len(rb.response_ids[i])].tolist()
-    i = table.schema.get_field_index("response_logprobs")
-    return table.set_column(i, table.schema.field(i), pa.array(out, type=pa.list_(pa.float32())))
-
-
 def _snapshot(core: TrainerCore) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in core.policy.state_dict().items()}
 
@@ -53,7 +37,7 @@ def stepped(tiny_model_dir):
     core = TrainerCore(_cfg(), tiny_model_dir)
     before = _snapshot(core)
     for seed in (1, 2):
-        core.train_step(_on_policy(core, synthetic_table(num_groups=2, group_size=4, vocab_size=VOCAB, seed=seed)))
+        core.train_step(on_policy(core, synthetic_table(num_groups=2, group_size=4, vocab_size=VOCAB, seed=seed)))
     return core, before
 
 

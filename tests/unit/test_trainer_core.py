@@ -9,7 +9,7 @@ from slime_rl.trainer.batching import RankBatch, plan_micro_batches
 from slime_rl.trainer.config import TrainerConfig
 from slime_rl.trainer.core import TrainerCore
 from slime_rl.trainer.model import response_logprobs
-from slime_rl.trainer.testing import synthetic_table
+from slime_rl.trainer.testing import on_policy, policy_logprobs, synthetic_table
 
 VOCAB = 400  # < the tiny tokenizer's size
 
@@ -29,24 +29,9 @@ def _cfg(**kw) -> TrainerConfig:
     return cfg
 
 
-@torch.no_grad()
-def _logprobs(core: TrainerCore, table: pa.Table) -> list[list[float]]:
-    rb = RankBatch.from_table(table)
-    out: list[list[float]] = [[] for _ in range(rb.num_rows)]
-    for mb in plan_micro_batches(rb, list(range(rb.num_rows)), 10_000, core.pad_id):
-        lp_BR, _ = response_logprobs(core.policy, mb, 1.0)
-        for b, i in enumerate(mb.rows.tolist()):
-            out[i] = lp_BR[b, : len(rb.response_ids[i])].tolist()
-    return out
-
-
 def _with_column(table: pa.Table, name: str, values: list, type_: pa.DataType) -> pa.Table:
     i = table.schema.get_field_index(name)
     return table.set_column(i, table.schema.field(i), pa.array(values, type=type_))
-
-
-def _on_policy(core: TrainerCore, table: pa.Table) -> pa.Table:
-    return _with_column(table, "response_logprobs", _logprobs(core, table), pa.list_(pa.float32()))
 
 
 def _params(core: TrainerCore) -> dict[str, torch.Tensor]:
@@ -55,12 +40,12 @@ def _params(core: TrainerCore) -> dict[str, torch.Tensor]:
 
 def test_steps_raise_logprob_of_rewarded_responses(tiny_model_dir):
     core = TrainerCore(_cfg(max_logprob_mismatch=1.0), tiny_model_dir)  # on-policy data passes the check
-    table = _on_policy(core, synthetic_table(num_groups=2, group_size=4, vocab_size=VOCAB, seed=1))
+    table = on_policy(core, synthetic_table(num_groups=2, group_size=4, vocab_size=VOCAB, seed=1))
     rewards = table.column("reward").to_pylist()
-    before = [sum(x) / len(x) for x in _logprobs(core, table)]
+    before = [sum(x) / len(x) for x in policy_logprobs(core, table)]
     for _ in range(4):
         metrics = core.train_step(table)
-    after = [sum(x) / len(x) for x in _logprobs(core, table)]
+    after = [sum(x) / len(x) for x in policy_logprobs(core, table)]
     for r, b, a in zip(rewards, before, after, strict=True):
         assert (a > b) if r > 0 else (a < b), (r, b, a)
     assert metrics["train/version"] == 4.0 and core.version == 4
@@ -192,10 +177,10 @@ def test_gpu_bf16_steps_raise_rewarded_logprob(tiny_model_dir):
     core = TrainerCore(_cfg(), tiny_model_dir, device=torch.device("cuda"))
     table = synthetic_table(num_groups=2, group_size=4, vocab_size=VOCAB, seed=1)
     rewards = table.column("reward").to_pylist()
-    before = [sum(x) / len(x) for x in _logprobs(core, table)]
+    before = [sum(x) / len(x) for x in policy_logprobs(core, table)]
     for _ in range(4):
         metrics = core.train_step(table)
-    after = [sum(x) / len(x) for x in _logprobs(core, table)]
+    after = [sum(x) / len(x) for x in policy_logprobs(core, table)]
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     gain = [a - b if r > 0 else b - a for r, b, a in zip(rewards, before, after, strict=True)]
     assert sum(gain) > 0

@@ -10,11 +10,9 @@ import pyarrow as pa
 import pytest
 import torch
 from slime_rl.trainer import core as core_mod
-from slime_rl.trainer.batching import RankBatch, plan_micro_batches
 from slime_rl.trainer.config import TrainerConfig
 from slime_rl.trainer.core import TrainerCore
-from slime_rl.trainer.model import response_logprobs
-from slime_rl.trainer.testing import synthetic_table
+from slime_rl.trainer.testing import on_policy, synthetic_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,18 +31,6 @@ def _cfg(groups: int = 2, **kw) -> TrainerConfig:
 def _with_column(table: pa.Table, name: str, values: list) -> pa.Table:
     i = table.schema.get_field_index(name)
     return table.set_column(i, table.schema.field(i), pa.array(values, type=table.schema.field(i).type))
-
-
-@torch.no_grad()
-def _on_policy(core: TrainerCore, table: pa.Table, offset: float = 0.0) -> pa.Table:
-    """``table`` with response_logprobs = the core's own log-probs (+ ``offset`` nats)."""
-    rb = RankBatch.from_table(table)
-    out: list[list[float]] = [[] for _ in range(rb.num_rows)]
-    for mb in plan_micro_batches(rb, list(range(rb.num_rows)), 10_000, core.pad_id):
-        lp_BR, _ = response_logprobs(core.policy, mb, 1.0)
-        for b, i in enumerate(mb.rows.tolist()):
-            out[i] = [v + offset for v in lp_BR[b, : len(rb.response_ids[i])].tolist()]
-    return _with_column(table, "response_logprobs", out)
 
 
 def _params(core: TrainerCore) -> dict[str, torch.Tensor]:
@@ -89,7 +75,7 @@ def test_lr_metric_is_the_lr_the_updates_used(tiny_model_dir, updates, expected)
     core = TrainerCore(_cfg(optim__warmup_steps=4, batching__updates_per_batch=updates), tiny_model_dir)
     used: list[float] = []
     core.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
-    table = _on_policy(core, synthetic_table(num_groups=2, group_size=2, vocab_size=VOCAB, seed=3))
+    table = on_policy(core, synthetic_table(num_groups=2, group_size=2, vocab_size=VOCAB, seed=3))
     got = [core.train_step(table)["train/lr"] for _ in range(2)]
     assert used[:2] == pytest.approx([2.5e-4, 5e-4])
     assert got == pytest.approx(expected, rel=1e-9)
@@ -143,23 +129,23 @@ def test_implausible_fresh_mismatch_is_refused(tiny_model_dir, offset):
     base = synthetic_table(num_groups=2, group_size=2, vocab_size=VOCAB, seed=6)
     before = _params(core)
     with pytest.raises(ValueError, match=r"response_logprobs.*differ from the trainer's by \d\.\d+ nats.*max_logprob_mismatch=1\.0"):
-        core.train_step(_on_policy(core, base, offset))
+        core.train_step(on_policy(core, base, offset))
     assert _moved(before, core) == 0.0 and core.step == 0
 
 
 def test_mismatch_check_passes_plausible_or_stale_data_and_can_be_disabled(tiny_model_dir):
     base = synthetic_table(num_groups=2, group_size=2, vocab_size=VOCAB, seed=6)
     core = TrainerCore(_cfg(), tiny_model_dir)
-    m = core.train_step(_on_policy(core, base, 0.5))  # a gap under the threshold trains
+    m = core.train_step(on_policy(core, base, 0.5))  # a gap under the threshold trains
     assert m["train/logprob_mismatch_fresh"] == pytest.approx(0.5, rel=1e-3)
     stale = TrainerCore(_cfg(), tiny_model_dir)
     stale.version = 3  # staleness explains a gap: not checked
-    stale.train_step(_on_policy(stale, base, 3.0))
+    stale.train_step(on_policy(stale, base, 3.0))
     off = TrainerCore(_cfg(max_logprob_mismatch=0.0), tiny_model_dir)
-    off.train_step(_on_policy(off, base, 3.0))
+    off.train_step(on_policy(off, base, 3.0))
     with pytest.raises(ValueError, match="max_logprob_mismatch"):  # updates_per_batch=2: checked from the pre-pass
         two = TrainerCore(_cfg(batching__updates_per_batch=2), tiny_model_dir)
-        two.train_step(_on_policy(two, base, 3.0))
+        two.train_step(on_policy(two, base, 3.0))
 
 
 # -- item: per-token column lengths -------------------------------------------------------------
