@@ -181,16 +181,12 @@ def save_adapter(model: nn.Module, out_dir: str | Path, source_dir: str | Path, 
     """A PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, and the
     tokenizer of ``source_dir``): ``PeftModel.from_pretrained(base, out_dir)`` and vLLM's
     ``LoRARequest`` load it. Collective under FSDP2; only ``write=True`` writes."""
-    from safetensors.torch import save_file
-    from slime_rl.trainer.weights import copy_tokenizer_files
+    from slime_rl.trainer.weights import write_tensors_folder
 
     tensors = {n: _full(t).contiguous() for n, t in adapter_state(model).items()}
     if not write:
         return None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    copy_tokenizer_files(source_dir, out)
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    out = write_tensors_folder(out_dir, source_dir, tensors, "adapter_model.safetensors")
     config = model.peft_config[ADAPTER_NAME].to_dict()
     config["base_model_name_or_path"] = str(Path(source_dir).resolve())
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}

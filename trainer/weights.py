@@ -177,11 +177,18 @@ def full_state_dict(model: nn.Module, include_tied: bool = False) -> dict[str, t
     return {n: _full(t) for n, t in publishable_state(model, include_tied).items()}
 
 
-def copy_tokenizer_files(source_dir: str | Path, out: Path) -> None:
-    """Copy the tokenizer and other non-weight, non-model-config files of an HF folder."""
+def write_tensors_folder(out_dir: str | Path, source_dir: str | Path, tensors: dict[str, torch.Tensor], filename: str) -> Path:
+    """``out_dir`` with ``tensors`` in ``filename`` (safetensors) and the tokenizer and other
+    non-weight, non-model-config files of the HF folder ``source_dir``; returns ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     for f in Path(source_dir).iterdir():
         if f.is_file() and not f.name.endswith(_WEIGHT_FILES) and f.name not in _MODEL_FILES:
             shutil.copy2(f, out / f.name)
+    save_file(tensors, str(out / filename), metadata={"format": "pt"})
+    return out
 
 
 def export_hf(
@@ -199,16 +206,11 @@ def export_hf(
     rank with ``write=True`` writes. ``state``: the full HF-named tensors to write instead of
     the model's own (a LoRA policy's merged weights, ``trainer.lora.merged_state``).
     """
-    from safetensors.torch import save_file
-
     if state is None:
         state = full_state_dict(model)
     if not write:
         return None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    copy_tokenizer_files(source_dir, out)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    out = write_tensors_folder(out_dir, source_dir, state, "model.safetensors")
     model.config.save_pretrained(str(out))
     gen = getattr(model, "generation_config", None)
     if gen is not None:

@@ -8,6 +8,29 @@ from slime_rl.trainer.config import TrainerConfig
 from slime_rl.trainer.core import TrainerCore
 from slime_rl.trainer.testing import synthetic_table
 
+PROMPT = [5, 17, 42, 99, 7]
+
+
+def _vllm_sample(model_dir) -> tuple[list[int], torch.Tensor]:
+    """8 tokens sampled by vLLM from the HF folder ``model_dir`` after ``PROMPT``, and vLLM's
+    log-prob of each (fp32, in-process engine)."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(model_dir), dtype="float32", enforce_eager=True, kv_cache_memory_bytes=256 << 20, seed=0)
+    try:
+        params = SamplingParams(max_tokens=8, logprobs=0, temperature=1.0, seed=1, ignore_eos=True)
+        result = llm.generate([{"prompt_token_ids": PROMPT}], params)[0].outputs[0]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    return list(result.token_ids), torch.tensor([next(iter(d.values())).logprob for d in result.logprobs])
+
+
+def _token_logprobs(model, tokens: list[int]) -> torch.Tensor:
+    """``model``'s log-prob of each of ``tokens`` after ``PROMPT``."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([PROMPT + tokens])).logits[0, len(PROMPT) - 1 : -1]
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
+
 
 @pytest.mark.timeout(300)
 def test_hf_export_loads_in_vllm_with_matching_logprobs(tiny_model_dir, tmp_path, monkeypatch):
@@ -17,21 +40,8 @@ def test_hf_export_loads_in_vllm_with_matching_logprobs(tiny_model_dir, tmp_path
     for seed in range(2):  # move the weights well away from the initial ones
         core.train_step(synthetic_table(num_groups=2, group_size=2, vocab_size=400, seed=seed))
     out = core.export_hf(tmp_path / "hf")
-
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(model=str(out), dtype="float32", enforce_eager=True, kv_cache_memory_bytes=256 << 20, seed=0)
-    try:
-        prompt = [5, 17, 42, 99, 7]
-        params = SamplingParams(max_tokens=8, logprobs=0, temperature=1.0, seed=1, ignore_eos=True)
-        result = llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0]
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-    tokens = list(result.token_ids)
-    engine_lp = torch.tensor([next(iter(d.values())).logprob for d in result.logprobs])
-    with torch.no_grad():
-        logits = core.policy(input_ids=torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1]
-    trainer_lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
+    tokens, engine_lp = _vllm_sample(out)
+    trainer_lp = _token_logprobs(core.policy, tokens)
     # fp32 on both sides: measured max gap 1.7e-6; a stale tied lm_head would be off by ~1-10
     torch.testing.assert_close(trainer_lp, engine_lp, atol=1e-4, rtol=0)
 
@@ -50,26 +60,9 @@ def test_lora_merged_export_loads_in_vllm_with_the_adapted_policys_logprobs(tiny
         core.train_step(synthetic_table(num_groups=2, group_size=2, vocab_size=400, seed=seed))
     core.export_hf(tmp_path / "hf", merged=True)
     assert (tmp_path / "hf" / "adapter_config.json").exists()
-
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(model=str(tmp_path / "hf" / "merged"), dtype="float32", enforce_eager=True,
-              kv_cache_memory_bytes=256 << 20, seed=0)
-    try:
-        prompt = [5, 17, 42, 99, 7]
-        params = SamplingParams(max_tokens=8, logprobs=0, temperature=1.0, seed=1, ignore_eos=True)
-        result = llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0]
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-    tokens = list(result.token_ids)
-    engine_lp = torch.tensor([next(iter(d.values())).logprob for d in result.logprobs])
-    ids = torch.tensor([prompt + tokens])
-    with torch.no_grad():
-        logits = core.policy(input_ids=ids).logits[0, len(prompt) - 1 : -1]
-        with core.policy.disable_adapter():  # the base alone: what a merge that lost the adapter gives
-            base_logits = core.policy(input_ids=ids).logits[0, len(prompt) - 1 : -1]
-    pick = torch.tensor(tokens)[:, None]
-    trainer_lp = torch.log_softmax(logits, -1).gather(1, pick).squeeze(1)
-    base_lp = torch.log_softmax(base_logits, -1).gather(1, pick).squeeze(1)
+    tokens, engine_lp = _vllm_sample(tmp_path / "hf" / "merged")
+    trainer_lp = _token_logprobs(core.policy, tokens)
+    with core.policy.disable_adapter():  # the base alone: what a merge that lost the adapter gives
+        base_lp = _token_logprobs(core.policy, tokens)
     assert (trainer_lp - base_lp).abs().max() > 1e-3  # the adapter trained: the test can tell them apart
     torch.testing.assert_close(trainer_lp, engine_lp, atol=1e-4, rtol=0)
