@@ -287,3 +287,17 @@ def sampling_from_config(cfg: Any, **overrides: Any) -> SamplingParams:
     }
     fields.update(overrides)
     return SamplingParams(**fields)
+
+
+def check_adapter_only(engine: str, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
+    """An engine serving a LoRA adapter takes updates of ``lora_A`` / ``lora_B`` tensors only.
+
+    Raises:
+        ValueError: naming the engine and the first base weights found in the update.
+    """
+    not_lora = [n for n, _ in named_tensors if ".lora_A." not in n and ".lora_B." not in n]
+    if not_lora:
+        raise ValueError(
+            f"{engine} engine serves a LoRA adapter but the update holds base weights {not_lora[:3]}; "
+            "publish the adapter (trainer.lora.publish=adapter) or start the engine without lora"
+        )

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from slime_rl.rollout.engines.base import FinishReason, GenerateRequest
+from slime_rl.rollout.engines.base import FinishReason, GenerateRequest, check_adapter_only
 from slime_rl.rollout.engines.core import StepDelta, SteppedEngine
 from slime_rl.rollout.engines.moe import RoutingRecorder, fuse_per_expert
 from slime_rl.rollout.engines.sampling import StopChecker, sample_next
@@ -207,12 +207,7 @@ class HFEngine(SteppedEngine):
         adapter; every adapter tensor must be in the update."""
         from peft import set_peft_model_state_dict
 
-        not_lora = [n for n, _ in named_tensors if ".lora_A." not in n and ".lora_B." not in n]
-        if not_lora:
-            raise ValueError(
-                f"hf engine serves a LoRA adapter but the update holds base weights {not_lora[:3]}; "
-                "publish the adapter (trainer.lora.publish=adapter) or start the engine without lora"
-            )
+        check_adapter_only("hf", named_tensors)
         want = {n for n in self.model.state_dict() if ".lora_" in n}
         result = set_peft_model_state_dict(self.model, dict(named_tensors))
         if result.unexpected_keys:

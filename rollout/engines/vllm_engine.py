@@ -41,7 +41,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from slime_rl.rollout.engines.base import FinishReason, GenerateRequest, SamplingParams
+from slime_rl.rollout.engines.base import (
+    FinishReason,
+    GenerateRequest,
+    SamplingParams,
+    check_adapter_only,
+)
 from slime_rl.rollout.engines.core import StepDelta, SteppedEngine
 from slime_rl.rollout.engines.vllm_ext import (
     EXTENSION_PATH,
@@ -356,12 +361,7 @@ class VLLMEngine(SteppedEngine):
         per-token versions, as with a full update)."""
         from vllm.lora.request import LoRARequest
 
-        not_lora = [n for n, _ in named_tensors if ".lora_A." not in n and ".lora_B." not in n]
-        if not_lora:
-            raise ValueError(
-                f"vllm engine serves a LoRA adapter but the update holds base weights {not_lora[:3]}; "
-                "publish the adapter (trainer.lora.publish=adapter) or start the engine without lora"
-            )
+        check_adapter_only("vllm", named_tensors)
         self._lora_ids += 1
         new_id = self._lora_ids
         kept = sorted(set(self._request_lora.values()))
