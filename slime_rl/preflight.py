@@ -301,6 +301,24 @@ def check_run_inputs(cfg: Config) -> None:
             )
 
 
+def check_lora(cfg: Config) -> None:
+    """`trainer.lora.target_modules` against the model's linear layers, from its config alone
+    (the model built on the meta device: no weights read), before any actor starts."""
+    if cfg.trainer.lora.rank <= 0:
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from slime_rl.trainer.lora import check_target_modules
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model.path))
+    try:
+        check_target_modules(model, cfg.trainer.lora)
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -310,6 +328,7 @@ def run_preflight(cfg: Config) -> dict[str, Any]:
     check_ray_address(cfg.ray.address)
     hf_config = check_model(cfg.model.path, cfg.model.tokenizer_path, cfg.rollout.engine)
     check_run_inputs(cfg)
+    check_lora(cfg)
     check_plugins(cfg)
     check_hub_environment(cfg)
     rows = check_data(cfg)

@@ -70,12 +70,11 @@ def engine_adapter_config(cfg: LoraConfig) -> dict[str, Any]:
             "bias": "none", "peft_type": "LORA", "task_type": "CAUSAL_LM"}
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
-    """Wrap ``model`` with LoRA adapters on ``cfg.target_modules``; the base is frozen.
+def check_target_modules(model: nn.Module, cfg: LoraConfig) -> None:
+    """Refuse ``trainer.lora.target_modules`` that ``model`` (real or on the meta device) lacks.
 
     Raises:
-        ValueError: a target module the model does not have (names what it has).
-        ImportError: peft is not installed.
+        ValueError: naming the key, the unknown names and the model's linear layers.
     """
     available = linear_module_names(model)
     unknown = [m for m in cfg.target_modules if m not in available]
@@ -84,6 +83,16 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
             f"trainer.lora.target_modules={list(cfg.target_modules)}: {type(model).__name__} has no linear layer "
             f"named {unknown}; its linear layers are {available}"
         )
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters on ``cfg.target_modules``; the base is frozen.
+
+    Raises:
+        ValueError: a target module the model does not have (names what it has).
+        ImportError: peft is not installed.
+    """
+    check_target_modules(model, cfg)
     peft = _peft()
     wrapped = peft.get_peft_model(model, peft_config(cfg))
     for name, p in wrapped.named_parameters():

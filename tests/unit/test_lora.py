@@ -119,6 +119,15 @@ def test_export_and_resume(stepped, tiny_model_dir, tmp_path):
 def test_bad_target_module_names_the_key_and_the_choices(tiny_model_dir):
     with pytest.raises(ValueError, match=r"trainer\.lora\.target_modules.*q_proj"):
         TrainerCore(_cfg(target_modules=["qkv"]), tiny_model_dir)
+    # and at start-up, before any actor, from the model's config alone
+    from slime_rl.preflight import PreflightError, check_lora
+
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", "data.train_path=x.jsonl", "trainer.lora.rank=8",
+                                "trainer.lora.target_modules=[qkv]"], check_paths=False)
+    with pytest.raises(PreflightError, match=r"trainer\.lora\.target_modules=\['qkv'\].*'q_proj'"):
+        check_lora(cfg)
+    check_lora(load_config(None, [f"model.path={tiny_model_dir}", "data.train_path=x.jsonl", "trainer.lora.rank=8"],
+                           check_paths=False))
 
 
 @pytest.mark.parametrize(
