@@ -93,7 +93,7 @@ class TeacherModel:
             if self.set_threads and self.spec.device == "cpu":
                 torch._C.set_num_threads(int(self.spec.num_threads))  # see trainer.core.set_torch_threads
             dtype = getattr(torch, self.spec.dtype)
-            model = AutoModelForCausalLM.from_pretrained(self.spec.path, torch_dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(self.spec.path, dtype=dtype)
             self.model = model.to(self.spec.device).eval()
             logger.info("teacher %s loaded on %s (%s)", self.spec.path, self.spec.device, self.spec.dtype)
         return {"path": self.spec.path, "device": self.spec.device,
