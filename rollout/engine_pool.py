@@ -122,6 +122,8 @@ class EngineSlot:
         self.state = SlotState.STARTING
         self.in_flight = 0
         """Requests (samples) sent and not answered."""
+        self.version = 0
+        """Weight version it holds (engines given to the pool at start hold the initial weights)."""
         self.updating = False
         """A weight update to it is pending (the stall watch then wants an answer from it)."""
         self.busy_s = 0.0
@@ -193,18 +195,19 @@ class EnginePool:
 
     async def bring_up(self, slot: EngineSlot) -> None:
         """Load the latest update's weights into a STARTING engine, then UP (or WAITING when no
-        buckets were kept). Raises `EngineLostError` / `TimeoutError` naming the engine."""
-        kept = self._weights
-        if kept is not None and kept[0] > 0:
+        buckets were kept). Raises `EngineLostError` / `TimeoutError` naming the engine.
+
+        An update that starts while this engine loads skips it (it is not up yet), so the load
+        is repeated until the engine holds the pool's latest version: an engine that came up one
+        version behind would make groups staler than admission allowed for (dropped as stale)."""
+        while (kept := self._weights) is not None and kept[0] > slot.version:
             version, buckets = kept
             got = await asyncio.wait_for(slot.client.update_weights(version, buckets, None), self.weight_timeout_s)
             if int(got) != version:
                 raise RuntimeError(f"{slot.name}: asked for weight version {version}, the engine reports {got}")
-            slot.state = SlotState.UP
-        elif self.version > 0:
-            slot.state = SlotState.WAITING
-        else:
-            slot.state = SlotState.UP  # nothing published yet: the initial weights are current
+            slot.version = version
+        # Behind the last finished update without buckets to load (collective): wait for the next.
+        slot.state = SlotState.UP if slot.version >= self.version else SlotState.WAITING
         self.changed.set()
 
     def retire(self, name: str) -> EngineSlot | None:
@@ -290,27 +293,37 @@ class EnginePool:
         async def one(slot: EngineSlot) -> float:
             t0 = time.monotonic()
             mine = per_engine[slot.name] if per_engine is not None else buckets
-            slot.updating = True
             try:
                 got = await asyncio.wait_for(slot.client.update_weights(version, mine, mode), self.weight_timeout_s)
-            except asyncio.TimeoutError as e:
-                raise TimeoutError(
-                    f"{slot.name}: weight update to version {version} took longer than "
-                    f"{self.weight_timeout_s:.0f} s (rollout.weight_update_timeout_s)"
-                ) from e
             except EngineLostError:
                 self.mark_down(slot)
                 return float("nan")
+            except Exception as e:
+                if slot.state is SlotState.DRAINING:  # scaled down meanwhile: takes no more work, its weights do not matter
+                    logger.info("%s (retiring) did not take version %d: %s", slot.name, version, f"{type(e).__name__}: {e}")
+                    return float("nan")
+                if isinstance(e, asyncio.TimeoutError):
+                    raise TimeoutError(
+                        f"{slot.name}: weight update to version {version} took longer than "
+                        f"{self.weight_timeout_s:.0f} s (rollout.weight_update_timeout_s)"
+                    ) from e
+                raise
             finally:
                 slot.updating = False
             if int(got) != int(version):
                 raise RuntimeError(f"{slot.name}: asked for weight version {version}, the engine reports {got}")
+            slot.version = int(version)
             if slot.state is SlotState.WAITING:
                 slot.state = SlotState.UP
             return time.monotonic() - t0
 
+        for s in targets:  # before any await: a retiring engine is not stopped while its update is pending (fleet._drain)
+            s.updating = True
         seconds = await asyncio.gather(*(one(s) for s in targets))
         self.version = int(version)
+        for s in self._slots.values():  # came up during this update, one version behind and nothing kept to load
+            if s.state is SlotState.UP and s.version < self.version:
+                s.state = SlotState.WAITING
         self.changed.set()
         return {s.name: t for s, t in zip(targets, seconds)}
 

@@ -250,8 +250,8 @@ class EngineFleet:
 
     async def _drain(self, slot: EngineSlot) -> None:
         try:
-            while slot.in_flight and slot.state is SlotState.DRAINING:
-                await asyncio.sleep(0.2)
+            while (slot.in_flight or slot.updating) and slot.state is SlotState.DRAINING:
+                await asyncio.sleep(0.2)  # its work, and a weight load already sent to it, finish first
             self.pool.discard(slot.name)
             self.records.pop(slot.name, None)
             await self.launcher.stop(slot.client, graceful=True)

@@ -139,6 +139,8 @@ def _group_accounting(run_dir: Path, n_samples: int, train_path: Path, model_dir
     trained_ids = set(trained)
     assert not trained_ids & buffered and not trained_ids & in_flight, "a group both trained and still pending"
     skipped = expected - trained_ids - buffered - in_flight
-    assert not skipped, f"groups the cursor handed out that were never trained nor are pending: {sorted(skipped)}"
+    dropped = max((r.get("buffer/dropped_stale", 0.0) for r in _train_lines(run_dir)), default=0.0)
+    assert not skipped, (f"groups the cursor handed out that were never trained nor are pending: {sorted(skipped)} "
+                         f"(buffer/dropped_stale: {dropped:g})")
     assert trained_ids | buffered | in_flight <= expected, "groups from outside the cursor's order"
     return {"trained": trained_ids, "buffered": buffered, "in_flight": in_flight}
