@@ -58,6 +58,7 @@ from slime_rl.trainer.distill import distill_advantages
 from slime_rl.trainer.kl import kl_estimate
 from slime_rl.trainer.losses import LossNorm, aggregate, value_loss
 from slime_rl.trainer.metrics import StepMetrics
+from slime_rl.trainer.micro_batch import attention_weight
 from slime_rl.trainer.moe import MoERouting, routing_pass
 from slime_rl.trainer.objective import ObjectiveInputs, micro_batch_loss
 from slime_rl.trainer.off_policy import record_mismatch, record_ratios
@@ -134,6 +135,9 @@ class TrainerCore:
             self.critic_scheduler = build_scheduler(self.critic_optimizer, cfg.optim)
         self.share_prompt = _share_prompt(b.share_prompt, self.device, [self.policy, self.reference, self.critic])
         """Whether micro-batches put the samples of a group behind one copy of their prompt."""
+        self.attention_weight = attention_weight(self.policy.config) if self.share_prompt else 0.0
+        """Cost of one attended (query, key) pair relative to one position: groups whose shared
+        sequence would cost more than their rows alone are not shared (long responses)."""
         config = self.policy.config
         pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
         self.pad_id = int(pad if isinstance(pad, int) else (pad[0] if pad else 0))
@@ -211,7 +215,8 @@ class TrainerCore:
     def _synced_micro_batches(self, rb: RankBatch, rows: list[int]) -> list[MicroBatch]:
         """Micro-batches of ``rows``, padded with zero-weight stand-ins to the largest count on any rank."""
         b = self.cfg.batching
-        mbs = plan_micro_batches(rb, rows, b.max_tokens_per_micro_batch, self.pad_id, b.pack, self.share_prompt)
+        mbs = plan_micro_batches(rb, rows, b.max_tokens_per_micro_batch, self.pad_id, b.pack, self.share_prompt,
+                                 self.attention_weight)
         target = int(self.all_reduce_max(torch.tensor([len(mbs)], dtype=torch.long)).item())
         mbs += [dummy_micro_batch(rb, self.pad_id) for _ in range(target - len(mbs))]
         return [mb.to(self.device) for mb in mbs]

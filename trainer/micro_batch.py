@@ -234,19 +234,53 @@ def block_mask(seg_BT: torch.Tensor, unit_BT: torch.Tensor) -> torch.Tensor:
     return (visible | pad_self)[:, None]
 
 
-def prompt_units(rb: RankBatch, rows: list[int], share_prompt: bool) -> list[list[int]]:
+def prompt_units(rb: RankBatch, rows: list[int], share_prompt: bool, attention_weight: float = 0.0) -> list[list[int]]:
     """``rows`` cut into units: with ``share_prompt`` the rows of one group with identical
-    prompt_ids (in row order), else one row each."""
+    prompt_ids (in row order), else one row each.
+
+    A shared unit computes the prompt once but attends over its whole length (the dense block
+    mask): with ``attention_weight`` w > 0 a group is shared only where that is cheaper, by the
+    cost ``L + w * L**2`` of a sequence of L positions (w: one query-key pair's compute relative
+    to one position's dense layers, `attention_weight` below). Long responses (hundreds of tokens
+    x n samples) then train as separate rows, short ones behind one prompt.
+    """
     if not share_prompt:
         return [[i] for i in rows]
-    units: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    groups: dict[tuple[int, tuple[int, ...]], list[int]] = {}
     for i in rows:
-        units.setdefault((int(rb.group_index_N[i]), tuple(rb.prompt_ids[i])), []).append(i)
-    return list(units.values())
+        groups.setdefault((int(rb.group_index_N[i]), tuple(rb.prompt_ids[i])), []).append(i)
+    units: list[list[int]] = []
+    for unit in groups.values():
+        if attention_weight > 0 and len(unit) > 1:
+            alone = [len(rb.prompt_ids[i]) + len(rb.response_ids[i]) for i in unit]
+            shared = _unit_len(rb, unit)
+            if shared + attention_weight * shared**2 >= sum(n + attention_weight * n**2 for n in alone):
+                units.extend([i] for i in unit)
+                continue
+        units.append(unit)
+    return units
+
+
+def attention_weight(config) -> float:
+    """Forward FLOPs of attending over one (query, key) pair relative to those of one position
+    through the dense layers, for an HF decoder config: ``4 * layers * heads * head_dim`` (scores
+    and the weighted sum) over ``2 * (non-embedding parameters + the output projection)``.
+    0.0 when the config lacks the sizes (every group is then shared)."""
+    try:
+        layers, hidden, vocab = int(config.num_hidden_layers), int(config.hidden_size), int(config.vocab_size)
+        heads = int(config.num_attention_heads)
+        head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+        inter = int(getattr(config, "intermediate_size", 4 * hidden))
+        kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    except (AttributeError, TypeError, ValueError):
+        return 0.0
+    per_layer = hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2 + 3 * hidden * inter
+    return 4 * layers * heads * head_dim / (2 * (layers * per_layer + hidden * vocab))
 
 
 def plan_micro_batches(
-    rb: RankBatch, rows: list[int], max_tokens: int, pad_id: int, pack: bool = False, share_prompt: bool = False
+    rb: RankBatch, rows: list[int], max_tokens: int, pad_id: int, pack: bool = False, share_prompt: bool = False,
+    attention_weight: float = 0.0,
 ) -> list[MicroBatch]:
     """Group ``rows`` into micro-batches within a token budget, longest first.
 
@@ -255,10 +289,11 @@ def plan_micro_batches(
     of a group that share their prompt: the prompt once plus every response) go into input rows
     first-fit, each row as long as the longest unit (one row when ``pack``), under the same
     budget. A single row or unit longer than the budget gets a micro-batch of its own (and a
-    warning).
+    warning). ``attention_weight`` > 0: a group shares its prompt only where that costs less
+    (`prompt_units`).
     """
     share_prompt = share_prompt and rb.routed_experts is None  # routing is per sample, prompt included
-    units = prompt_units(rb, rows, share_prompt)
+    units = prompt_units(rb, rows, share_prompt, attention_weight)
     lens = [_unit_len(rb, u) for u in units]
     order = sorted(range(len(units)), key=lambda k: (-lens[k], units[k][0]))
     plans: list[list[list[int]]] = []  # micro-batch -> input rows -> units (indices into `units`)

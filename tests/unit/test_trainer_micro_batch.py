@@ -122,3 +122,28 @@ def test_share_prompt_defaults_to_cpu_and_refuses_unsupported_attention(tiny_mod
     with pytest.raises(ValueError, match="share_prompt=true needs sdpa or eager attention"):
         TrainerCore(cfg, tiny_model_dir)
     assert not TrainerCore(TrainerConfig(), tiny_model_dir).share_prompt  # auto falls back
+
+
+def test_groups_with_long_responses_are_not_shared_short_ones_are(tiny_model_dir):
+    """Sharing attends over prompt + every response at once: for long responses that costs more than
+    the prompt it saves (the long-tail workload's 8 x 400-token chains), so those rows train alone,
+    with the same log-probs; short groups still share."""
+    from slime_rl.trainer.micro_batch import attention_weight
+    from transformers import AutoConfig
+
+    w = attention_weight(AutoConfig.from_pretrained(tiny_model_dir))
+    assert 1e-4 < w < 1e-2  # the tiny model: 4 layers x 256 attention dims over ~2.4M dense parameters
+    chains = synthetic_table(num_groups=1, group_size=8, vocab_size=VOCAB, seed=5, prompt_len=(20, 20), response_len=(300, 400))
+    short = synthetic_table(num_groups=2, group_size=8, vocab_size=VOCAB, seed=6, prompt_len=(18, 18), response_len=(5, 20))
+    short = _replace(short, "group_id", [f"s{g}" for g in short.column("group_id").to_pylist()])
+    rb = RankBatch.from_table(pa.concat_tables([chains, short]))
+    rows = list(range(rb.num_rows))
+    units = prompt_units(rb, rows, True, w)
+    assert [len(u) for u in units] == [1] * 8 + [8, 8]
+    assert len(prompt_units(rb, rows, True)) == 3  # weight 0: every group shared (the former rule)
+    model = load_policy(tiny_model_dir, torch.device("cpu"))
+    padded, _ = _logprobs(model, rb, 10_000)
+    mixed, mbs = _logprobs(model, rb, 10_000, share_prompt=True, attention_weight=w)
+    torch.testing.assert_close(mixed, padded, atol=1e-5, rtol=0)
+    assert sorted(i for mb in mbs for i in mb.rows.tolist()) == rows
+    assert TrainerCore(TrainerConfig(), tiny_model_dir).attention_weight == pytest.approx(w)
