@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.e2e import matmul_gflops
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, dict[str, Any]] = {
     "fp32": {"batching": {"precision": "fp32"}},
@@ -69,25 +71,6 @@ def batch(shape: str, vocab_size: int, seed: int = 0):
                                   response_ids=[rng.randrange(3, vocab_size) for _ in range(n)],
                                   response_logprobs=[-3.0] * n, reward=float(k % 2 == 0), policy_version=0))
     return pa.Table.from_batches([samples_to_batch(samples)])
-
-
-def matmul_gflops(n: int = 1024, seconds: float = 1.0) -> float:
-    """Best fp32 GFLOP/s of an n x n matmul on one torch thread (the one-core limit)."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch._C.set_num_threads(1)
-    try:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b
-        best, end = float("inf"), time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            t0 = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t0)
-        return 2 * n**3 / best / 1e9
-    finally:
-        torch._C.set_num_threads(old)
 
 
 def measure(model: Path, shape: str, variant: str, steps: int, warmup: int) -> dict[str, Any]:
