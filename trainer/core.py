@@ -58,7 +58,7 @@ from slime_rl.trainer.distill import distill_advantages
 from slime_rl.trainer.kl import kl_estimate
 from slime_rl.trainer.losses import LossNorm, aggregate, value_loss
 from slime_rl.trainer.metrics import StepMetrics
-from slime_rl.trainer.micro_batch import attention_weight
+from slime_rl.trainer.micro_batch import attention_weight_of
 from slime_rl.trainer.moe import MoERouting, routing_pass
 from slime_rl.trainer.objective import ObjectiveInputs, micro_batch_loss
 from slime_rl.trainer.off_policy import record_mismatch, record_ratios
@@ -135,7 +135,7 @@ class TrainerCore:
             self.critic_scheduler = build_scheduler(self.critic_optimizer, cfg.optim)
         self.share_prompt = _share_prompt(b.share_prompt, self.device, [self.policy, self.reference, self.critic])
         """Whether micro-batches put the samples of a group behind one copy of their prompt."""
-        self.attention_weight = attention_weight(self.policy.config) if self.share_prompt else 0.0
+        self.attention_weight = attention_weight_of(self.policy.config) if self.share_prompt else 0.0
         """Cost of one attended (query, key) pair relative to one position: groups whose shared
         sequence would cost more than their rows alone are not shared (long responses)."""
         config = self.policy.config

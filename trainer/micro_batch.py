@@ -241,7 +241,7 @@ def prompt_units(rb: RankBatch, rows: list[int], share_prompt: bool, attention_w
     A shared unit computes the prompt once but attends over its whole length (the dense block
     mask): with ``attention_weight`` w > 0 a group is shared only where that is cheaper, by the
     cost ``L + w * L**2`` of a sequence of L positions (w: one query-key pair's compute relative
-    to one position's dense layers, `attention_weight` below). Long responses (hundreds of tokens
+    to one position's dense layers, `attention_weight_of` below). Long responses (hundreds of tokens
     x n samples) then train as separate rows, short ones behind one prompt.
     """
     if not share_prompt:
@@ -261,7 +261,7 @@ def prompt_units(rb: RankBatch, rows: list[int], share_prompt: bool, attention_w
     return units
 
 
-def attention_weight(config) -> float:
+def attention_weight_of(config) -> float:
     """Forward FLOPs of attending over one (query, key) pair relative to those of one position
     through the dense layers, for an HF decoder config: ``4 * layers * heads * head_dim`` (scores
     and the weighted sum) over ``2 * (non-embedding parameters + the output projection)``.

@@ -128,10 +128,10 @@ def test_groups_with_long_responses_are_not_shared_short_ones_are(tiny_model_dir
     """Sharing attends over prompt + every response at once: for long responses that costs more than
     the prompt it saves (the long-tail workload's 8 x 400-token chains), so those rows train alone,
     with the same log-probs; short groups still share."""
-    from slime_rl.trainer.micro_batch import attention_weight
+    from slime_rl.trainer.micro_batch import attention_weight_of
     from transformers import AutoConfig
 
-    w = attention_weight(AutoConfig.from_pretrained(tiny_model_dir))
+    w = attention_weight_of(AutoConfig.from_pretrained(tiny_model_dir))
     assert 1e-4 < w < 1e-2  # the tiny model: 4 layers x 256 attention dims over ~2.4M dense parameters
     chains = synthetic_table(num_groups=1, group_size=8, vocab_size=VOCAB, seed=5, prompt_len=(20, 20), response_len=(300, 400))
     short = synthetic_table(num_groups=2, group_size=8, vocab_size=VOCAB, seed=6, prompt_len=(18, 18), response_len=(5, 20))
