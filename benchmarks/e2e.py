@@ -247,7 +247,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         run_dir = Path(args.run_dir)
     else:
         p.error("give a RUN_DIR or --quick")
-    r = split(run_dir, args.steps)
+    from slime_rl.tracing.analyze import TraceError
+
+    try:
+        r = split(run_dir, args.steps)
+    except TraceError as e:
+        raise SystemExit(f"{run_dir}: {e}") from None
     if not args.no_limits:
         r["limits"] = limits(run_dir, r["per_step"])
     print(table(r))
