@@ -18,10 +18,11 @@ waits (WAITING) and loads with the next update, which the driver starts at once 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from slime_rl.rollout.engines.base import GenerateRequest, GenerateResult
@@ -156,6 +157,42 @@ class EngineSlot:
         return self.busy_s + extra
 
 
+class _LoadGate:
+    """Engines that join load the kept weights side by side; a weight update waits until they are
+    done, and they wait for an update in flight. (An update that started while an engine loaded
+    would skip it, and the engine would come up a version behind; loading again until it caught
+    up never ends while the trainer publishes faster than an engine loads.)"""
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._joining = 0
+        self._updating = False
+
+    @contextlib.asynccontextmanager
+    async def joining(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._updating)
+            self._joining += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._joining -= 1
+                self._cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def updating(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._updating and not self._joining)
+            self._updating = True
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._updating = False
+                self._cond.notify_all()
+
+
 class EnginePool:
     """Engines, least-loaded choice under a per-engine cap, and weight loads to all of them."""
 
@@ -172,6 +209,7 @@ class EnginePool:
         """Set whenever capacity may have grown (a request ended, an engine came up)."""
         self.on_lost: Callable[[EngineSlot], None] | None = None
         """Called once per engine found gone (the fleet and the manager react)."""
+        self._gate = _LoadGate()
         for c in clients:  # engines given at construction are up and hold version 0
             self.add(c).state = SlotState.UP
 
@@ -195,19 +233,20 @@ class EnginePool:
 
     async def bring_up(self, slot: EngineSlot) -> None:
         """Load the latest update's weights into a STARTING engine, then UP (or WAITING when no
-        buckets were kept). Raises `EngineLostError` / `TimeoutError` naming the engine.
+        buckets were kept: it loads with the next update). No update runs meanwhile (it would
+        skip this engine, which would then come up a version behind and make groups staler
+        than admission allowed for); one that is running finishes first.
 
-        An update that starts while this engine loads skips it (it is not up yet), so the load
-        is repeated until the engine holds the pool's latest version: an engine that came up one
-        version behind would make groups staler than admission allowed for (dropped as stale)."""
-        while (kept := self._weights) is not None and kept[0] > slot.version:
-            version, buckets = kept
-            got = await asyncio.wait_for(slot.client.update_weights(version, buckets, None), self.weight_timeout_s)
-            if int(got) != version:
-                raise RuntimeError(f"{slot.name}: asked for weight version {version}, the engine reports {got}")
-            slot.version = version
-        # Behind the last finished update without buckets to load (collective): wait for the next.
-        slot.state = SlotState.UP if slot.version >= self.version else SlotState.WAITING
+        Raises `EngineLostError` / `TimeoutError` naming the engine."""
+        async with self._gate.joining():
+            if (kept := self._weights) is not None and kept[0] > slot.version:
+                version, buckets = kept
+                got = await asyncio.wait_for(slot.client.update_weights(version, buckets, None), self.weight_timeout_s)
+                if int(got) != version:
+                    raise RuntimeError(f"{slot.name}: asked for weight version {version}, the engine reports {got}")
+                slot.version = version
+            # Behind the last update without buckets to load (collective): wait for the next.
+            slot.state = SlotState.UP if slot.version >= self.version else SlotState.WAITING
         self.changed.set()
 
     def retire(self, name: str) -> EngineSlot | None:
@@ -282,6 +321,12 @@ class EnginePool:
         Raises:
             TimeoutError / RuntimeError: naming the engine that failed or did not answer in time.
         """
+        async with self._gate.updating():
+            return await self._update_all(version, buckets, mode, per_engine)
+
+    async def _update_all(
+        self, version: int, buckets: Sequence[Any], mode: str | None, per_engine: Mapping[str, Sequence[Any]] | None
+    ) -> dict[str, float]:
         self._weights = (int(version), list(buckets)) if buckets else None
         targets = [s for s in self._slots.values() if s.state in (SlotState.UP, SlotState.WAITING, SlotState.DRAINING)]
         if per_engine is not None:
@@ -319,7 +364,13 @@ class EnginePool:
 
         for s in targets:  # before any await: a retiring engine is not stopped while its update is pending (fleet._drain)
             s.updating = True
-        seconds = await asyncio.gather(*(one(s) for s in targets))
+        # Every engine's call ends before an error is raised: a lost engine is marked down (and
+        # counted) first, so the caller's retry sees the engines there are now.
+        results = await asyncio.gather(*(one(s) for s in targets), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+        seconds = results
         self.version = int(version)
         for s in self._slots.values():  # came up during this update, one version behind and nothing kept to load
             if s.state is SlotState.UP and s.version < self.version:

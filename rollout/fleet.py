@@ -148,7 +148,7 @@ class EngineFleet:
         return {
             "target": self.target,
             "serving": self.pool.num_serving,
-            "starting": len(self._starting) + self.pool.count(SlotState.STARTING),
+            "starting": sum(1 for n in self._starting if self.pool.get(n) is None) + self.pool.count(SlotState.STARTING),
             "waiting_for_weights": self.pool.count(SlotState.WAITING),
             "draining": self.pool.count(SlotState.DRAINING),
             "lost": self.lost,
@@ -159,8 +159,10 @@ class EngineFleet:
 
     # ---- reconcile -----------------------------------------------------------------------------
     def _alive(self) -> int:
+        """Engines that count toward the target: launching (not in the pool yet), loading weights,
+        waiting for weights, serving. (A launched engine is in `_starting` until it is up: counted once.)"""
         active = self.pool.count(SlotState.STARTING, SlotState.WAITING, SlotState.UP)
-        return active + len(self._starting)
+        return active + sum(1 for name in self._starting if self.pool.get(name) is None)
 
     async def _reconcile_loop(self) -> None:
         while True:

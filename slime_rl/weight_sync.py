@@ -106,6 +106,8 @@ class PendingSync:
     """The trainer's hand-off and the engines' load run at the same time (collective)."""
     lora_adapter_only: bool | None = None
     """LoRA policy: True = the adapter only was shipped, False = merged full weights; None = no LoRA."""
+    on_fail: Any = None
+    """Called once when the sync fails (collective: the next publish makes a new group)."""
     _result: dict[str, float] | None = None
 
     def done(self) -> bool:
@@ -118,6 +120,10 @@ class PendingSync:
     def _fail(self, side: str, e: BaseException) -> WeightSyncError:
         from slime_rl.errors import describe_error
 
+        if self.on_fail is not None:
+            self.on_fail()
+            self.on_fail = None
+
         return WeightSyncError(f"weight sync of version {self.version} over {self.transport} failed on {side}: "
                                f"{describe_error(e)}")
 
@@ -128,6 +134,9 @@ class PendingSync:
         refs = [*self.trainer_refs, *self.refs]
         _, pending = ray.wait(refs, num_returns=len(refs), timeout=max(left, 0.0))
         if pending:
+            if self.on_fail is not None:
+                self.on_fail()
+                self.on_fail = None
             side = "trainer rank 0 (gather or hand-off)" if set(pending) & set(self.trainer_refs) else "the rollout engines"
             raise WeightSyncError(
                 f"weight sync of version {self.version} over {self.transport} did not finish within "
@@ -253,9 +262,15 @@ class WeightSync:
 
             raise WeightSyncError(f"weight sync of version {version} over {self.transport} could not start: "
                                   f"{describe_error(e)}") from e
+        collective = self.transport == "collective"
         return PendingSync(version, self.transport, refs, nbytes, t0, self.timeout_s, cleanup,
-                           trainer_refs=trainer_refs, overlapped=self.transport == "collective",
-                           lora_adapter_only=self.lora_adapter_only)
+                           trainer_refs=trainer_refs, overlapped=collective,
+                           lora_adapter_only=self.lora_adapter_only,
+                           on_fail=self._forget_group if collective else None)
+
+    def _forget_group(self) -> None:
+        """A failed collective sync leaves its group given up on every member: make a new one."""
+        self._spec = None
 
     def nbytes(self) -> int:
         """Bytes of one full publish (from the layout)."""

@@ -10,7 +10,9 @@
 
 A collective group is made per `CollectiveSpec` (rendezvous host and port, world size, epoch)
 and cached per process in `_Groups`; a new membership (an engine added or restarted) gets a
-new spec (a new port or epoch) and so a new group, and `_Groups.drop` frees an old one.
+new spec (a new port or epoch) and so a new group. A member whose broadcast fails (a peer
+lost) marks the group given up in its store; the others stop waiting within `_ABORT_POLL_S`
+and the next sync makes a new group (`_broadcast`).
 `named_tensors()` blocks (file reads, receives): engines call it off their event loop.
 """
 
@@ -21,6 +23,7 @@ import datetime
 import json
 import mmap
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -112,16 +115,33 @@ class CollectiveSpec:
         return (self.host, self.port, self.epoch)
 
 
+_ABORT_KEY = "slime_rl/abort"
+"""Store key a member sets when it gives a group up (its value says who and why)."""
+_ABORT_POLL_S = 0.2
+"""How often a member waiting on a broadcast asks the group's store whether another gave up."""
+
+
+class CollectiveAborted(RuntimeError):
+    """Another member of a weight-sync group gave it up (its error is in the message)."""
+
+
 class _Groups:
-    """Weight-sync process groups of this process, by `CollectiveSpec.key` and rank."""
+    """Weight-sync process groups of this process (with their rendezvous store), by
+    `CollectiveSpec.key` and rank.
+
+    A group whose broadcast failed is abandoned, not freed: gloo's destructor waits for the
+    operations still pending (a receive from a member that is gone waits out the group's
+    timeout), so it is kept until that timeout has passed, then released off-thread."""
 
     _lock = threading.Lock()
-    _groups: dict[tuple, Any] = {}
+    _groups: dict[tuple, tuple[Any, Any]] = {}
     _joining: dict[tuple, threading.Lock] = {}
+    _abandoned: list[Any] = []
 
     @classmethod
-    def get(cls, spec: CollectiveSpec, rank: int) -> Any:
-        """Join (first call: blocks until every member joined, at most `timeout_s`) or reuse."""
+    def get(cls, spec: CollectiveSpec, rank: int) -> tuple[Any, Any]:
+        """(group, store): join (first call: blocks until every member joined, at most
+        `timeout_s`) or reuse."""
         key = (*spec.key, rank)
         with cls._lock:
             if key in cls._groups:
@@ -136,16 +156,36 @@ class _Groups:
                 else:
                     group = torch.distributed.ProcessGroupGloo(store, rank, spec.world, timeout)
                 with cls._lock:
-                    cls._groups[key] = group
+                    cls._groups[key] = (group, store)
         return cls._groups[key]
 
     @classmethod
     def drop(cls, spec: CollectiveSpec) -> None:
-        """Forget (and so free) this process's groups of `spec`, if any."""
+        """Forget (and so free) this process's groups of `spec`, if any (none may have an
+        operation pending: see `abandon`)."""
         with cls._lock:
             for key in [k for k in cls._groups if k[:3] == spec.key]:
                 del cls._groups[key]
                 cls._joining.pop(key, None)
+
+    @classmethod
+    def abandon(cls, spec: CollectiveSpec, *pending: Any) -> None:
+        """Forget the groups of `spec` after a failed broadcast without blocking: they (and the
+        operations in `pending`) are released once the group's own timeout has ended them."""
+        with cls._lock:
+            keys = [k for k in cls._groups if k[:3] == spec.key]
+            item = [cls._groups.pop(k) for k in keys] + list(pending)
+            for k in keys:
+                cls._joining.pop(k, None)
+            cls._abandoned.append(item)
+
+        def release() -> None:
+            time.sleep(spec.timeout_s + 5.0)
+            with cls._lock:
+                cls._abandoned.remove(item)
+            item.clear()  # the last references, dropped on this thread
+
+        threading.Thread(target=release, name="slime-rl-weight-group-release", daemon=True).start()
 
 
 def flat_offsets(shapes: tuple[tuple[int, ...], ...], dtypes: tuple[str, ...]) -> tuple[list[int], int]:
@@ -167,11 +207,42 @@ def _views(flat: torch.Tensor, shapes, dtypes, offsets: list[int]) -> list[torch
     return out
 
 
-def _broadcast(group: Any, flat: torch.Tensor) -> None:
-    """Broadcast `flat` from rank 0 in `_CHUNK` pieces (all started, then waited in order)."""
-    works = [group.broadcast(flat[i : i + _CHUNK], 0) for i in range(0, flat.numel(), _CHUNK)]
-    for work in works:
-        work.wait()
+def _broadcast(spec: CollectiveSpec, rank: int, flat: torch.Tensor) -> None:
+    """Broadcast `flat` from rank 0 in `_CHUNK` pieces (all started, then waited in order).
+
+    A member that fails (a peer gone, its own error) marks the group given up in its store;
+    the others, waiting on their receives, see that within `_ABORT_POLL_S` and fail too
+    (instead of waiting out the group's timeout for data that will never come), and every
+    member abandons the group: the next sync makes a new one.
+
+    Raises:
+        CollectiveAborted: another member gave the group up (its reason in the message).
+        RuntimeError: this member's own broadcast failed (gloo/NCCL's error).
+    """
+    group, store = _Groups.get(spec, rank)
+    works: list[Any] = []
+    try:
+        works = [group.broadcast(flat[i : i + _CHUNK], 0) for i in range(0, flat.numel(), _CHUNK)]
+        next_check = time.monotonic() + _ABORT_POLL_S
+        for work in works:
+            nap = 0.0005  # short while pieces arrive; up to 10 ms while rank 0 is still busy elsewhere
+            while not work.is_completed():
+                if time.monotonic() >= next_check:
+                    if store.check([_ABORT_KEY]):
+                        reason = store.get(_ABORT_KEY).decode(errors="replace")
+                        raise CollectiveAborted(f"weight-sync group {spec.host}:{spec.port} given up by {reason}")
+                    next_check = time.monotonic() + _ABORT_POLL_S
+                time.sleep(nap)
+                nap = min(2 * nap, 0.01)
+            work.wait()  # raises the operation's error, if any
+    except BaseException as e:
+        if not isinstance(e, CollectiveAborted):
+            try:
+                store.set(_ABORT_KEY, f"rank {rank}: {type(e).__name__}: {e}"[:400])
+            except Exception:  # the store went with its host (trainer rank 0): the others fail on it too
+                pass
+        _Groups.abandon(spec, works, flat)
+        raise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +253,6 @@ class CollectiveSender:
 
     def __call__(self, bucket: Any) -> None:
         s = self.spec
-        group = _Groups.get(s, 0)
         tensors = [t.detach() for t in bucket.tensors]
         shapes = tuple(tuple(t.shape) for t in tensors)
         dtypes = tuple(str(t.dtype).removeprefix("torch.") for t in tensors)
@@ -191,7 +261,7 @@ class CollectiveSender:
         flat = torch.empty(size, dtype=torch.uint8, device=device)
         for view, t in zip(_views(flat, shapes, dtypes, offsets), tensors, strict=True):
             view.copy_(t)
-        _broadcast(group, flat)
+        _broadcast(s, 0, flat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,8 +281,7 @@ class CollectiveBucket:
 
     def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
         s = self.spec
-        group = _Groups.get(s, self.rank)
         offsets, size = flat_offsets(self.shapes, self.dtypes)
         flat = torch.empty(size, dtype=torch.uint8, device="cuda" if s.backend == "nccl" else "cpu")
-        _broadcast(group, flat)
+        _broadcast(s, self.rank, flat)
         return list(zip(self.names, _views(flat, self.shapes, self.dtypes, offsets), strict=True))

@@ -154,7 +154,9 @@ def test_scale_to_zero_and_back(tmp_path: Path, tiny_model_dir: Path) -> None:
     time.sleep(8)  # no engine: at most the groups already buffered are trained
     assert len(_train_lines(run_dir)) <= stalled + 2
     assert "target 2" in scale(2)
-    _wait_for(lambda: len(_train_lines(run_dir)) >= stalled + 5, proc, log)
+    # (both new engines serving: the second may come up some steps after the first)
+    _wait_for(lambda: len(lines := _train_lines(run_dir)) >= stalled + 5 and lines[-1]["rollout/num_engines"] == 2.0,
+              proc, log)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
     steps = _train_lines(run_dir)

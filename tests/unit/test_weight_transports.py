@@ -7,6 +7,8 @@ from __future__ import annotations
 import gc
 import pickle
 import socket
+import subprocess
+import sys
 import threading
 import weakref
 
@@ -17,6 +19,7 @@ from slime_rl.rollout.engines.vllm_ext import share_tied_packing
 from slime_rl.trainer.weights import WeightBucket, iter_weight_buckets, resolve_dtype, weight_layout
 
 from slime_rl.weight_transports import (
+    CollectiveAborted,
     CollectiveBucket,
     CollectiveSender,
     CollectiveSpec,
@@ -141,6 +144,70 @@ def test_collective_bucket_receives_what_the_sender_broadcasts():
     finally:
         _Groups.drop(spec)
     assert not any(k[:3] == spec.key for k in _Groups._groups)
+
+
+_MEMBER_THAT_DIES = """
+import datetime, os, sys, torch
+host, port, rank, world = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+t = datetime.timedelta(seconds=60)
+store = torch.distributed.TCPStore(host, port, world, False, timeout=t)
+torch.distributed.ProcessGroupGloo(store, rank, world, t)
+os._exit(0)
+"""
+
+
+def test_a_member_lost_mid_sync_fails_the_others_at_once_and_the_next_group_works():
+    """Rank 2 (an engine) joins and dies before the broadcast: rank 0 fails on it, marks the group
+    given up, and rank 1 (waiting for data that will never come) stops with `CollectiveAborted`
+    instead of waiting out the group's 60 s timeout; a new group of the two that are left
+    then carries the bucket."""
+    ts = [torch.arange(3 << 20, dtype=torch.float32), torch.ones(4, dtype=torch.bfloat16)]
+    names = ("a", "b")
+    shapes = tuple(tuple(t.shape) for t in ts)
+    dtypes = tuple(str(t.dtype).removeprefix("torch.") for t in ts)
+    bucket = WeightBucket(1, 0, 1, list(names), ts)
+
+    def run_pair(spec: CollectiveSpec) -> tuple[list[BaseException], dict[str, torch.Tensor], list[BaseException]]:
+        got: dict[str, torch.Tensor] = {}
+        recv_errors: list[BaseException] = []
+
+        def receive() -> None:
+            try:
+                got.update(CollectiveBucket(spec, 1, 1, 0, 1, names, shapes, dtypes).named_tensors())
+            except BaseException as e:  # reported below
+                recv_errors.append(e)
+
+        thread = threading.Thread(target=receive)
+        thread.start()
+        send_errors: list[BaseException] = []
+        if spec.world == 3:  # rank 0 joins (hosting the store) while rank 2 joins, then rank 2 is gone
+            join = threading.Thread(target=_Groups.get, args=(spec, 0))
+            join.start()
+            dies = subprocess.Popen([sys.executable, "-c", _MEMBER_THAT_DIES, spec.host, str(spec.port), "2", "3"])
+            assert dies.wait(60) == 0
+            join.join(60)
+        try:
+            CollectiveSender(spec)(bucket)
+        except BaseException as e:  # reported below
+            send_errors.append(e)
+        thread.join(30)
+        assert not thread.is_alive(), "the receiver still waits on a group the sender gave up"
+        return send_errors, got, recv_errors
+
+    broken = CollectiveSpec("127.0.0.1", _free_port(), 3, 60.0)
+    send_errors, got, recv_errors = run_pair(broken)
+    assert send_errors and not isinstance(send_errors[0], CollectiveAborted)
+    assert len(recv_errors) == 1 and isinstance(recv_errors[0], CollectiveAborted), recv_errors
+    assert "given up by rank 0" in str(recv_errors[0]) and not got
+    assert not any(k[:3] == broken.key for k in _Groups._groups)  # abandoned on both members
+
+    fresh = CollectiveSpec("127.0.0.1", _free_port(), 2, 60.0)
+    try:
+        send_errors, got, recv_errors = run_pair(fresh)
+        assert not send_errors and not recv_errors
+        _assert_same([got[n] for n in names], ts)
+    finally:
+        _Groups.drop(fresh)
 
 
 def test_tied_lm_head_takes_the_fresh_embedding_packing():
