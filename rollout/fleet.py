@@ -148,7 +148,7 @@ class EngineFleet:
         return {
             "target": self.target,
             "serving": self.pool.num_serving,
-            "starting": sum(1 for n in self._starting if self.pool.get(n) is None) + self.pool.count(SlotState.STARTING),
+            "starting": self._launching() + self.pool.count(SlotState.STARTING),
             "waiting_for_weights": self.pool.count(SlotState.WAITING),
             "draining": self.pool.count(SlotState.DRAINING),
             "lost": self.lost,
@@ -158,11 +158,14 @@ class EngineFleet:
         }
 
     # ---- reconcile -----------------------------------------------------------------------------
+    def _launching(self) -> int:
+        """Engines launched and not in the pool yet (one stays in `_starting` until it is up)."""
+        return sum(1 for name in self._starting if self.pool.get(name) is None)
+
     def _alive(self) -> int:
-        """Engines that count toward the target: launching (not in the pool yet), loading weights,
-        waiting for weights, serving. (A launched engine is in `_starting` until it is up: counted once.)"""
-        active = self.pool.count(SlotState.STARTING, SlotState.WAITING, SlotState.UP)
-        return active + sum(1 for name in self._starting if self.pool.get(name) is None)
+        """Engines that count toward the target: launching, loading weights, waiting for weights,
+        serving (each once)."""
+        return self._launching() + self.pool.count(SlotState.STARTING, SlotState.WAITING, SlotState.UP)
 
     async def _reconcile_loop(self) -> None:
         while True:

@@ -117,13 +117,15 @@ class PendingSync:
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         return len(ready) == len(refs)
 
+    def _call_on_fail(self) -> None:
+        if self.on_fail is not None:
+            self.on_fail, on_fail = None, self.on_fail
+            on_fail()
+
     def _fail(self, side: str, e: BaseException) -> WeightSyncError:
         from slime_rl.errors import describe_error
 
-        if self.on_fail is not None:
-            self.on_fail()
-            self.on_fail = None
-
+        self._call_on_fail()
         return WeightSyncError(f"weight sync of version {self.version} over {self.transport} failed on {side}: "
                                f"{describe_error(e)}")
 
@@ -134,9 +136,7 @@ class PendingSync:
         refs = [*self.trainer_refs, *self.refs]
         _, pending = ray.wait(refs, num_returns=len(refs), timeout=max(left, 0.0))
         if pending:
-            if self.on_fail is not None:
-                self.on_fail()
-                self.on_fail = None
+            self._call_on_fail()
             side = "trainer rank 0 (gather or hand-off)" if set(pending) & set(self.trainer_refs) else "the rollout engines"
             raise WeightSyncError(
                 f"weight sync of version {self.version} over {self.transport} did not finish within "
