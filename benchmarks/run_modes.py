@@ -14,14 +14,15 @@ default keep). The weight-update mode is what "partial rollouts" means here: `ke
 let a long response straddle weight updates (keep: the engine pauses, loads and continues it with
 the new weights; abort: it returns partial and the manager continues it as a new piece), `wait`
 drains every request in flight before the load (no partial rollouts: the update waits for the
-slowest response).
+slowest response). A `-kv` suffix (`async-s2-kv`) keeps the KV cache of the requests in flight
+across each update instead of recomputing it (rollout.recompute_kv_on_update=false).
 
     python -m benchmarks.run_modes configs/examples/longtail_tiny.yaml --steps 60 --seeds 0 1 2 \\
         --variants sync,async-s1,async-s2,async-s1-wait,async-s2-abort --json benchmarks/results/run_modes_longtail.json
     python benchmarks/run_modes.py configs/examples/arith_tiny.yaml --steps 40 --rounds 2 --no-eval   # the demo
     python -m benchmarks run_modes --quick --json /tmp/run_modes.json                         # CI smoke
 
-`--quick` builds a random tiny model with a few `longtail` rows and runs sync and async-s1 for 3
+`--quick` builds a random tiny model with a few `longtail` rows and runs sync and async-s1-kv for 3
 steps on the hf engine: it checks the benchmark runs and writes its JSON, nothing more.
 """
 
@@ -43,7 +44,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_VARIANTS = "sync,async-s1"
-_VARIANT = re.compile(r"^async-s(\d+)(?:-(keep|abort|wait))?$")
+_VARIANT = re.compile(r"^async-s(\d+)(?:-(keep|abort|wait))?(-kv)?$")
 
 
 def variant_overrides(name: str) -> list[str]:
@@ -52,8 +53,9 @@ def variant_overrides(name: str) -> list[str]:
         return ["run.mode=sync"]
     m = _VARIANT.match(name)
     if not m:
-        raise SystemExit(f"variant {name!r} is not known; use sync or async-s<S>[-keep|-abort|-wait], e.g. async-s2-abort")
-    return ["run.mode=async", f"buffer.max_staleness={m.group(1)}", f"rollout.weight_update_mode={m.group(2) or 'keep'}"]
+        raise SystemExit(f"variant {name!r} is not known; use sync or async-s<S>[-keep|-abort|-wait][-kv], e.g. async-s2-abort")
+    out = ["run.mode=async", f"buffer.max_staleness={m.group(1)}", f"rollout.weight_update_mode={m.group(2) or 'keep'}"]
+    return out + ["rollout.recompute_kv_on_update=false"] * bool(m.group(3))
 
 
 # ---- one run -----------------------------------------------------------------------------------
@@ -267,14 +269,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-eval", action="store_true", help="no evaluation (eval.interval=0 data.eval_path=null)")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="longest one run may take")
     p.add_argument("--json", "--out", dest="out", default=str(RESULTS / "run_modes.json"))
-    p.add_argument("--quick", action="store_true", help="smoke run: random tiny model, hf engine, 3 steps, sync and async-s1")
+    p.add_argument("--quick", action="store_true", help="smoke run: random tiny model, hf engine, 3 steps, sync and async-s1-kv")
     args = p.parse_args(argv)
     extra = list(args.overrides) + (["eval.interval=0", "data.eval_path=null"] if args.no_eval else [])
     work = Path(tempfile.mkdtemp(prefix="slr-run-modes-"))
     if args.quick:
         args.config, quick = quick_setup(work)
         extra = quick + extra
-        args.steps, args.warmup, args.variants, args.seeds, args.poll_s = 3, 0, DEFAULT_VARIANTS, [0], 0.2
+        args.steps, args.warmup, args.variants, args.seeds, args.poll_s = 3, 0, "sync,async-s1-kv", [0], 0.2
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
         variant_overrides(v)  # fail on a bad name before anything runs

@@ -110,6 +110,15 @@ class RolloutConfig:
     """What a weight commit does with requests in flight: `keep` (pause them, load, continue
     with the new weights; per-token versions record the switch), `wait` (let them finish
     first), `abort` (return them partial with finish_reason=abort)."""
+    recompute_kv_on_update: bool = True
+    """`keep` mode: recompute the KV cache of the requests kept across a weight update with the
+    new weights (every token after the update comes from the new weights alone), or keep the
+    KV their earlier tokens were computed with (false: PipelineRL's in-flight weight update;
+    the tokens after the update are sampled by the new weights attending to older keys and
+    values, and their behaviour log-probs are what was sampled). False saves re-prefilling
+    every running sequence at every update, which on long generations is most of what an
+    update costs the engine. Either way no new request reuses a cached prefix of older
+    weights. vllm and hf; sglang recomputes."""
     weight_update_timeout_s: float = field(default=300.0, metadata={"gt": 0})
     """Longest a weight commit may take in an engine actor before it raises TimeoutError."""
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -202,6 +211,9 @@ class RolloutConfig:
             raise ValueError(f"{chosen[0]} and rollout.{chosen[1]} exclude each other (each replaces how a sample is generated); set one")
         if self.agent_fn and not self.agent_endpoint:
             raise ValueError("agent_fn needs rollout.agent_endpoint=true: the agent reaches the engines through the endpoint")
+        if not self.recompute_kv_on_update and self.engine == "sglang":
+            raise ValueError("rollout.recompute_kv_on_update=false is implemented for the vllm and hf engines; "
+                             "sglang recomputes the KV cache of requests kept across an update (set it to true)")
         for mode in self.max_new_tokens_by_mode:
             if mode not in ("think", "non_think"):
                 raise ValueError(f"max_new_tokens_by_mode has key {mode!r}; allowed: 'think', 'non_think'")

@@ -57,6 +57,44 @@ def teacher_forced_logits(
     return model(ids_1T).logits.float()[0, start : start + len(token_ids)]
 
 
+@torch.no_grad()
+def kept_kv_logprobs(model_a, model_b, prompt_ids: Sequence[int], token_ids: Sequence[int], k: int) -> list[float]:
+    """Log-probs of `token_ids[k:]` when the weights switch from A to B after token k-1 was
+    sampled and the KV cache is kept (`recompute_kv_on_update=False`): keys and values of the
+    prompt and `token_ids[:k-1]` come from A, those of `token_ids[k-1:]` from B."""
+    ids = list(prompt_ids) + list(token_ids)
+    split = len(prompt_ids) + k - 1
+    cache = model_a(torch.tensor([ids[:split]]), use_cache=True).past_key_values
+    logits = model_b(torch.tensor([ids[split:]]), past_key_values=cache, use_cache=True).logits.float()[0]
+    logprobs_TV = torch.log_softmax(logits, dim=-1)
+    return [float(logprobs_TV[i, t]) for i, t in enumerate(token_ids[k:])]
+
+
+def check_update_mid_request_keeping_kv(
+    client, model_a, model_b, prompt: Sequence[int], version: int, tag: str
+) -> GenerateResult:
+    """Like `check_update_mid_request` on an engine built with `recompute_kv_on_update=False`:
+    tokens before the switch follow A; after it they follow B attending to A's keys and values
+    of the earlier positions (`kept_kv_logprobs`), which differs from B recomputing them."""
+    params = SamplingParams(max_new_tokens=120, seed=3, ignore_eos=True)
+    fut = client.submit_generate(GenerateRequest(f"{tag}-mid-kv", prompt, params))
+    wait_for_tokens(client, f"{tag}-mid-kv", 4)
+    client.update_weights(version, model_b.state_dict(), PauseMode.KEEP)
+    res = fut.result(timeout=120)
+    vs = res.token_versions
+    assert vs[0] == version - 1 and vs[-1] == version and vs == sorted(vs), f"versions not a clean switch: {vs}"
+    k = vs.index(version)
+    ref_a = teacher_forced_logprobs(model_a, prompt, res.token_ids[:k])
+    ref_kept = kept_kv_logprobs(model_a, model_b, prompt, res.token_ids, k)
+    gap = max(abs(a - b) for a, b in zip(ref_a + ref_kept, res.logprobs))
+    assert gap < LOGPROB_ATOL, f"{tag}: log-probs across the switch differ from A's KV kept under B by {gap:.3g}"
+    recomputed = teacher_forced_logprobs(model_b, prompt, res.token_ids)[k:]
+    assert max(abs(a - b) for a, b in zip(recomputed, res.logprobs[k:])) > 100 * LOGPROB_ATOL, (
+        f"{tag}: the tokens after the switch match B recomputing the cache: the KV was not kept"
+    )
+    return res
+
+
 def check_sampling_filters(client, model, prompt: Sequence[int], tag: str) -> None:
     """top_k, top_p and temperature change what is sampled: with top_k=2 every token is in
     the teacher-forced top 2, with a small top_p every token is in the nucleus (computed at

@@ -74,10 +74,13 @@ class HFEngine(SteppedEngine):
         num_threads: int | None = None,
         record_routed_experts: bool = False,
         lora: dict[str, Any] | None = None,
+        recompute_kv_on_update: bool = True,
     ) -> None:
-        """`lora`: serve a LoRA adapter (keys of a PEFT `adapter_config.json`: `r`,
-        `lora_alpha`, `target_modules`): the model is wrapped by peft with a zero adapter (=
-        the base) and weight updates carry the adapter tensors only."""
+        """`recompute_kv_on_update=False`: rows kept across a weight update keep the KV cache
+        of the old weights (True recomputes it with the new ones). `lora`: serve a LoRA adapter
+        (keys of a PEFT `adapter_config.json`: `r`, `lora_alpha`, `target_modules`): the model
+        is wrapped by peft with a zero adapter (= the base) and weight updates carry the
+        adapter tensors only."""
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         super().__init__()
@@ -97,6 +100,7 @@ class HFEngine(SteppedEngine):
             model_path, dtype=torch_dtype, attn_implementation=attn_implementation
         ).to(self.device)
         self.lora = dict(lora) if lora else None
+        self._recompute_kv_on_update = bool(recompute_kv_on_update)
         if self.lora:
             self.model = _wrap_lora(self.model, self.lora)
         self.model.eval()
@@ -199,7 +203,7 @@ class HFEngine(SteppedEngine):
             self._load_adapter(named_tensors)
         else:
             self._load_full(named_tensors)
-        if self._rows:  # rows kept across the update: recompute their cache with the new weights
+        if self._rows and self._recompute_kv_on_update:  # rows kept across the update: new weights' KV
             self._cache = self._prefill(self._seq_BT[:, :-1], self._mask_BT[:, :-1])[1]
 
     def _load_adapter(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:

@@ -33,6 +33,7 @@ def _hf_params(cfg: RolloutConfig) -> dict[str, Any]:
         max_batch_size=cfg.max_batch_size,
         num_threads=cfg.cpu_threads or None,
         record_routed_experts=cfg.record_routed_experts,
+        recompute_kv_on_update=cfg.recompute_kv_on_update,
         **cfg.engine_kwargs,
     )
 
@@ -50,6 +51,7 @@ def _vllm_params(cfg: RolloutConfig) -> dict[str, Any]:
         num_threads=cfg.cpu_threads or None,
         engine_kwargs=extra,
         record_routed_experts=cfg.record_routed_experts,
+        recompute_kv_on_update=cfg.recompute_kv_on_update,
     )
 
 

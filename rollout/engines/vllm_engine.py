@@ -158,8 +158,12 @@ class VLLMEngine(SteppedEngine):
         engine_kwargs: dict[str, Any] | None = None,
         record_routed_experts: bool = False,
         lora: dict[str, Any] | None = None,
+        recompute_kv_on_update: bool = True,
     ) -> None:
-        """`lora`: serve a LoRA adapter (keys of a PEFT `adapter_config.json`: `r`,
+        """`recompute_kv_on_update=False`: requests kept across a weight update keep the KV
+        blocks computed with the old weights (only the prefix-cache index is emptied, so no
+        new request reuses them); True preempts and recomputes them with the new weights.
+        `lora`: serve a LoRA adapter (keys of a PEFT `adapter_config.json`: `r`,
         `lora_alpha`, `target_modules`; also taken from `engine_kwargs["lora"]`, which is how
         the driver passes it): vLLM runs with `enable_lora` and each weight update carries
         the adapter tensors only (see `_load_adapter`)."""
@@ -194,6 +198,7 @@ class VLLMEngine(SteppedEngine):
             args["enable_chunked_prefill"] = False
         args.update(engine_kwargs)
         self.lora = dict(lora) if lora else None
+        self._recompute_kv_on_update = bool(recompute_kv_on_update)
         if self.lora:
             args.update(lora_engine_args(int(self.lora["r"])), **{k: v for k, v in engine_kwargs.items() if "lora" in k})
         if record_routed_experts:
@@ -347,10 +352,19 @@ class VLLMEngine(SteppedEngine):
             self._load_adapter(named_tensors)
         else:
             self._load_full(named_tensors)
-        # Requests kept across the update are preempted and recomputed with the new weights;
-        # the prefix cache would otherwise serve KV blocks of the old weights.
-        if not self._engine.reset_prefix_cache(reset_running_requests=True):
+        # The prefix cache would otherwise serve KV blocks of the old weights to new requests.
+        if not self._recompute_kv_on_update:
+            self._forget_cached_prefixes()  # requests kept across the update go on with their KV
+        elif not self._engine.reset_prefix_cache(reset_running_requests=True):  # preempt, recompute
             raise RuntimeError("vllm engine: prefix cache reset failed after a weight update")
+
+    def _forget_cached_prefixes(self) -> None:
+        """Drop every block from the prefix-cache index, freed or held by a running request
+        (`BlockPool.evict_blocks`: a held block stays with its request, unhashed)."""
+        scheduler = self._engine.engine_core.engine_core.scheduler
+        managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+        for pool in dict.fromkeys(m.block_pool for m in managers):
+            pool.evict_blocks(set(range(len(pool.blocks))))
 
     def _load_adapter(self, named_tensors: list[tuple[str, torch.Tensor]]) -> None:
         """Load the adapter tensors in memory (worker RPC `slime_load_lora`) under a new adapter

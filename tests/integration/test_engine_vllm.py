@@ -25,6 +25,7 @@ from slime_rl.rollout.engines.conformance import (
     check_logprobs_match,
     check_sampling_filters,
     check_update_mid_request,
+    check_update_mid_request_keeping_kv,
     load_reference,
     make_prompts,
     wait_for_tokens,
@@ -126,6 +127,27 @@ def test_update_mid_request_tags_tokens_with_versions(eng, models):
     prompt = make_prompts(1, models["a"].config.vocab_size, seed=4)[0]
     check_update_mid_request(eng, models["a"], models["b"], prompt, eng.version() + 1, "vllm")
     eng.weights = "b"
+
+
+def test_update_mid_request_keeping_the_kv_cache(ray_cluster, tiny_model_dir, models, tmp_path):
+    """`recompute_kv_on_update=False`: the request kept across the update goes on with the KV
+    its earlier tokens got from the old weights; a new request with a prompt cached before the
+    update does not reuse it (the prefix-cache index was emptied)."""
+    handle = start_engine_actor(
+        "vllm", tiny_model_dir, num_cpus=0, kv_cache_gb=0.125, max_model_len=512, num_threads=1,
+        recompute_kv_on_update=False,
+        actor_options={"runtime_env": {"env_vars": {"VLLM_RPC_BASE_PATH": str(tmp_path)}}},
+    )
+    c = ActorClient(handle, timeout_s=400)
+    try:
+        vocab = models["a"].config.vocab_size
+        prompt = make_prompts(1, vocab, seed=4, min_len=130, max_len=160)[0]
+        res = check_update_mid_request_keeping_kv(c, models["a"], models["b"], prompt, c.version() + 1, "vllm")
+        # The prompt's first block was cached under A: the same prompt now must follow B alone.
+        check_logprobs_match(c, models["b"], [prompt], "kv-after")
+        assert res.token_versions[-1] == c.version()
+    finally:
+        c.close()
 
 
 def test_abort_returns_prefix_of_same_seed_generation(eng, models):

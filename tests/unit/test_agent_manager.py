@@ -235,6 +235,7 @@ def test_per_mode_overlong_penalty_and_episode_reward() -> None:
         (["rollout.agent_fn=a:b"], "rollout.agent_fn needs rollout.agent_endpoint=true"),
         (["rollout.max_new_tokens_by_mode={thinking: 5}"], "max_new_tokens_by_mode has key 'thinking'"),
         (["rollout.max_turns=0"], "rollout.max_turns=0 is out of range"),
+        (["rollout.engine=sglang", "rollout.recompute_kv_on_update=false"], "recompute_kv_on_update=false is implemented for the vllm and hf"),
     ],
 )
 def test_config_rules_of_the_episode_keys(overrides: list[str], expected: str) -> None:

@@ -20,6 +20,7 @@ from slime_rl.rollout.engines.conformance import (
     check_logprobs_match,
     check_sampling_filters,
     check_update_mid_request,
+    check_update_mid_request_keeping_kv,
     load_reference,
     make_prompts,
     max_logprob_gap,
@@ -96,6 +97,17 @@ def test_update_mid_request_tags_tokens_with_versions(eng, models):
     prompt = make_prompts(1, models["a"].config.vocab_size, seed=4)[0]
     check_update_mid_request(eng, models["a"], models["b"], prompt, eng.version() + 1, "hf")
     eng.weights = "b"
+
+
+def test_update_mid_request_keeping_the_kv_cache(tiny_model_dir, models):
+    """`recompute_kv_on_update=False`: a request kept across the update goes on with the old
+    weights' KV of its earlier tokens (the check fails if the engine recomputes it)."""
+    r = EngineRunner("hf", tiny_model_dir, num_threads=1, max_batch_size=4, recompute_kv_on_update=False)
+    try:
+        prompt = make_prompts(1, models["a"].config.vocab_size, seed=4)[0]
+        check_update_mid_request_keeping_kv(r, models["a"], models["b"], prompt, r.version() + 1, "hf")
+    finally:
+        r.close()
 
 
 def test_update_in_abort_mode_returns_partials(eng, models):
