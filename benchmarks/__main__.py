@@ -1,15 +1,16 @@
 """Run benchmarks by name: `python -m benchmarks all --quick` (CI smoke test) or one by name.
 
-    python -m benchmarks all --quick        every benchmark module that has a `--quick` mode,
-                                            each in its own process, JSON into a temporary
-                                            folder (or --out DIR); fails when one fails or
-                                            writes no JSON. Modules without `--quick` are listed
-                                            as skipped.
+    python -m benchmarks all --quick        every benchmark module's `--quick` mode, each in its
+                                            own process, JSON into a temporary folder (or --out
+                                            DIR); fails when one fails or writes no JSON. A module
+                                            without `--quick` is listed as skipped (and fails
+                                            tests/integration/test_benchmarks_smoke.py, part of
+                                            `make test-slow`).
     python -m benchmarks weight_sync [args] one module with its own arguments
 
-The contract for a module `benchmarks/<name>.py` to join the smoke run: accept `--quick`
-(seconds, tiny inputs) and `--json PATH` (where to write its results). The smoke run asserts
-that it runs and writes its JSON, never a speed.
+The contract for a module `benchmarks/<name>.py`: accept `--quick` (seconds, tiny inputs) and
+`--json PATH` (where to write its results). The smoke run asserts that it runs and writes its
+JSON, never a speed.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ trainer needs (zero-copy for Arrow, a Python walk for dicts). Both actors are th
 actors with the same call pattern. MB/s counts the Arrow size of the sample data.
 
     python benchmarks/buffer.py --out benchmarks/results/buffer.json
+    python -m benchmarks.buffer --quick --json /tmp/buffer.json   # CI smoke: tiny groups, seconds
 """
 
 from __future__ import annotations
@@ -228,9 +229,18 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--put-groups", type=int, nargs="+", default=[1, 8, 32], help="groups per put call")
     p.add_argument("--batch-groups", type=int, default=32, help="groups per get_batch (the train batch)")
-    p.add_argument("--out", type=Path, default=None, help="write results JSON here")
+    p.add_argument("--json", "--out", dest="out", type=Path, default=None, help="write results JSON here")
+    p.add_argument("--quick", action="store_true", help="smoke run: 64 groups of 2 x 16 tokens, 1 and 8 groups per put")
     args = p.parse_args()
-    ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    if args.quick:
+        args.groups, args.writers, args.samples, args.tokens, args.prompt_tokens = 64, 1, 2, 16, 8
+        args.put_groups, args.batch_groups = [1, 8], 8
+    sizes = {"--groups": args.groups, "--writers": args.writers, "--samples": args.samples, "--tokens": args.tokens,
+             "--put-groups": min(args.put_groups), "--batch-groups": args.batch_groups}
+    bad = [k for k, v in sizes.items() if v < 1]
+    if bad:
+        raise SystemExit(f"{', '.join(bad)} must be at least 1")
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in args.put_groups:

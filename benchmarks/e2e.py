@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import json_path
+
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("prepare", "forward", "backward", "optimizer")
 TRAINER_ROWS = ("buffer_wait", *(f"train/{p}" for p in PHASES), "train/rest", "weight_sync", "checkpoint", "eval", "other")
@@ -236,11 +238,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", nargs="?", help="a finished run's directory (trace.json + metrics.jsonl)")
     p.add_argument("--steps", default="6:", help="steps to split, A:B (inclusive; default 6: skips the warm-up)")
-    p.add_argument("--json", default="benchmarks/results/e2e.json")
+    p.add_argument("--json", default=None, help="results JSON (default benchmarks/results/e2e.json; --quick: a temporary folder)")
     p.add_argument("--png", default=None, help="the stacked bars (default: next to --json, .png)")
     p.add_argument("--no-limits", action="store_true", help="skip the matmul measurement")
     p.add_argument("--quick", action="store_true", help="split a fresh 6-step run on a random tiny model (CI smoke)")
     args = p.parse_args(argv)
+    args.json = json_path(args.json, "e2e.json", args.quick)
     if args.quick:
         run_dir, args.steps = quick_run(Path(tempfile.mkdtemp(prefix="e2e-quick-"))), "2:"
     elif args.run_dir:

@@ -8,6 +8,7 @@
 Usage:
     python -m benchmarks.lora_sync                              # tiny model, hf and vllm, rank 8
     python -m benchmarks.lora_sync --model artifacts/tiny --engines vllm --steps 6
+    python -m benchmarks.lora_sync --quick --json /tmp/lora_sync.json   # CI smoke: hf, 2 steps
 """
 
 from __future__ import annotations
@@ -60,8 +61,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--engines", nargs="+", default=["hf", "vllm"])
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--json", default="benchmarks/results/lora_sync.json")
+    ap.add_argument("--json", "--out", default=None,
+                    help="results JSON (default benchmarks/results/lora_sync.json; with --quick none)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: hf engine, 2 steps per rank")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.engines, args.steps = ["hf"], 2
+    elif args.json is None:
+        args.json = "benchmarks/results/lora_sync.json"
+    if args.rank < 1 or args.steps < 1:
+        raise SystemExit("--rank and --steps must be at least 1")
     with tempfile.TemporaryDirectory(prefix="lora_sync_") as tmp:
         out = Path(tmp)
         model = args.model
@@ -83,8 +92,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"{r['step_s']:7.2f} {r['adapter_only']:7.0f} {r['mismatch_fresh']:13.2e}")
     report = {"model": args.model or "random tiny (slime_rl.tiny.random_tiny_model)", "rank": args.rank,
               "steps": args.steps, "machine": platform.platform(), "results": results}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=1))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
     return report
 
 

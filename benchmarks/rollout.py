@@ -8,6 +8,7 @@ Usage:
     python benchmarks/rollout.py                                  # tiny random model, all engines
     python benchmarks/rollout.py --engines hf generate --batch-sizes 1 8 --threads 1
     python benchmarks/rollout.py --model-dir /path/to/hf_model --json out.json
+    python -m benchmarks.rollout --quick --json /tmp/rollout.json   # CI smoke: tiny batches, seconds
 """
 
 from __future__ import annotations
@@ -132,8 +133,16 @@ def main() -> None:
     ap.add_argument(
         "--threads", type=int, default=1, help="torch threads per engine (0 = torch default)"
     )
-    ap.add_argument("--json", type=Path, default=Path("benchmarks/results/rollout.json"))
+    ap.add_argument("--json", "--out", type=Path, default=None,
+                    help="results JSON (default benchmarks/results/rollout.json; with --quick none)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: batch sizes 1 and 8, 8 new tokens, 1 repeat")
     args = ap.parse_args()
+    if args.quick:
+        args.batch_sizes, args.prompt_len, args.max_new_tokens, args.repeats = [1, 8], 8, 8, 1
+    elif args.json is None:
+        args.json = Path("benchmarks/results/rollout.json")
+    if min(args.batch_sizes) < 1 or min(args.prompt_len, args.max_new_tokens, args.repeats) < 1:
+        raise SystemExit("--batch-sizes, --prompt-len, --max-new-tokens and --repeats must be at least 1")
     args.threads = args.threads or None
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,6 +176,8 @@ def main() -> None:
     for kind, cells in results.items():
         row = "".join(f"{cells[b]['tokens_per_s']:>12.0f}" for b in args.batch_sizes)
         print(f"{kind:<10}{row}{cells[args.batch_sizes[0]]['start_s']:>10.1f}")
+    if args.json is None:
+        return
     args.json.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     meta |= {

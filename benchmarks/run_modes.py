@@ -41,6 +41,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):  # run as a file (python benchmarks/run_modes.py): make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import json_path  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_VARIANTS = "sync,async-s1"
@@ -268,9 +272,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=64, help="rollout.max_batch_size, the occupancy denominator")
     p.add_argument("--no-eval", action="store_true", help="no evaluation (eval.interval=0 data.eval_path=null)")
     p.add_argument("--timeout-s", type=float, default=1800.0, help="longest one run may take")
-    p.add_argument("--json", "--out", dest="out", default=str(RESULTS / "run_modes.json"))
+    p.add_argument("--json", "--out", dest="out", default=None, help="results JSON (default benchmarks/results/run_modes.json; --quick: a temporary folder)")
     p.add_argument("--quick", action="store_true", help="smoke run: random tiny model, hf engine, 3 steps, sync and async-s1-kv")
     args = p.parse_args(argv)
+    args.out = json_path(args.out, "run_modes.json", args.quick)
     extra = list(args.overrides) + (["eval.interval=0", "data.eval_path=null"] if args.no_eval else [])
     work = Path(tempfile.mkdtemp(prefix="slr-run-modes-"))
     if args.quick:

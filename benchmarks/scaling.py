@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import json_path
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SLIME_RL = str(Path(sys.executable).with_name("slime-rl"))
 
@@ -148,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engines", default="1,2,4")
     p.add_argument("--quick", action="store_true", help="1 engine, a few steps, no elastic part, a random tiny model "
                                                          "when --model does not exist (CI smoke test)")
-    p.add_argument("--json", dest="out", type=Path, default=RESULTS / "scaling.json")
+    p.add_argument("--json", dest="out", type=Path, default=None, help="results JSON (default benchmarks/results/scaling.json; --quick: a temporary folder)")
     args = p.parse_args(argv)
+    args.out = json_path(args.out, "scaling.json", args.quick)
     import tempfile
 
     work = Path(tempfile.mkdtemp(prefix="slr-scaling-"))

@@ -43,6 +43,8 @@ from typing import Any
 
 import psutil
 
+from benchmarks import json_path
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEMO = "configs/examples/arith_tiny.yaml"
@@ -366,10 +368,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-frac", type=float, default=0.1, help="share of the steps left out of the slopes")
     p.add_argument("--out-dir", default=None, help="where the run goes (default: a temporary folder)")
     p.add_argument("--stop-timeout-s", type=float, default=300.0, help="longest wait for the run to exit after SIGINT")
-    p.add_argument("--json", "--out", dest="out", default=str(RESULTS / "soak.json"))
+    p.add_argument("--json", "--out", dest="out", default=None, help="results JSON (default benchmarks/results/soak.json; --quick: a temporary folder)")
     p.add_argument("--plot", default=None, help="PNG path (default: next to the JSON, soak.png)")
     p.add_argument("--quick", action="store_true", help="smoke run: ~1 minute on the hf engine")
     args = p.parse_args(argv)
+    args.out = json_path(args.out, "soak.json", args.quick)
     work = Path(args.out_dir or tempfile.mkdtemp(prefix="slr-soak-"))
     overrides = list(args.overrides) or list(DEMO_OVERRIDES)
     if args.quick:

@@ -9,6 +9,7 @@
     --otel: OtelSink.export of one step's events (spans built by the SDK; sent by its thread)
 
     python benchmarks/tracing.py --out benchmarks/results/tracing.json
+    python -m benchmarks.tracing --quick --json /tmp/tracing.json   # CI smoke: seconds
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from slime_rl.tracing import Tracer, TraceWriter
 
 DEMO_STEP_S = 1.03
 """The demo's async step time (docs/BENCHMARKS.md, "The RL run: async vs sync")."""
+STEADY_AFTER = 230
+"""Steps after which the trace file holds 20 head + 200 tail steps in full (its steady size)."""
 
 
 def rate(fn: Any, n: int) -> float:
@@ -84,7 +87,7 @@ def per_step_costs(steps: int) -> dict[str, float]:
         t5 = time.perf_counter()
         t += 1.0
         events_per_step = len(events)
-        if step > 230:  # the file is at its steady size: 20 head + 200 tail steps in full
+        if step > STEADY_AFTER:  # the file is at its steady size: 20 head + 200 tail steps in full
             for k, v in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
                 v and stages[k].append(v * 1e6)
     size = writer.path.stat().st_size
@@ -162,8 +165,13 @@ def main() -> None:
     ap.add_argument("--flush-s", type=float, default=5.0, help="logging.trace_flush_s for the amortised cost")
     ap.add_argument("--ray", action="store_true", help="also time the drain as a real Ray call")
     ap.add_argument("--otel", action="store_true", help="also time OtelSink.export")
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--json", "--out", dest="out", default=None, help="write the results as JSON here")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2,000 calls per micro-benchmark, 240 steps")
     args = ap.parse_args()
+    if args.quick:
+        args.n, args.steps = 2000, 240
+    if args.n < 1 or args.steps <= STEADY_AFTER:
+        raise SystemExit(f"--n must be at least 1 and --steps above {STEADY_AFTER} (the trace file's steady size)")
 
     tracer = Tracer("rollout-manager", max_events=10**7)
     off = Tracer("rollout-manager", enabled=False)

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import json_path
 from benchmarks.e2e import matmul_gflops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--json", default="benchmarks/results/train_step.json")
+    p.add_argument("--json", default=None, help="results JSON (default benchmarks/results/train_step.json; --quick: a temporary folder)")
     p.add_argument("--quick", action="store_true", help="random tiny model, demo shape, fp32 and bf16, 2 steps (CI smoke)")
     args = p.parse_args(argv)
+    args.json = json_path(args.json, "train_step.json", args.quick)
     model = Path(args.model)
     if args.quick:
         from slime_rl.tiny import random_tiny_model

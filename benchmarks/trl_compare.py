@@ -17,10 +17,12 @@ Steady state = the steps after the first `--warmup`. Sides alternate round by ro
 TRL, slime-rl, TRL, ...) so both see the same machine load.
 
     python benchmarks/trl_compare.py --trl-python /tmp/trl-venv/bin/python --steps 60 --rounds 2
-    python benchmarks/trl_compare.py --trl-python /tmp/trl-venv/bin/python --quick    # a smoke run
+    python -m benchmarks.trl_compare --quick --json /tmp/trl_compare.json           # CI smoke
 
 The TRL venv: `python3 -m venv /tmp/trl-venv && /tmp/trl-venv/bin/pip install torch==2.13.0 trl`
-(CPU torch). Prints a table and writes benchmarks/results/trl_compare.json.
+(CPU torch). Prints a table and writes benchmarks/results/trl_compare.json. `--quick` runs 8 steps,
+1 round, on a random tiny model when `--model` holds none, and only the slime-rl side when the
+TRL venv is missing (the JSON says why); it writes JSON only where `--json` says.
 """
 
 from __future__ import annotations
@@ -190,11 +192,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="a smoke run: 8 steps, 1 round")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 8 steps, 1 round (see above)")
     p.add_argument("--skip-trl", action="store_true", help="only the slime-rl side (no TRL venv needed)")
     p.add_argument("--trl-per-device-batch", type=int, default=8, help="TRL micro-batch (its default 8; x4 accumulation)")
     p.add_argument("--trl-no-gradient-checkpointing", action="store_true", help="TRL's default is on")
-    p.add_argument("--out", default="benchmarks/results/trl_compare.json")
+    p.add_argument("--json", "--out", dest="out", default=None,
+                   help="results JSON (default benchmarks/results/trl_compare.json; with --quick none)")
     p.add_argument("overrides", nargs="*", help="extra key=value overrides for the slime-rl side")
     # internal
     p.add_argument("--trl-side", action="store_true", help=argparse.SUPPRESS)
@@ -206,11 +209,22 @@ def main() -> None:
         return reward_server()
     if args.trl_side:
         return trl_side(args)
+    out_dir = Path(tempfile.mkdtemp(prefix="trl-compare-runs-"))
     if args.quick:
         args.steps, args.warmup, args.rounds = 8, 2, 1
-    if not args.skip_trl and not Path(args.trl_python).exists():
-        p.error(f"--trl-python {args.trl_python} does not exist; make a venv with torch + trl, or pass --skip-trl")
-    out_dir = Path(tempfile.mkdtemp(prefix="trl-compare-runs-"))
+        if not (Path(args.model) / "config.json").exists():
+            args.model = str(_random_model(out_dir / "model"))
+    elif args.out is None:
+        args.out = "benchmarks/results/trl_compare.json"
+    if not (Path(args.model) / "data" / "train.jsonl").exists():
+        raise SystemExit(f"--model {args.model} holds no model with data/train.jsonl; "
+                         f"build it with `slime-rl make-tiny-model {args.model}`")
+    trl_skipped = "--skip-trl" if args.skip_trl else _trl_missing(args.trl_python)
+    if trl_skipped and not args.skip_trl:
+        if not args.quick:
+            raise SystemExit(f"{trl_skipped}; make a venv with torch + trl (see --help), or pass --skip-trl")
+        print(f"TRL side skipped: {trl_skipped}; --quick runs the slime-rl side only", flush=True)
+        args.skip_trl = True
     results: dict[str, list[dict]] = {"slime-rl": [], "trl": []}
     for r in range(args.rounds):
         results["slime-rl"].append(run_slime(args, out_dir, args.overrides))
@@ -230,13 +244,37 @@ def main() -> None:
     if ratios:
         print(f"\nslime-rl / TRL samples/s per round: {', '.join(f'{x:.2f}' for x in ratios)} "
               f"(median {statistics.median(ratios):.2f})")
+    if args.out is None:
+        return
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "steps": args.steps, "warmup": args.warmup, "samples_per_step": SAMPLES_PER_STEP, "group_size": GROUP_SIZE,
         "max_new_tokens": MAX_NEW_TOKENS, "lr": LR, "overrides": args.overrides, "results": results,
-        "ratios": ratios, "cpu": _cpu_name(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "ratios": ratios, "trl_skipped": trl_skipped, "model": args.model, "cpu": _cpu_name(),
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }, indent=1))
     print(f"wrote {args.out}")
+
+
+def _trl_missing(python: str) -> str | None:
+    """Why the TRL side cannot run under `python` (None when it can)."""
+    if not Path(python).exists():
+        return f"--trl-python {python} does not exist"
+    try:
+        ok = subprocess.run([python, "-c", "import trl"], capture_output=True, timeout=300).returncode == 0
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"--trl-python {python} does not run ({e})"
+    return None if ok else f"--trl-python {python} cannot import trl"
+
+
+def _random_model(folder: Path) -> Path:
+    """A random tiny model with `arith` train rows in data/train.jsonl (the smoke run measures nothing)."""
+    from slime_rl.tiny import make_dataset, random_tiny_model
+    from slime_rl.tiny.task import write_jsonl
+
+    random_tiny_model(folder, seed=0)
+    write_jsonl(make_dataset(seed=0, n_train=200, n_eval=8)["train"], folder / "data" / "train.jsonl")
+    return folder
 
 
 def _cpu_name() -> str:

@@ -32,6 +32,8 @@ import numpy as np
 import ray
 import torch
 
+from benchmarks import json_path
+
 SIZES = {  # Qwen2 shapes (tie_word_embeddings like Qwen2-0.5B); "500m" is Qwen2-0.5B itself
     "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                  num_key_value_heads=2, vocab_size=32000),
@@ -293,9 +295,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=2, help="torch threads of the trainer, engines and memory copy")
     p.add_argument("--publish-fp32", action="store_true", help="bf16 models: publish the trainer's fp32 weights")
     p.add_argument("--cache", default=os.environ.get("SLIME_RL_BENCH_CACHE", str(Path.home() / ".cache/slime-rl/bench-models")))
-    p.add_argument("--json", default="benchmarks/results/weight_sync.json")
+    p.add_argument("--json", default=None, help="results JSON (default benchmarks/results/weight_sync.json; --quick: a temporary folder)")
     p.add_argument("--quick", action="store_true", help="tiny model, hf engine, object_store, one timed sync (CI smoke)")
     args = p.parse_args(argv)
+    args.json = json_path(args.json, "weight_sync.json", args.quick)
     if args.quick:
         args.engines, args.transports, args.fanout, args.repeats, args.dtypes = ["hf"], ["object_store"], [1], 1, ["fp32"]
     cache = Path(args.cache)
