@@ -1,4 +1,4 @@
-"""Rollout engine throughput: generated tokens/s of vllm vs hf vs plain `transformers.generate`.
+"""Rollout engine throughput: generated tokens/s of vllm (eager and compiled) vs hf vs plain `transformers.generate`.
 
     same prompts (random ids, fixed length), same sampling (temperature 1, ignore EOS, fixed
     seeds), several batch sizes ──► one warm-up batch per engine, then `--repeats` timed runs
@@ -7,6 +7,7 @@
 Usage:
     python benchmarks/rollout.py                                  # tiny random model, all engines
     python benchmarks/rollout.py --engines hf generate --batch-sizes 1 8 --threads 1
+    python benchmarks/rollout.py --engines vllm vllm-compiled --max-new-tokens 400 --batch-sizes 8 24
     python benchmarks/rollout.py --model-dir /path/to/hf_model --json out.json
     python -m benchmarks.rollout --quick --json /tmp/rollout.json   # CI smoke: tiny batches, seconds
 """
@@ -41,12 +42,13 @@ def bench_engine(kind: str, model_dir: Path, args, vocab: int) -> dict[int, dict
     from slime_rl.rollout.engines.sync import EngineRunner
 
     params: dict = {"num_threads": args.threads}
-    if kind == "vllm":
-        params |= {"kv_cache_gb": 0.5, "engine_kwargs": {"max_num_seqs": max(args.batch_sizes)}}
+    if kind.startswith("vllm"):  # vllm-compiled: torch.compile instead of eager (the demo's setting)
+        params |= {"kv_cache_gb": 0.5, "max_model_len": args.prompt_len + args.max_new_tokens,
+                   "engine_kwargs": {"max_num_seqs": max(args.batch_sizes), "enforce_eager": kind == "vllm"}}
     else:
         params |= {"max_batch_size": max(args.batch_sizes)}
     t0 = time.perf_counter()
-    runner = EngineRunner(kind, model_dir, **params)
+    runner = EngineRunner(kind.split("-")[0], model_dir, **params)
     start_s = time.perf_counter() - t0
     out: dict[int, dict] = {}
     try:
@@ -123,8 +125,8 @@ def main() -> None:
     ap.add_argument(
         "--engines",
         nargs="+",
-        default=["hf", "generate", "vllm"],
-        choices=["hf", "generate", "vllm"],
+        default=["hf", "generate", "vllm", "vllm-compiled"],
+        choices=["hf", "generate", "vllm", "vllm-compiled"],
     )
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32, 64])
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -156,7 +158,7 @@ def main() -> None:
         vocab = AutoConfig.from_pretrained(model_dir).vocab_size
         results: dict[str, dict[int, dict]] = {}
         # vllm last: its CPU worker changes process-wide torch settings.
-        for kind in sorted(args.engines, key=lambda k: k == "vllm"):
+        for kind in sorted(args.engines, key=lambda k: k.startswith("vllm")):
             print(f"running {kind} ...", flush=True)
             results[kind] = (
                 bench_generate(model_dir, args, vocab)
@@ -165,7 +167,7 @@ def main() -> None:
             )
 
     header = (
-        f"{'engine':<10}"
+        f"{'engine':<14}"
         + "".join(f"{'bs=' + str(b):>12}" for b in args.batch_sizes)
         + f"{'start s':>10}"
     )
@@ -175,7 +177,7 @@ def main() -> None:
     print(header)
     for kind, cells in results.items():
         row = "".join(f"{cells[b]['tokens_per_s']:>12.0f}" for b in args.batch_sizes)
-        print(f"{kind:<10}{row}{cells[args.batch_sizes[0]]['start_s']:>10.1f}")
+        print(f"{kind:<14}{row}{cells[args.batch_sizes[0]]['start_s']:>10.1f}")
     if args.json is None:
         return
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json", default=None, help="results JSON (default benchmarks/results/weight_sync.json; --quick: a temporary folder)")
     p.add_argument("--quick", action="store_true", help="tiny model, hf engine, object_store, one timed sync (CI smoke)")
     args = p.parse_args(argv)
-    args.json = json_path(args.json, "weight_sync.json", args.quick)
+    args.json = str(json_path(args.json, "weight_sync.json", args.quick))
     if args.quick:
         args.engines, args.transports, args.fanout, args.repeats, args.dtypes = ["hf"], ["object_store"], [1], 1, ["fp32"]
     cache = Path(args.cache)

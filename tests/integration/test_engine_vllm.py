@@ -150,6 +150,27 @@ def test_update_mid_request_keeping_the_kv_cache(ray_cluster, tiny_model_dir, mo
         c.close()
 
 
+def test_compiled_engine_matches_teacher_forcing_across_updates(ray_cluster, tiny_model_dir, models, tmp_path):
+    """The demo's engine setting (`enforce_eager=False`: torch.compile on CPU): log-probs match
+    teacher forcing before and after full weight updates and across a mid-request update (a
+    compiled graph that kept the old weights as constants would fail here)."""
+    handle = start_engine_actor(
+        "vllm", tiny_model_dir, num_cpus=0, kv_cache_gb=0.125, max_model_len=512, num_threads=1,
+        engine_kwargs={"enforce_eager": False},
+        actor_options={"runtime_env": {"env_vars": {"VLLM_RPC_BASE_PATH": str(tmp_path)}}},
+    )
+    c = ActorClient(handle, timeout_s=400)
+    c.weights = "a"
+    try:
+        prompts = make_prompts(4, models["a"].config.vocab_size, seed=2, min_len=130, max_len=200)
+        check_logprobs_match(c, models["a"], prompts, "compiled-a")
+        set_weights(c, models, "b")
+        check_logprobs_match(c, models["b"], prompts, "compiled-b")
+        check_update_mid_request(c, models["b"], models["a"], prompts[0][:40], c.version() + 1, "compiled")
+    finally:
+        c.close()
+
+
 def test_abort_returns_prefix_of_same_seed_generation(eng, models):
     check_abort_is_prefix(
         eng, make_prompts(1, models["a"].config.vocab_size, seed=6)[0], "vllm-abort"
