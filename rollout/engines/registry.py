@@ -48,6 +48,7 @@ def _vllm_params(cfg: RolloutConfig) -> dict[str, Any]:
         tensor_parallel_size=cfg.tensor_parallel_size,
         max_model_len=cfg.max_model_len or None,
         enable_prefix_caching=cfg.enable_prefix_caching,
+        enforce_eager=cfg.enforce_eager,
         num_threads=cfg.cpu_threads or None,
         engine_kwargs=extra,
         record_routed_experts=cfg.record_routed_experts,

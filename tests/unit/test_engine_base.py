@@ -62,6 +62,9 @@ def test_registry_and_config_params():
     )
     hf = engine_params_from_config(RolloutConfig(engine="hf", engine_kwargs={"device": "cpu"}))
     assert hf["device"] == "cpu" and hf["num_threads"] is None
+    # The demo config's `enforce_eager: false` compiles vllm and leaves an engine switch to hf working.
+    assert engine_params_from_config(RolloutConfig(engine="vllm", enforce_eager=False))["enforce_eager"] is False
+    assert "enforce_eager" not in engine_params_from_config(RolloutConfig(engine="hf", enforce_eager=False))
 
 
 def test_registered_engine_brings_its_own_config_params(monkeypatch):
