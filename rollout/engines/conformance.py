@@ -70,20 +70,28 @@ def kept_kv_logprobs(model_a, model_b, prompt_ids: Sequence[int], token_ids: Seq
     return [float(logprobs_TV[i, t]) for i, t in enumerate(token_ids[k:])]
 
 
+def _generate_across_update(client, model_b, prompt: Sequence[int], version: int, request_id: str
+                            ) -> tuple[GenerateResult, int]:
+    """One request with a KEEP-mode update to `model_b` (as `version`) after its 4th token;
+    returns the result and the index of its first token of the new version (checked to be a
+    clean switch: old version, then new, in order)."""
+    params = SamplingParams(max_new_tokens=120, seed=3, ignore_eos=True)
+    fut = client.submit_generate(GenerateRequest(request_id, prompt, params))
+    wait_for_tokens(client, request_id, 4)
+    client.update_weights(version, model_b.state_dict(), PauseMode.KEEP)
+    res = fut.result(timeout=120)
+    vs = res.token_versions
+    assert vs[0] == version - 1 and vs[-1] == version and vs == sorted(vs), f"versions not a clean switch: {vs}"
+    return res, vs.index(version)
+
+
 def check_update_mid_request_keeping_kv(
     client, model_a, model_b, prompt: Sequence[int], version: int, tag: str
 ) -> GenerateResult:
     """Like `check_update_mid_request` on an engine built with `recompute_kv_on_update=False`:
     tokens before the switch follow A; after it they follow B attending to A's keys and values
     of the earlier positions (`kept_kv_logprobs`), which differs from B recomputing them."""
-    params = SamplingParams(max_new_tokens=120, seed=3, ignore_eos=True)
-    fut = client.submit_generate(GenerateRequest(f"{tag}-mid-kv", prompt, params))
-    wait_for_tokens(client, f"{tag}-mid-kv", 4)
-    client.update_weights(version, model_b.state_dict(), PauseMode.KEEP)
-    res = fut.result(timeout=120)
-    vs = res.token_versions
-    assert vs[0] == version - 1 and vs[-1] == version and vs == sorted(vs), f"versions not a clean switch: {vs}"
-    k = vs.index(version)
+    res, k = _generate_across_update(client, model_b, prompt, version, f"{tag}-mid-kv")
     ref_a = teacher_forced_logprobs(model_a, prompt, res.token_ids[:k])
     ref_kept = kept_kv_logprobs(model_a, model_b, prompt, res.token_ids, k)
     gap = max(abs(a - b) for a, b in zip(ref_a + ref_kept, res.logprobs))
@@ -207,20 +215,11 @@ def check_update_mid_request(
 ) -> GenerateResult:
     """A KEEP-mode update while a request runs: tokens before the switch follow A, after it B,
     and each token carries the version that produced it."""
-    params = SamplingParams(max_new_tokens=120, seed=3, ignore_eos=True)
-    fut = client.submit_generate(GenerateRequest(f"{tag}-mid", prompt, params))
-    wait_for_tokens(client, f"{tag}-mid", 4)
-    client.update_weights(version, model_b.state_dict(), PauseMode.KEEP)
-    res = fut.result(timeout=120)
-    vs = res.token_versions
+    res, k = _generate_across_update(client, model_b, prompt, version, f"{tag}-mid")
     assert res.policy_version == version - 1 and res.policy_version_end == version, (
         res.policy_version,
         res.policy_version_end,
     )
-    assert vs[0] == version - 1 and vs[-1] == version and vs == sorted(vs), (
-        f"versions not a clean switch: {vs}"
-    )
-    k = vs.index(version)
     ref_a = teacher_forced_logprobs(model_a, prompt, res.token_ids[:k])
     ref_b = teacher_forced_logprobs(model_b, prompt, res.token_ids)[k:]
     gap = max(abs(a - b) for a, b in zip(ref_a + ref_b, res.logprobs))
